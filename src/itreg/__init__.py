@@ -1,0 +1,9 @@
+"""itreg: information-theoretic and learned registration of medical images."""
+
+from itreg.errors import ItregError
+from itreg.grid import Frame, Grid
+from itreg.image import Image
+
+__version__ = "0.1.0"
+
+__all__ = ["Frame", "Grid", "Image", "ItregError", "__version__"]
