@@ -223,7 +223,7 @@ class Grid:
         if len(factors) != self.ndim or any(f < 1 for f in factors):
             raise ConfigError(f"shrink factors must be {self.ndim} integers >= 1, got {factors}")
         size = tuple(max(n // f, 1) for n, f in zip(self.size, factors))
-        spacing = tuple(s * n / m for s, n, m in zip(self.spacing, self.size, size))
+        spacing = tuple(s * f for s, f in zip(self.spacing, factors))
         return self.resized(size, spacing)
 
     def resized(self, size: Sequence[int], spacing: Sequence[float]) -> "Grid":
