@@ -1,0 +1,125 @@
+"""Small helpers shared by the readers and writers of :mod:`itreg.io` (private).
+
+* :func:`quiet_native_stderr` keeps the diagnostics that ITK's bundled HDF5 library prints
+  straight to file descriptor 2 (pages of ``HDF5-DIAG`` lines whenever ITK probes a file that is
+  not HDF5) out of the user's terminal: on failure they go to the debug log, on success anything
+  captured is written back to stderr unchanged.
+* :func:`check_input_file` turns a missing path or a directory into the caller's typed error
+  before SimpleITK sees it.
+* :func:`atomic_write` writes a single-file output through a temporary file beside the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+logger = logging.getLogger("itreg.io")
+
+_stderr_lock = threading.Lock()
+
+#: Formats that write a header and a separate data file that the header names: they cannot be
+#: written under a temporary name and renamed.
+TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".img.gz", ".nhdr")
+
+
+def sitk_message(exc: BaseException) -> str:
+    """The useful last line(s) of a SimpleITK exception, without the C++ source locations."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [
+        ln for ln in lines
+        if not ln.startswith("Exception thrown in SimpleITK") and ".cxx:" not in ln
+    ]
+    text = " ".join(useful or lines)
+    for prefix in ("sitk::ERROR: ", "ITK ERROR: "):
+        text = text.replace(prefix, "")
+    return text[:400]
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Capture what native code writes to file descriptor 2 inside the block.
+
+    On success the captured bytes are written back to stderr; on an exception they are logged at
+    debug level only (they are HDF5's probing noise or the same error the exception carries).
+    """
+    try:
+        fd = sys.stderr.fileno() if sys.stderr is not None else 2
+    except (AttributeError, OSError, ValueError):
+        fd = 2
+    with _stderr_lock:
+        try:
+            saved = os.dup(fd)
+        except OSError:  # no usable descriptor 2 (embedded interpreters): nothing to hide
+            yield
+            return
+        failed = False
+        with tempfile.TemporaryFile() as capture:
+            try:
+                with contextlib.suppress(AttributeError, ValueError, OSError):
+                    sys.stderr.flush()
+                os.dup2(capture.fileno(), fd)
+                yield
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                os.dup2(saved, fd)
+                os.close(saved)
+                capture.seek(0)
+                text = capture.read()
+                if text:
+                    if failed:
+                        logger.debug("native stderr: %s", text.decode("utf-8", "replace"))
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.write(fd, text)
+
+
+def check_input_file(path: str | os.PathLike, what: str, error: Callable[[str], Exception]) -> Path:
+    """Return `path` as a Path, or raise `error` if it does not name a readable file."""
+    p = Path(path)
+    if not p.exists():
+        raise error(f"{what} {str(p)!r} does not exist; check the path")
+    if p.is_dir():
+        raise error(f"{what} {str(p)!r} is a directory, not a file; give the file inside it")
+    if not os.access(p, os.R_OK):
+        raise error(f"{what} {str(p)!r} is not readable; check its permissions")
+    return p
+
+
+def full_suffix(path: str | os.PathLike) -> str:
+    """The lower-case extension, with ``.gz`` kept together with the one before it."""
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        stem = name[:-3]
+        return Path(stem).suffix + ".gz"
+    return Path(name).suffix
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same extension); on success replace `path` with it.
+
+    Two-file formats (``.mhd``/``.raw``, ``.hdr``/``.img``, ``.nhdr``) name their data file in
+    the header, so they are written in place. Missing parent folders are created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if full_suffix(target) in TWO_FILE_SUFFIXES:
+        yield target
+        return
+    tmp = target.with_name(f".itreg-tmp-{uuid.uuid4().hex[:12]}-{target.name}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
