@@ -50,10 +50,7 @@ def quiet_native_stderr() -> Iterator[None]:
     On success the captured bytes are written back to stderr; on an exception they are logged at
     debug level only (they are HDF5's probing noise or the same error the exception carries).
     """
-    try:
-        fd = sys.stderr.fileno() if sys.stderr is not None else 2
-    except (AttributeError, OSError, ValueError):
-        fd = 2
+    fd = 2  # native code writes to descriptor 2 whatever Python's sys.stderr is
     with _stderr_lock:
         try:
             saved = os.dup(fd)
