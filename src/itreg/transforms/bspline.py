@@ -274,7 +274,7 @@ class BSpline(Transform):
         w = torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)
         stride = 1
         for a in range(d):  # x is the fastest-varying axis of the flattened control grid
-            idx = (base[:, a, None] + offsets).clamp_(0, size[a] - 1)  # (P, 4)
+            idx = (base[:, a, None] + offsets).clamp(0, size[a] - 1)  # (P, 4)
             flat = (flat[:, None, :] + stride * idx[:, :, None]).reshape(u.shape[0], -1)
             w = (weights[:, a, :, None] * w[:, None, :]).reshape(u.shape[0], -1)
             stride *= size[a]
