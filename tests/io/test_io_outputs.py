@@ -27,9 +27,8 @@ def test_existing_folder_without_force_is_refused_and_untouched(tmp_path):
     target.mkdir()
     (target / "old.txt").write_text("old")
     entered = False
-    with pytest.raises(OutputExistsError, match="out.*--force"):
-        with atomic_output_dir(target, force=False):
-            entered = True
+    with pytest.raises(OutputExistsError, match="out.*--force"), atomic_output_dir(target):
+        entered = True
     assert not entered
     assert _snapshot(target) == {"old.txt": b"old"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -40,10 +39,9 @@ def test_failure_inside_keeps_old_outputs(tmp_path, exc):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(type(exc)):
-        with atomic_output_dir(target, force=True) as tmp:
-            (tmp / "half.txt").write_text("half")
-            raise exc
+    with pytest.raises(type(exc)), atomic_output_dir(target, force=True) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise exc
     assert _snapshot(target) == {"old.txt": b"old"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -65,13 +63,11 @@ def test_atomic_output_file(tmp_path):
         assert tmp.name.endswith("img.nii.gz") and tmp.parent == tmp_path
         tmp.write_bytes(b"one")
     assert target.read_bytes() == b"one"
-    with pytest.raises(OutputExistsError, match="img.nii.gz"):
-        with atomic_output_file(target):
-            pass
-    with pytest.raises(ValueError):
-        with atomic_output_file(target, force=True) as tmp:
-            tmp.write_bytes(b"half")
-            raise ValueError("boom")
+    with pytest.raises(OutputExistsError, match="img.nii.gz"), atomic_output_file(target):
+        pass
+    with pytest.raises(ValueError), atomic_output_file(target, force=True) as tmp:
+        tmp.write_bytes(b"half")
+        raise ValueError("boom")
     assert target.read_bytes() == b"one"
     with atomic_output_file(target, force=True) as tmp:
         tmp.write_bytes(b"two")
@@ -80,9 +76,7 @@ def test_atomic_output_file(tmp_path):
 
 
 def test_atomic_output_file_refusals(tmp_path):
-    with pytest.raises(OutputExistsError, match="folder"):
-        with atomic_output_file(tmp_path, force=True):
-            pass
-    with pytest.raises(ConfigError, match="two-file"):
-        with atomic_output_file(tmp_path / "a.mhd"):
-            pass
+    with pytest.raises(OutputExistsError, match="folder"), atomic_output_file(tmp_path, force=True):
+        pass
+    with pytest.raises(ConfigError, match="two-file"), atomic_output_file(tmp_path / "a.mhd"):
+        pass

@@ -53,7 +53,7 @@ def _ours(t, pts: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- linear export
-finite = dict(allow_nan=False, allow_infinity=False)
+finite = {"allow_nan": False, "allow_infinity": False}
 
 
 @st.composite

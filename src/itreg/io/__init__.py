@@ -27,8 +27,8 @@ from itreg.io.transforms import (
 )
 
 __all__ = [
-    "ImageHeader",
     "TRANSFORM_SUFFIXES",
+    "ImageHeader",
     "atomic_output_dir",
     "atomic_output_file",
     "check_image",

@@ -18,8 +18,8 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 logger = logging.getLogger("itreg.io")
 

@@ -234,7 +234,7 @@ def write_landmarks(points: Tensor | np.ndarray, path: str | os.PathLike) -> Pat
     arr = _points_array(points)
     target = Path(path)
     d = arr.shape[1]
-    fmt = lambda v: repr(float(v))  # noqa: E731 - shortest text that reads back exactly
+    fmt = lambda v: repr(float(v))
     suffix = target.suffix.lower()
     if suffix == ".fcsv":
         if d != 3:

@@ -12,8 +12,8 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from itreg.errors import ConfigError, OutputExistsError
 from itreg.io._native import TWO_FILE_SUFFIXES, full_suffix

@@ -29,10 +29,10 @@ import SimpleITK as sitk
 import torch
 
 from itreg.errors import (
+    GeometryError,
     ImageFormatError,
     ImageReadError,
     InvalidImageError,
-    GeometryError,
     TransformFileError,
 )
 from itreg.grid import Grid
