@@ -296,3 +296,33 @@ def test_read_mask_errors(tmp_path):
         read_mask(tmp_path / "v.nrrd", None)
     with pytest.raises(ImageReadError):
         read_mask(tmp_path / "missing.nii.gz", None)
+
+
+def test_concurrent_reads_share_the_stderr_capture(tmp_path, capfd):
+    import threading
+
+    grid = _grid3()
+    write_image(Image(torch.rand(1, *grid.shape), grid), tmp_path / "a.nii.gz")
+    (tmp_path / "junk.h5").write_text("junk")
+    errors: list[BaseException] = []
+
+    def work():
+        for _ in range(5):
+            try:
+                read_image(tmp_path / "a.nii.gz")
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+            with pytest.raises(ImageReadError):
+                read_image(tmp_path / "junk.h5")
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    import os
+
+    os.write(2, b"still-stderr\n")  # descriptor 2 is restored afterwards
+    err = capfd.readouterr().err
+    assert "still-stderr" in err and "HDF5-DIAG" not in err

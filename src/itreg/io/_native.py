@@ -23,8 +23,6 @@ from pathlib import Path
 
 logger = logging.getLogger("itreg.io")
 
-_stderr_lock = threading.Lock()
-
 #: Formats that write a header and a separate data file that the header names: they cannot be
 #: written under a temporary name and renamed.
 TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".img.gz", ".nhdr")
@@ -43,41 +41,80 @@ def sitk_message(exc: BaseException) -> str:
     return text[:400]
 
 
+class _StderrCapture:
+    """Process-wide redirection of descriptor 2, shared by overlapping (threaded) users.
+
+    The first user redirects descriptor 2 to a temporary file, the last one restores it, so
+    concurrent reads are not serialised. Text captured while any user failed is logged at debug
+    level; otherwise it is written back to stderr.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.failed = False
+        self.saved: int | None = None
+        self.capture = None
+
+    def enter(self) -> bool:
+        with self.lock:
+            if self.users == 0:
+                try:
+                    saved = os.dup(2)
+                except OSError:  # no descriptor 2 (embedded interpreters): nothing to hide
+                    return False
+                capture = tempfile.TemporaryFile()  # noqa: SIM115 - closed in leave()
+                with contextlib.suppress(AttributeError, ValueError, OSError):
+                    sys.stderr.flush()
+                os.dup2(capture.fileno(), 2)
+                self.saved, self.capture, self.failed = saved, capture, False
+            self.users += 1
+            return True
+
+    def leave(self, failed: bool) -> None:
+        with self.lock:
+            self.failed |= failed
+            self.users -= 1
+            if self.users > 0:
+                return
+            saved, capture = self.saved, self.capture
+            self.saved = self.capture = None
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read()
+            capture.close()
+            if not text:
+                return
+            if self.failed:
+                logger.debug("native stderr: %s", text.decode("utf-8", "replace"))
+            else:
+                with contextlib.suppress(OSError):
+                    os.write(2, text)
+
+
+_capture = _StderrCapture()
+
+
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
     """Capture what native code writes to file descriptor 2 inside the block.
 
-    On success the captured bytes are written back to stderr; on an exception they are logged at
-    debug level only (they are HDF5's probing noise or the same error the exception carries).
+    Native code writes to descriptor 2 whatever Python's ``sys.stderr`` is. On success the
+    captured bytes are written back to stderr; on an exception they are logged at debug level
+    only (they are HDF5's probing noise or the same error the exception carries).
     """
-    fd = 2  # native code writes to descriptor 2 whatever Python's sys.stderr is
-    with _stderr_lock:
-        try:
-            saved = os.dup(fd)
-        except OSError:  # no usable descriptor 2 (embedded interpreters): nothing to hide
-            yield
-            return
-        failed = False
-        with tempfile.TemporaryFile() as capture:
-            try:
-                with contextlib.suppress(AttributeError, ValueError, OSError):
-                    sys.stderr.flush()
-                os.dup2(capture.fileno(), fd)
-                yield
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                os.dup2(saved, fd)
-                os.close(saved)
-                capture.seek(0)
-                text = capture.read()
-                if text:
-                    if failed:
-                        logger.debug("native stderr: %s", text.decode("utf-8", "replace"))
-                    else:
-                        with contextlib.suppress(OSError):
-                            os.write(fd, text)
+    if not _capture.enter():
+        yield
+        return
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _capture.leave(failed)
 
 
 def check_input_file(path: str | os.PathLike, what: str, error: Callable[[str], Exception]) -> Path:

@@ -113,15 +113,16 @@ def _to_sitk_transform(transform: Transform, path: Path, depth: int = 0) -> sitk
         out.SetFixedParameters([float(v) for v in fixed])
         out.SetParameters([float(v) for v in params])
         return out
-    field = getattr(transform, "field", None)
-    grid = getattr(transform, "grid", None)
-    if isinstance(field, torch.Tensor) and isinstance(grid, Grid):  # DisplacementField
+    from itreg.transforms.compose import Compose
+    from itreg.transforms.dense import DisplacementField
+
+    if isinstance(transform, DisplacementField):  # exact: the field on its own grid
         return sitk.DisplacementFieldTransform(_field_image(
-            torch.movedim(field.detach(), 0, -1), grid, torch.float64, path))
-    parts = getattr(transform, "transforms", None)
-    if parts is not None and len(parts) > 0 and depth < _MAX_COMPOSITE_DEPTH:
+            torch.movedim(transform.field.detach(), 0, -1), transform.grid, torch.float64, path))
+    if isinstance(transform, Compose) and len(transform) > 0 and depth < _MAX_COMPOSITE_DEPTH:
         # ITK's CompositeTransform applies its last transform first, as Compose does.
-        return sitk.CompositeTransform([_to_sitk_transform(t, path, depth + 1) for t in parts])
+        return sitk.CompositeTransform(
+            [_to_sitk_transform(t, path, depth + 1) for t in transform.transforms])
     raise TransformFileError(
         f"cannot write a {type(transform).__name__} to the ITK transform file {str(path)!r}: it "
         "has no ITK transform type (itreg writes linear transforms, B-splines, displacement "
@@ -258,13 +259,8 @@ def _from_sitk_transform(tx: sitk.Transform, where: str, dtype, device, depth: i
         parts = [_affine(p, dtype, device) if isinstance(p, tuple) else p for p in parts]
         if len(parts) == 1:
             return parts[0]
-        try:
-            from itreg.transforms import Compose
-        except ImportError as exc:  # pragma: no cover - Compose ships with itreg.transforms
-            raise TransformFileError(
-                f"{where} is a composite of non-linear transforms, which needs "
-                "itreg.transforms.Compose (missing from this installation)"
-            ) from exc
+        from itreg.transforms.compose import Compose
+
         # ITK applies the last transform of a composite first, as Compose does.
         return Compose(*parts)
     raise TransformFileError(
