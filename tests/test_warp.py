@@ -110,7 +110,7 @@ def test_label_mode_matches_sitk_label_linear(ndim):
 
 
 def test_label_mode_chunks_labels(monkeypatch):
-    import itreg.warp as warp
+    from itreg import warp
 
     moving, fixed, t = _setup(2)
     labels = Image((moving.data / 10.0).floor().to(torch.int32), moving.grid)
@@ -172,7 +172,7 @@ def test_bad_input():
 
 
 def test_gradcheck_sample_and_resample():
-    moving, fixed, t = _setup(2)
+    moving, _, _ = _setup(2)
     small = Image(moving.data[:, :4, :5].clone(), Grid((5, 4), (1.2, 0.9), (0.0, 0.0)))
     g = torch.Generator().manual_seed(0)
     # Points strictly inside and off voxel boundaries (linear interpolation is smooth there).

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def _control_grid(grid: Grid, control_spacing_mm) -> Grid:
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ConfigError(f"control_spacing_mm must be positive and finite, got {spacing.tolist()}")
     extent = np.asarray(grid.extent())
-    mesh = [max(int(math.ceil(e / s - 1e-9)), 1) for e, s in zip(extent, spacing)]
+    mesh = [max(math.ceil(e / s - 1e-9), 1) for e, s in zip(extent, spacing)]
     size = tuple(m + 3 for m in mesh)
     # Same centre and direction as the image grid: mesh intervals cover its physical extent.
     return grid.resized(size, tuple(float(s) for s in spacing))
@@ -175,7 +175,7 @@ class BSpline(Transform):
         coefficients: Tensor | None = None,
         dtype: torch.dtype = torch.float32,
         device=None,
-    ) -> "BSpline":
+    ) -> BSpline:
         """Build directly on a control grid (ITK layout: point 0 at ``control_grid.origin``).
 
         Args:
@@ -196,7 +196,7 @@ class BSpline(Transform):
         parameters: Sequence[float],
         dtype: torch.dtype = torch.float32,
         device=None,
-    ) -> "BSpline":
+    ) -> BSpline:
         """Build from ITK ``BSplineTransform`` (order 3) fixed parameters and parameters.
 
         Args:
@@ -219,7 +219,7 @@ class BSpline(Transform):
             raise TransformFileError(f"B-spline grid size must be integers >= 4, got {size}")
         try:
             control_grid = Grid(
-                tuple(int(round(s)) for s in size), fixed[2 * d:3 * d], fixed[d:2 * d],
+                tuple(round(s) for s in size), fixed[2 * d:3 * d], fixed[d:2 * d],
                 fixed[3 * d:],
             )
         except (GeometryError, ConfigError) as exc:
@@ -349,7 +349,7 @@ class BSpline(Transform):
         return disp.add_(grid.points(dtype=disp.dtype, device=disp.device))
 
     # ------------------------------------------------------------------ multi-level
-    def refined(self) -> "BSpline":
+    def refined(self) -> BSpline:
         """The same deformation on a control grid of half the spacing (exact subdivision).
 
         Uses exact cubic B-spline subdivision (not a fit): fine control point ``j`` sits at

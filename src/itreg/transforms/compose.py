@@ -112,7 +112,7 @@ class Compose(Transform):
             return Affine.from_matrix(matrix.cpu(), offset.cpu(), center=c, dtype=dtype,
                                       device=device)
 
-    def inverse(self) -> "Compose":
+    def inverse(self) -> Compose:
         """``Compose(tn^-1, ..., t1^-1)`` for transforms that all have ``inverse()``."""
         missing = [type(t).__name__ for t in self._transforms
                    if not hasattr(t, "inverse") and not isinstance(t, Identity)]

@@ -100,7 +100,7 @@ class DisplacementField(Transform):
     @classmethod
     def from_transform(
         cls, transform: Transform, grid: Grid, learnable: bool = True, dtype=None, device=None
-    ) -> "DisplacementField":
+    ) -> DisplacementField:
         """Sample any transform's displacement on `grid` into a displacement field."""
         with torch.no_grad():
             disp = transform.displacement(grid, dtype=dtype, device=device)
@@ -208,7 +208,7 @@ class StationaryVelocityField(Transform):
             return grid.points(dtype=disp.dtype, device=disp.device) + disp
         return super().on_grid(grid, dtype=dtype, device=device)
 
-    def inverse(self) -> "StationaryVelocityField":
+    def inverse(self) -> StationaryVelocityField:
         """``exp(-v)``: the same grid and steps with the velocity negated (detached copy)."""
         with torch.no_grad():
             return StationaryVelocityField(self.grid, -self.velocity.detach(), steps=self.steps)
