@@ -1,0 +1,70 @@
+"""Test and benchmark data with ground truth, built from the MNI template nilearn ships.
+
+* :mod:`~itreg.phantoms.mni`: :func:`load_mni` (T1, GM, WM, CSF, brain mask; any spacing).
+* :mod:`~itreg.phantoms.contrasts`: :func:`synthesize` T1/T2/PD-like images with seeded
+  Rician noise and bias field; :func:`labels`.
+* :mod:`~itreg.phantoms.misalign`: random rigid/affine transforms with the papers' and the
+  anchor benchmark's ranges; :func:`pad_image`.
+* :mod:`~itreg.phantoms.slices`: 2D axial slices with their world geometry.
+* :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
+  multimodal pairs with their true transform.
+
+Nothing is downloaded and nothing is cached between calls.
+"""
+
+from itreg.phantoms.contrasts import (
+    CONTRAST_NAMES,
+    CONTRASTS,
+    LABELS,
+    bias_field,
+    labels,
+    rician_noise,
+    synthesize,
+)
+from itreg.phantoms.misalign import (
+    AffineParameters,
+    anchor_affine,
+    anchor_parameters,
+    pad_grid,
+    pad_image,
+    random_affine,
+    sample_affine_parameters,
+)
+from itreg.phantoms.mni import load_mni, mni_template_paths
+from itreg.phantoms.pairs import (
+    PAIR_KINDS,
+    PhantomPair,
+    brain_center,
+    brain_pair,
+    brain_slice_pair,
+    pair_from_tissues,
+)
+from itreg.phantoms.slices import axial_grid, axial_slice, axial_slices
+
+__all__ = [
+    "CONTRASTS",
+    "CONTRAST_NAMES",
+    "LABELS",
+    "PAIR_KINDS",
+    "AffineParameters",
+    "PhantomPair",
+    "anchor_affine",
+    "anchor_parameters",
+    "axial_grid",
+    "axial_slice",
+    "axial_slices",
+    "bias_field",
+    "brain_center",
+    "brain_pair",
+    "brain_slice_pair",
+    "labels",
+    "load_mni",
+    "mni_template_paths",
+    "pad_grid",
+    "pad_image",
+    "pair_from_tissues",
+    "random_affine",
+    "rician_noise",
+    "sample_affine_parameters",
+    "synthesize",
+]

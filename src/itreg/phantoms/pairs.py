@@ -1,0 +1,237 @@
+"""Multimodal pairs with a known linear misalignment, from the MNI template.
+
+The fixed image is the real template T1 on its grid. The moving image is a synthetic contrast
+(T2-like by default) of the same anatomy seen through a known transform ``T``: the tissue
+maps are resampled through ``T^-1`` onto a (padded) moving grid, then the contrast, its bias
+field and its Rician noise are synthesised there (so noise is white on the moving grid). Hence
+``moving(T(x)) = contrast(x)`` for every fixed-space point ``x``: ``T`` maps fixed-space
+points to moving-space points, as a registration's result does (ITK's convention), and
+``resample(moving, T, fixed.grid)`` realigns the moving image with the fixed one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from itreg.errors import ConfigError, MaskError, unknown_name
+from itreg.grid import Grid
+from itreg.image import Image
+from itreg.phantoms.contrasts import labels, synthesize
+from itreg.phantoms.misalign import (
+    AffineParameters,
+    anchor_parameters,
+    pad_grid,
+    sample_affine_parameters,
+)
+from itreg.phantoms.mni import load_mni
+from itreg.phantoms.slices import axial_slices
+from itreg.transforms import Affine
+from itreg.warp import resample
+
+#: Misalignment kinds: paper 000's rigid and affine ranges, and the anchor benchmark's affine.
+PAIR_KINDS = ("rigid", "affine", "anchor")
+
+#: Maps resampled into moving space, in this channel order.
+_TISSUE_KEYS = ("t1", "csf", "gm", "wm")
+
+
+@dataclass(frozen=True, eq=False)
+class PhantomPair:
+    """A fixed/moving pair with its ground truth.
+
+    Attributes:
+        fixed: the template T1 (float32, [0, 1]) on the fixed grid.
+        moving: the synthetic contrast (float32) on the moving grid.
+        fixed_mask: brain mask on the fixed grid (uint8 labels).
+        moving_labels: tissue labels on the moving grid (0 background, 1 CSF, 2 GM, 3 WM).
+        fixed_labels: tissue labels on the fixed grid.
+        true_transform: the true fixed -> moving map ``T``: ``moving(T(x)) = contrast(x)``.
+        moving_mask: brain mask on the moving grid (uint8 labels).
+        parameters: the drawn parameters of ``T`` (centre: the fixed brain's centroid).
+    """
+
+    fixed: Image
+    moving: Image
+    fixed_mask: Image
+    moving_labels: Image
+    fixed_labels: Image
+    true_transform: Affine
+    moving_mask: Image
+    parameters: AffineParameters
+
+
+def brain_center(mask: Image) -> tuple[float, ...]:
+    """World centroid of the nonzero voxels of a mask (in mm, ITK order).
+
+    Raises:
+        MaskError: if the mask is empty.
+    """
+    inside = mask.data[0] != 0
+    if not bool(inside.any()):
+        raise MaskError("the brain mask is empty")
+    points = mask.grid.points(dtype=torch.float64, device=mask.device)[inside]
+    return tuple(points.mean(dim=0).tolist())
+
+
+def _draw(kind: str, ndim: int, seed: int) -> AffineParameters:
+    if kind not in PAIR_KINDS:
+        raise unknown_name("misalignment kind", kind, PAIR_KINDS)
+    if kind == "anchor":
+        return anchor_parameters(ndim, seed)
+    return sample_affine_parameters(ndim, seed, kind)
+
+
+def _auto_margin(grid: Grid, mask: Image, transform: Affine) -> tuple[float, ...]:
+    """Per-axis margin (mm) that keeps every brain voxel, moved by `transform`, in view."""
+    inside = mask.data[0] != 0
+    points = grid.points(dtype=torch.float64, device=mask.device)[inside]
+    index = grid.world_to_index(_apply64(transform, points))
+    lo = (-index.min(dim=0).values).clamp_min(0.0)
+    hi = (index.max(dim=0).values - torch.tensor([n - 1 for n in grid.size],
+                                                 dtype=torch.float64, device=index.device))
+    voxels = torch.maximum(lo, hi.clamp_min(0.0))
+    # One voxel more, so that linear interpolation has a zero neighbour at the brain's edge.
+    return tuple(float(math.ceil(v) + 1) * s for v, s in zip(voxels.tolist(), grid.spacing))
+
+
+def _apply64(transform: Affine, points: torch.Tensor) -> torch.Tensor:
+    """``transform(points)`` in float64 whatever the transform's dtype."""
+    a = transform.matrix().detach().to(torch.float64)
+    b = transform.offset().detach().to(torch.float64)
+    return points @ a.T + b
+
+
+def pair_from_tissues(
+    tissues: Mapping[str, Image],
+    contrast: str = "t2",
+    kind: str = "affine",
+    seed: int = 0,
+    pad_mm: float | Sequence[float] | None = None,
+    noise_sigma: float = 0.02,
+    bias: tuple[float, float] | None = (0.80, 1.17),
+) -> PhantomPair:
+    """Build a misaligned pair from tissue maps (2D or 3D, one code path).
+
+    Args:
+        tissues: maps as :func:`load_mni` returns them (``t1``, ``gm``, ``wm``, ``csf``,
+            ``mask``), all on one grid: the fixed grid.
+        contrast: the moving image's contrast, ``"t2"``, ``"pd"`` or ``"t1"``.
+        kind: ``"rigid"`` or ``"affine"`` (paper 000's ranges, :func:`random_affine`) or
+            ``"anchor"`` (the anchor benchmark's affine ranges, :func:`anchor_affine`). The
+            centre of rotation is the fixed brain's centroid.
+        seed: seed of the transform and of the moving image's bias field and noise.
+        pad_mm: margin added around the fixed grid to make the moving grid, in mm (one value
+            or one per axis). ``None`` picks the smallest whole-voxel margin that keeps the
+            whole moved brain in view, plus one voxel.
+        noise_sigma: Rician noise sigma of the moving image (0 for none).
+        bias: bias-field range of the moving image, or ``None`` for none.
+
+    Returns:
+        The :class:`PhantomPair`.
+
+    Raises:
+        ConfigError: for an unknown kind or contrast, or maps on different grids.
+    """
+    for key in (*_TISSUE_KEYS, "mask"):
+        if key not in tissues:
+            raise ConfigError(f"tissue map {key!r} missing; have {sorted(tissues)}")
+    fixed = tissues["t1"]
+    grid = fixed.grid
+    if any(not tissues[k].grid.same_as(grid) for k in (*_TISSUE_KEYS, "mask")):
+        raise ConfigError("all tissue maps must lie on one grid")
+    mask = tissues["mask"]
+    params = _draw(kind, grid.ndim, seed)
+    transform = params.to_affine(brain_center(mask), dtype=torch.float32, device=fixed.device)
+    margin = _auto_margin(grid, mask, transform) if pad_mm is None else pad_mm
+    moving_grid = pad_grid(grid, margin)
+
+    stack = torch.cat([tissues[k].data.to(torch.float32) for k in _TISSUE_KEYS]
+                      + [(mask.data != 0).to(torch.float32)])
+    with torch.no_grad():
+        warped = resample(Image(stack, grid, is_label=False), transform.inverse(), moving_grid,
+                          mode="linear").data.clamp(0.0, 1.0)
+    moving_mask = (warped[-1:] >= 0.5).to(torch.uint8)
+    moving_tissues = {k: Image(warped[i:i + 1].contiguous(), moving_grid, is_label=False)
+                      for i, k in enumerate(_TISSUE_KEYS)}
+    moving_tissues["csf"] = moving_tissues["csf"].with_data(
+        moving_tissues["csf"].data * moving_mask, is_label=False)
+    moving_tissues["mask"] = Image(moving_mask, moving_grid, is_label=True)
+
+    moving = synthesize(moving_tissues, contrast, noise_sigma=noise_sigma, bias=bias, seed=seed)
+    return PhantomPair(
+        fixed=fixed,
+        moving=moving,
+        fixed_mask=mask,
+        moving_labels=labels(moving_tissues),
+        fixed_labels=labels(tissues),
+        true_transform=transform,
+        moving_mask=moving_tissues["mask"],
+        parameters=params,
+    )
+
+
+def brain_pair(
+    spacing_mm: float | None = 1.0,
+    contrast: str = "t2",
+    kind: str = "affine",
+    seed: int = 0,
+    pad_mm: float | Sequence[float] | None = None,
+    noise_sigma: float = 0.02,
+    bias: tuple[float, float] | None = (0.80, 1.17),
+    device: torch.device | str | None = None,
+) -> PhantomPair:
+    """A 3D MNI T1 / synthetic-contrast pair with a known random linear misalignment.
+
+    Args:
+        spacing_mm: isotropic spacing of both images (see :func:`load_mni`).
+        contrast: the moving image's contrast, ``"t2"``, ``"pd"`` or ``"t1"``.
+        kind: ``"rigid"``, ``"affine"`` or ``"anchor"`` (see :func:`pair_from_tissues`).
+        seed: seed of the transform, bias field and noise.
+        pad_mm: moving-grid margin in mm; ``None`` keeps the moved brain in view.
+        noise_sigma: Rician noise sigma of the moving image.
+        bias: bias-field range of the moving image, or ``None``.
+        device: device of the images and transform.
+
+    Returns:
+        The :class:`PhantomPair`.
+    """
+    tissues = load_mni(spacing_mm, device=device)
+    return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias)
+
+
+def brain_slice_pair(
+    spacing_mm: float | None = 1.0,
+    contrast: str = "t2",
+    kind: str = "affine",
+    seed: int = 0,
+    slice_index: int | None = None,
+    pad_mm: float | Sequence[float] | None = None,
+    noise_sigma: float = 0.02,
+    bias: tuple[float, float] | None = (0.80, 1.17),
+    device: torch.device | str | None = None,
+) -> PhantomPair:
+    """A 2D pair from one axial slice of the template, with a random 2D misalignment.
+
+    The slice is taken after resampling to `spacing_mm` (see :func:`axial_slice`); the
+    misalignment is 2D (one angle, in-plane translation; scale and shear for affine kinds).
+
+    Args:
+        spacing_mm: isotropic spacing (see :func:`load_mni`).
+        contrast: the moving image's contrast, ``"t2"``, ``"pd"`` or ``"t1"``.
+        kind: ``"rigid"``, ``"affine"`` or ``"anchor"``.
+        seed: seed of the transform, bias field and noise.
+        slice_index: index of the axial slice; ``None`` takes the middle one.
+        pad_mm: moving-grid margin in mm; ``None`` keeps the moved brain in view.
+        noise_sigma: Rician noise sigma of the moving image.
+        bias: bias-field range of the moving image, or ``None``.
+        device: device of the images and transform.
+
+    Returns:
+        The 2D :class:`PhantomPair`.
+    """
+    tissues = axial_slices(load_mni(spacing_mm, device=device), slice_index)
+    return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias)
