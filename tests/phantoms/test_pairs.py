@@ -119,6 +119,16 @@ def test_fixed_padding_and_errors(mni4):
         pair_from_tissues(mni4, kind="bspline")
     with pytest.raises(ConfigError, match="missing"):
         pair_from_tissues({"t1": mni4["t1"]})
+    with pytest.raises(ConfigError, match="valid contrasts"):
+        pair_from_tissues(mni4, contrast="flair")
+
+
+def test_t1_moving_contrast(mni4):
+    pair = _clean(mni4, contrast="t1", seed=6)
+    warped = resample(pair.moving, pair.true_transform, pair.fixed.grid)
+    inner = _inner(pair.fixed_mask)
+    diff = (warped.data[0] - pair.fixed.data[0])[inner].abs().mean()
+    assert float(diff) < 0.03
 
 
 def test_brain_pair_front_door():

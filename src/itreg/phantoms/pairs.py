@@ -20,7 +20,8 @@ import torch
 from itreg.errors import ConfigError, MaskError, unknown_name
 from itreg.grid import Grid
 from itreg.image import Image
-from itreg.phantoms.contrasts import labels, synthesize
+from itreg.phantoms._geometry import bounding_corners, centroid
+from itreg.phantoms.contrasts import CONTRAST_NAMES, labels, synthesize
 from itreg.phantoms.misalign import (
     AffineParameters,
     anchor_parameters,
@@ -70,11 +71,10 @@ def brain_center(mask: Image) -> tuple[float, ...]:
     Raises:
         MaskError: if the mask is empty.
     """
-    inside = mask.data[0] != 0
-    if not bool(inside.any()):
-        raise MaskError("the brain mask is empty")
-    points = mask.grid.points(dtype=torch.float64, device=mask.device)[inside]
-    return tuple(points.mean(dim=0).tolist())
+    try:
+        return tuple(centroid(mask.grid, mask.data[0] != 0).tolist())
+    except MaskError:
+        raise MaskError("the brain mask is empty") from None
 
 
 def _draw(kind: str, ndim: int, seed: int) -> AffineParameters:
@@ -86,23 +86,20 @@ def _draw(kind: str, ndim: int, seed: int) -> AffineParameters:
 
 
 def _auto_margin(grid: Grid, mask: Image, transform: Affine) -> tuple[float, ...]:
-    """Per-axis margin (mm) that keeps every brain voxel, moved by `transform`, in view."""
-    inside = mask.data[0] != 0
-    points = grid.points(dtype=torch.float64, device=mask.device)[inside]
-    index = grid.world_to_index(_apply64(transform, points))
+    """Per-axis margin (mm) that keeps the moved brain in view.
+
+    The corners of the brain's index bounding box are mapped (their hull contains the moved
+    brain, so the margin is conservative by at most the box's slack).
+    """
+    corners = bounding_corners(grid, mask.data[0] != 0)
+    with torch.no_grad():
+        index = grid.world_to_index(transform(corners))
     lo = (-index.min(dim=0).values).clamp_min(0.0)
     hi = (index.max(dim=0).values - torch.tensor([n - 1 for n in grid.size],
                                                  dtype=torch.float64, device=index.device))
     voxels = torch.maximum(lo, hi.clamp_min(0.0))
     # One voxel more, so that linear interpolation has a zero neighbour at the brain's edge.
     return tuple(float(math.ceil(v) + 1) * s for v, s in zip(voxels.tolist(), grid.spacing))
-
-
-def _apply64(transform: Affine, points: torch.Tensor) -> torch.Tensor:
-    """``transform(points)`` in float64 whatever the transform's dtype."""
-    a = transform.matrix().detach().to(torch.float64)
-    b = transform.offset().detach().to(torch.float64)
-    return points @ a.T + b
 
 
 def pair_from_tissues(
@@ -136,6 +133,8 @@ def pair_from_tissues(
     Raises:
         ConfigError: for an unknown kind or contrast, or maps on different grids.
     """
+    if contrast not in CONTRAST_NAMES:
+        raise unknown_name("contrast", contrast, CONTRAST_NAMES)
     for key in (*_TISSUE_KEYS, "mask"):
         if key not in tissues:
             raise ConfigError(f"tissue map {key!r} missing; have {sorted(tissues)}")
@@ -145,18 +144,25 @@ def pair_from_tissues(
         raise ConfigError("all tissue maps must lie on one grid")
     mask = tissues["mask"]
     params = _draw(kind, grid.ndim, seed)
-    transform = params.to_affine(brain_center(mask), dtype=torch.float32, device=fixed.device)
-    margin = _auto_margin(grid, mask, transform) if pad_mm is None else pad_mm
+    center = brain_center(mask)
+    transform = params.to_affine(center, dtype=torch.float32, device=fixed.device)
+    if pad_mm is None:
+        exact = params.to_affine(center, dtype=torch.float64, device=fixed.device)
+        margin = _auto_margin(grid, mask, exact)
+    else:
+        margin = pad_mm
     moving_grid = pad_grid(grid, margin)
 
-    stack = torch.cat([tissues[k].data.to(torch.float32) for k in _TISSUE_KEYS]
+    # The T1 map is carried into moving space only when it is the moving contrast.
+    keys = _TISSUE_KEYS if contrast == "t1" else _TISSUE_KEYS[1:]
+    stack = torch.cat([tissues[k].data.to(torch.float32) for k in keys]
                       + [(mask.data != 0).to(torch.float32)])
     with torch.no_grad():
         warped = resample(Image(stack, grid, is_label=False), transform.inverse(), moving_grid,
                           mode="linear").data.clamp(0.0, 1.0)
     moving_mask = (warped[-1:] >= 0.5).to(torch.uint8)
     moving_tissues = {k: Image(warped[i:i + 1].contiguous(), moving_grid, is_label=False)
-                      for i, k in enumerate(_TISSUE_KEYS)}
+                      for i, k in enumerate(keys)}
     moving_tissues["csf"] = moving_tissues["csf"].with_data(
         moving_tissues["csf"].data * moving_mask, is_label=False)
     moving_tissues["mask"] = Image(moving_mask, moving_grid, is_label=True)
