@@ -122,8 +122,8 @@ def pair_from_tissues(
             centre of rotation is the fixed brain's centroid.
         seed: seed of the transform and of the moving image's bias field and noise.
         pad_mm: margin added around the fixed grid to make the moving grid, in mm (one value
-            or one per axis). ``None`` picks the smallest whole-voxel margin that keeps the
-            whole moved brain in view, plus one voxel.
+            or one per axis, both sides). ``None`` picks, per axis, the whole-voxel margin
+            that keeps the moved brain's bounding box in view, plus one voxel.
         noise_sigma: Rician noise sigma of the moving image (0 for none).
         bias: bias-field range of the moving image, or ``None`` for none.
 
