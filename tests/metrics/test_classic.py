@@ -28,7 +28,7 @@ from itreg.metrics import (
     normalized_mutual_information,
 )
 
-BOX = dict(kernel_fixed="bspline0", kernel_moving="bspline0")
+BOX = {"kernel_fixed": "bspline0", "kernel_moving": "bspline0"}
 
 
 def smooth_field(shape, seed, sigma=2.0) -> torch.Tensor:
@@ -51,14 +51,21 @@ def test_mi_of_correlated_gaussians(rho):
     true = -0.5 * math.log(1 - rho**2)
     mi = float(mutual_information(x[None], y[None], bins=64))
     assert abs(mi - true) <= 0.03 * true
-    assert float(mutual_information(x[None], torch.randn(n, generator=g)[None].double(), bins=64)) < 0.01
+    assert (
+        float(mutual_information(x[None], torch.randn(n, generator=g)[None].double(), bins=64))
+        < 0.01
+    )
 
 
 def test_nmi_of_identical_images_is_two():
     f = smooth_field((40, 40), 1)
     q = torch.round(f * 4)  # a few levels, each in its own bin
-    assert float(normalized_mutual_information(q[None], q[None], bins=64, **BOX)) == pytest.approx(2.0, abs=1e-12)
-    assert float(normalized_mutual_information(f[None], f[None], bins=256, **BOX)) == pytest.approx(2.0, abs=1e-12)
+    assert float(normalized_mutual_information(q[None], q[None], bins=64, **BOX)) == pytest.approx(
+        2.0, abs=1e-12
+    )
+    assert float(normalized_mutual_information(f[None], f[None], bins=256, **BOX)) == pytest.approx(
+        2.0, abs=1e-12
+    )
     # The smooth moving kernel spreads the joint histogram: below 2, still above a misaligned pair.
     nmi = float(normalized_mutual_information(f[None], f[None], bins=64))
     shifted = float(normalized_mutual_information(f[None], torch.roll(f, 3, 0)[None], bins=64))
@@ -92,7 +99,9 @@ IMAGE_M = torch.tanh(2 * IMAGE_F) + 0.3 * smooth_field((20, 20), 4)
 )
 def test_mi_invariant_to_affine_intensity_maps(a, b, c, d, intensity):
     ref = float(mutual_information(IMAGE_F[None], IMAGE_M[None], intensity=intensity))
-    got = float(mutual_information((c * IMAGE_F + d)[None], (a * IMAGE_M + b)[None], intensity=intensity))
+    got = float(
+        mutual_information((c * IMAGE_F + d)[None], (a * IMAGE_M + b)[None], intensity=intensity)
+    )
     assert got == pytest.approx(ref, rel=1e-7, abs=1e-9)
 
 
@@ -122,8 +131,10 @@ def test_mi_symmetric_for_symmetric_kernels(seed, kernel):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(1, 500, generator=g, dtype=torch.float64)
     y = x**2 + 0.2 * torch.rand(1, 500, generator=g, dtype=torch.float64)
-    kw = dict(bins=24, kernel_fixed=kernel, kernel_moving=kernel)
-    assert float(mutual_information(x, y, **kw)) == pytest.approx(float(mutual_information(y, x, **kw)), abs=1e-12)
+    kw = {"bins": 24, "kernel_fixed": kernel, "kernel_moving": kernel}
+    assert float(mutual_information(x, y, **kw)) == pytest.approx(
+        float(mutual_information(y, x, **kw)), abs=1e-12
+    )
     # Mattes' mixed kernels are nearly symmetric.
     a, b = float(mutual_information(x, y)), float(mutual_information(y, x))
     assert a == pytest.approx(b, rel=0.15)
@@ -147,7 +158,9 @@ def test_max_profile_likelihood_is_min_joint_entropy():
     base = gaussian_filter(rng.standard_normal((size, size)), 2.5)
     true_shift = (2, -1)
     fixed = base
-    moving = np.roll(np.cos(3 * base), true_shift, axis=(0, 1)) + 0.05 * rng.standard_normal(base.shape)
+    moving = np.roll(np.cos(3 * base), true_shift, axis=(0, 1)) + 0.05 * rng.standard_normal(
+        base.shape
+    )
     lo_f, hi_f = fixed.min(), fixed.max()
     lo_m, hi_m = moving.min(), moving.max()
     o = (size - crop) // 2
@@ -169,8 +182,10 @@ def test_max_profile_likelihood_is_min_joint_entropy():
                 assert (nj * np.log(theta)).sum() <= ll
             h = float(
                 metric(
-                    torch.from_numpy(f_crop)[None], torch.from_numpy(m_crop)[None],
-                    fixed_range=(lo_f, hi_f), moving_range=(lo_m, hi_m),
+                    torch.from_numpy(f_crop)[None],
+                    torch.from_numpy(m_crop)[None],
+                    fixed_range=(lo_f, hi_f),
+                    moving_range=(lo_m, hi_m),
                 )
             )
             assert ll == pytest.approx(-n * h, rel=1e-12)
@@ -183,7 +198,7 @@ def test_max_profile_likelihood_is_min_joint_entropy():
 # Gradients
 # ------------------------------------------------------------------------------------------
 
-RANGES = dict(fixed_range=(-3.0, 3.0), moving_range=(-3.0, 3.0))
+RANGES = {"fixed_range": (-3.0, 3.0), "moving_range": (-3.0, 3.0)}
 
 
 @pytest.mark.parametrize(
@@ -204,7 +219,9 @@ RANGES = dict(fixed_range=(-3.0, 3.0), moving_range=(-3.0, 3.0))
 def test_gradcheck_wrt_moving(metric, shape):
     g = torch.Generator().manual_seed(7)
     fixed = torch.rand(shape, generator=g, dtype=torch.float64) * 4 - 2
-    moving = (fixed**2 - 1 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(-2.5, 2.5)
+    moving = (fixed**2 - 1 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(
+        -2.5, 2.5
+    )
     moving.requires_grad_(True)
     weights = torch.rand(shape[1:], generator=g, dtype=torch.float64) + 0.1
     assert torch.autograd.gradcheck(lambda m: metric(fixed, m, **RANGES), (moving,))
@@ -227,9 +244,13 @@ def test_mask_equals_crop(name):
     mask[region] = True
     metric = get_metric(name)
     cropped = metric(f[region][None], m[region][None])
-    assert float(metric(f[None], m[None], mask)) == pytest.approx(float(cropped), rel=1e-12, abs=1e-14)
+    assert float(metric(f[None], m[None], mask)) == pytest.approx(
+        float(cropped), rel=1e-12, abs=1e-14
+    )
     # A 0/1 float mask is the same selection, as is a flat sample (C, P).
-    assert float(metric(f[None], m[None], mask.double())) == pytest.approx(float(cropped), rel=1e-12, abs=1e-14)
+    assert float(metric(f[None], m[None], mask.double())) == pytest.approx(
+        float(cropped), rel=1e-12, abs=1e-14
+    )
     flat = metric(f[region].reshape(1, -1), m[region].reshape(1, -1))
     assert float(flat) == pytest.approx(float(cropped), rel=1e-12, abs=1e-14)
 
@@ -243,7 +264,9 @@ def test_lncc_mask_averages_the_local_cc_map():
     inside = lncc(f[None], m[None], mask, window=5)
     outside = lncc(f[None], m[None], ~mask, window=5)
     n_in = int(mask.sum())
-    assert float(full) == pytest.approx((n_in * float(inside) + (144 - n_in) * float(outside)) / 144, rel=1e-12)
+    assert float(full) == pytest.approx(
+        (n_in * float(inside) + (144 - n_in) * float(outside)) / 144, rel=1e-12
+    )
 
 
 def test_channels_are_averaged():
@@ -257,7 +280,10 @@ def test_channels_are_averaged():
         if metric.uses_intensity_range:
             r = [metric.intensity_range(f), metric.intensity_range(m)]
             both = float(metric(f, m, fixed_range=r[0], moving_range=r[1]))
-            each = [float(metric(f[i : i + 1], m[i : i + 1], fixed_range=r[0], moving_range=r[1])) for i in range(2)]
+            each = [
+                float(metric(f[i : i + 1], m[i : i + 1], fixed_range=r[0], moving_range=r[1]))
+                for i in range(2)
+            ]
         assert both == pytest.approx(sum(each) / 2, rel=1e-12)
 
 
@@ -284,14 +310,21 @@ def test_signs_quantities_and_functional_twins():
     # Better alignment, lower loss (MI family, NCC, LNCC).
     for name in ["ncc", "lncc", "mi", "mi-gaussian", "nmi", "joint-entropy"]:
         metric = get_metric(name)
-        assert float(metric(f[None], m[None])) < float(metric(f[None], torch.roll(m, 4, 1)[None])), name
+        assert float(metric(f[None], m[None])) < float(
+            metric(f[None], torch.roll(m, 4, 1)[None])
+        ), name
 
 
 def test_mi_config_records_the_intensity_setting():
     metric = get_metric("mi", bins=50, intensity="minmax")
     assert metric.config() == {
-        "name": "mi", "bins": 50, "padding": 2, "kernel_fixed": "bspline0",
-        "kernel_moving": "bspline3", "intensity": "minmax", "percentiles": [0.5, 99.5],
+        "name": "mi",
+        "bins": 50,
+        "padding": 2,
+        "kernel_fixed": "bspline0",
+        "kernel_moving": "bspline3",
+        "intensity": "minmax",
+        "percentiles": [0.5, 99.5],
         "quantity": "MI (nats)",
     }
     assert get_metric("mse").intensity_range(torch.rand(5)) is None

@@ -64,13 +64,15 @@ def sitk_value(fixed: np.ndarray, moving: np.ndarray, set_metric) -> float:
 @pytest.mark.parametrize("bins", [16, 32, 50, 64])
 def test_mattes_mi_matches_sitk(pair, bins):
     f, m = pair
-    itk = sitk_value(f, m, lambda r: r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins))
+    itk = sitk_value(
+        f, m, lambda r: r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+    )
     ft, mt = torch.from_numpy(f)[None], torch.from_numpy(m)[None]
     metric = MutualInformation(bins=bins, intensity="minmax")
     loss = metric(ft, mt)  # ITK's value is -MI, like our loss
     assert abs(float(loss) - itk) <= 1e-12 * abs(itk)
     # The same with the ranges passed explicitly, and in float32.
-    ranges = dict(fixed_range=(f.min(), f.max()), moving_range=(m.min(), m.max()))
+    ranges = {"fixed_range": (f.min(), f.max()), "moving_range": (m.min(), m.max())}
     assert abs(float(get_metric("mi", bins=bins)(ft, mt, **ranges)) - itk) <= 1e-12 * abs(itk)
     loss32 = metric(ft.float(), mt.float())
     assert loss32.dtype == torch.float32
@@ -92,15 +94,21 @@ def _itk_box_ranges(f: np.ndarray, m: np.ndarray, bins: int):
 def test_unsmoothed_joint_histogram_matches_sitk_for_any_marginals(pair, bins):
     f, m = pair
     itk = sitk_value(
-        f, m,
+        f,
+        m,
         lambda r: r.SetMetricAsJointHistogramMutualInformation(
             numberOfHistogramBins=bins, varianceForJointPDFSmoothing=0.0
         ),
     )
     rf, rm = _itk_box_ranges(f, m, bins)
     p = joint_probability(
-        torch.from_numpy(f)[None], torch.from_numpy(m)[None], bins=bins - 4, fixed_range=rf,
-        moving_range=rm, kernel_fixed="bspline0", kernel_moving="bspline0",
+        torch.from_numpy(f)[None],
+        torch.from_numpy(m)[None],
+        bins=bins - 4,
+        fixed_range=rf,
+        moving_range=rm,
+        kernel_fixed="bspline0",
+        kernel_moving="bspline0",
     )[0].numpy()
     px, pm = p.sum(1), p.sum(0)
     denom = np.outer(pm, px)  # ITK's marginal arrays, filled from the opposite axes
@@ -115,15 +123,21 @@ def test_unsmoothed_joint_histogram_mi_matches_sitk(pair, bins):
     f, _ = pair
     m = np.roll(f, 1, axis=2)  # same intensities: ITK's value is the MI
     itk = sitk_value(
-        f, m,
+        f,
+        m,
         lambda r: r.SetMetricAsJointHistogramMutualInformation(
             numberOfHistogramBins=bins, varianceForJointPDFSmoothing=0.0
         ),
     )
     rf, rm = _itk_box_ranges(f, m, bins)
     ours = mutual_information(
-        torch.from_numpy(f)[None], torch.from_numpy(m)[None], bins=bins - 4, fixed_range=rf,
-        moving_range=rm, kernel_fixed="bspline0", kernel_moving="bspline0",
+        torch.from_numpy(f)[None],
+        torch.from_numpy(m)[None],
+        bins=bins - 4,
+        fixed_range=rf,
+        moving_range=rm,
+        kernel_fixed="bspline0",
+        kernel_moving="bspline0",
     )
     itk_nats = -itk * math.log(2)
     assert abs(float(ours) - itk_nats) <= 1e-12 * itk_nats
@@ -134,7 +148,8 @@ def test_smoothed_joint_histogram_mi_close_to_sitk(pair, bins):
     f, _ = pair
     m = np.roll(f, 1, axis=2)
     itk = sitk_value(
-        f, m,
+        f,
+        m,
         lambda r: r.SetMetricAsJointHistogramMutualInformation(
             numberOfHistogramBins=bins, varianceForJointPDFSmoothing=1.5
         ),
@@ -144,8 +159,11 @@ def test_smoothed_joint_histogram_mi_close_to_sitk(pair, bins):
     pad = kernel_padding("gaussian", sigma)
     # Same bin width as ITK: (max - min) / (bins - 5) spans our bins - 2 * pad interior bins.
     ours = gaussian_mutual_information(
-        torch.from_numpy(f)[None], torch.from_numpy(m)[None], bins=bins - 5 + 2 * pad,
-        sigma_bins=sigma, intensity="minmax",
+        torch.from_numpy(f)[None],
+        torch.from_numpy(m)[None],
+        bins=bins - 5 + 2 * pad,
+        sigma_bins=sigma,
+        intensity="minmax",
     )
     assert abs(float(ours) - itk_nats) <= 0.01 * itk_nats
 
@@ -157,15 +175,19 @@ def test_lncc_matches_sitk_ants_neighborhood_correlation(radius, ndim):
     rng = np.random.default_rng(radius + 10 * ndim)
     shape = (14,) * ndim
     f = gaussian_filter(rng.standard_normal(shape), 2.0)
-    m = np.tanh(3 * f) + 0.02 * rng.standard_normal(shape) + 0.5 * gaussian_filter(
-        rng.standard_normal(shape), 2.0
+    m = (
+        np.tanh(3 * f)
+        + 0.02 * rng.standard_normal(shape)
+        + 0.5 * gaussian_filter(rng.standard_normal(shape), 2.0)
     )
     itk = sitk_value(f, m, lambda r: r.SetMetricAsANTSNeighborhoodCorrelation(radius))
     metric = get_metric("lncc", window=2 * radius + 1, eps_rel=0.0)
     loss = metric(torch.from_numpy(f)[None], torch.from_numpy(m)[None])
     assert abs(float(loss) - itk) <= 1e-12 * abs(itk)
     # The default damping (eps_rel=1e-6) changes the value by < 0.1 % on these images.
-    default = get_metric("lncc", window=2 * radius + 1)(torch.from_numpy(f)[None], torch.from_numpy(m)[None])
+    default = get_metric("lncc", window=2 * radius + 1)(
+        torch.from_numpy(f)[None], torch.from_numpy(m)[None]
+    )
     assert abs(float(default) - itk) <= 1e-3 * abs(itk)
 
 

@@ -49,7 +49,9 @@ def test_bspline3_taps_match_scipy_and_sum_to_one(ts):
     idx, w = parzen_weights(t, 32, "bspline3")
     assert idx.shape == (len(ts), 4)
     dense = np.zeros((len(ts), 32))
-    np.add.at(dense, (np.repeat(np.arange(len(ts)), 4), idx.reshape(-1).numpy()), w.reshape(-1).numpy())
+    np.add.at(
+        dense, (np.repeat(np.arange(len(ts)), 4), idx.reshape(-1).numpy()), w.reshape(-1).numpy()
+    )
     np.testing.assert_allclose(dense, dense_reference(np.array(ts), 32, "bspline3"), atol=1e-12)
     np.testing.assert_allclose(w.sum(1).numpy(), 1.0, atol=1e-12)
     assert (w >= 0).all()
@@ -155,7 +157,9 @@ def test_parzen_histogram_rows_are_weighted_histograms():
     rows = parzen_histogram(t, 16, "bspline3", weights=gamma)
     assert rows.shape == (4, 16)
     for k in range(4):
-        torch.testing.assert_close(rows[k], parzen_histogram(t, 16, "bspline3", weights=gamma[:, k]))
+        torch.testing.assert_close(
+            rows[k], parzen_histogram(t, 16, "bspline3", weights=gamma[:, k])
+        )
     ref = gamma.numpy().T @ dense_reference(t.numpy(), 16, "bspline3")
     np.testing.assert_allclose(rows.numpy(), ref, atol=1e-12)
     # The rows together hold all the mass: sum over rows = the unweighted histogram.
@@ -166,7 +170,9 @@ def test_histogram_gradient_is_the_kernel_derivative():
     t = torch.tensor([5.3, 7.8, 11.05, 8.2], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
     for kernel in ("bspline3", "gaussian"):
-        assert torch.autograd.gradcheck(lambda a, b: parzen_histogram(a, 18, kernel, 1.2, b), (t, w))
+        assert torch.autograd.gradcheck(
+            lambda a, b, k=kernel: parzen_histogram(a, 18, k, 1.2, b), (t, w)
+        )
     y = torch.tensor([4.2, 9.9, 6.6, 12.1], dtype=torch.float64, requires_grad=True)
     xs = torch.tensor([3.0, 5.5, 8.2, 10.9], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda b: joint_histogram(xs, b, 16, 18), (y,))

@@ -14,7 +14,8 @@ weights; the voxels with weight 0 are ignored). A mask that selects nothing rais
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -190,7 +191,9 @@ class Metric(nn.Module, abc.ABC):
         """The paper's quantity (see ``quantity_name``) from a loss value of this metric."""
         return self.quantity_sign * loss
 
-    def intensity_range(self, values: Tensor, mask: Tensor | None = None) -> tuple[float, float] | None:
+    def intensity_range(
+        self, values: Tensor, mask: Tensor | None = None
+    ) -> tuple[float, float] | None:
         """The intensity range this metric's setting gives for an image, or None if unused.
 
         The engine calls this once per level for each image and passes the results as

@@ -40,7 +40,7 @@ voxels, :class:`MutualInformation` reproduces ITK's Mattes value (see the tests)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,9 @@ def _window_sizes(window: int | Sequence[int]) -> tuple[int, ...]:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError(f"window must be an odd positive voxel count (or one per axis), got {window!r}")
+        raise ConfigError(
+            f"window must be an odd positive voxel count (or one per axis), got {window!r}"
+        )
     return tuple(int(w) for w in sizes)
 
 
@@ -316,7 +318,9 @@ class LocalNormalizedCrossCorrelation(Metric):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_histogram_settings(bins: int, kernel_fixed: str, kernel_moving: str, sigma_bins: float) -> int:
+def _check_histogram_settings(
+    bins: int, kernel_fixed: str, kernel_moving: str, sigma_bins: float
+) -> int:
     check_kernel(kernel_fixed, sigma_bins)
     check_kernel(kernel_moving, sigma_bins)
     try:
@@ -326,7 +330,9 @@ def _check_histogram_settings(bins: int, kernel_fixed: str, kernel_moving: str, 
     if not is_int:
         raise ConfigError(f"bins must be an integer, got {bins!r}")
     bins = int(bins)
-    padding = max(kernel_padding(kernel_fixed, sigma_bins), kernel_padding(kernel_moving, sigma_bins))
+    padding = max(
+        kernel_padding(kernel_fixed, sigma_bins), kernel_padding(kernel_moving, sigma_bins)
+    )
     if bins - 2 * padding < 2:
         raise ConfigError(
             f"bins={bins} is too few: the kernels need {padding} padding bins at each end and at "
@@ -387,8 +393,17 @@ def joint_probability(
     check_intensity(intensity, percentiles)
     mask = check_mask(mask, fixed.shape[1:], fixed.device)
     tables = _joint_tables(
-        fixed, moving, mask, bins, fixed_range, moving_range, intensity, percentiles,
-        kernel_fixed, kernel_moving, sigma_bins,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        kernel_fixed,
+        kernel_moving,
+        sigma_bins,
     )
     return torch.stack(tables)
 
@@ -421,20 +436,51 @@ def _histogram_quantity(
     sigma_bins: float,
 ) -> Tensor:
     tables = _joint_tables(
-        fixed, moving, mask, bins, fixed_range, moving_range, intensity, percentiles,
-        kernel_fixed, kernel_moving, sigma_bins,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        kernel_fixed,
+        kernel_moving,
+        sigma_bins,
     )
     return torch.stack([statistic(p) for p in tables]).mean()
 
 
-def _functional(statistic, fixed, moving, mask, bins, fixed_range, moving_range, intensity,
-                percentiles, kernel_fixed, kernel_moving, sigma_bins) -> Tensor:
+def _functional(
+    statistic,
+    fixed,
+    moving,
+    mask,
+    bins,
+    fixed_range,
+    moving_range,
+    intensity,
+    percentiles,
+    kernel_fixed,
+    kernel_moving,
+    sigma_bins,
+) -> Tensor:
     fixed, moving = check_pair(fixed, moving)
     check_intensity(intensity, percentiles)
     mask = check_mask(mask, fixed.shape[1:], fixed.device)
     return _histogram_quantity(
-        statistic, fixed, moving, mask, bins, fixed_range, moving_range, intensity, percentiles,
-        kernel_fixed, kernel_moving, sigma_bins,
+        statistic,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        kernel_fixed,
+        kernel_moving,
+        sigma_bins,
     )
 
 
@@ -475,8 +521,20 @@ def mutual_information(
     Returns:
         0-d tensor, MI >= 0 in nats (mean over channels); higher is better.
     """
-    return _functional(_mi_of, fixed, moving, mask, bins, fixed_range, moving_range, intensity,
-                       percentiles, kernel_fixed, kernel_moving, sigma_bins)
+    return _functional(
+        _mi_of,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        kernel_fixed,
+        kernel_moving,
+        sigma_bins,
+    )
 
 
 def gaussian_mutual_information(
@@ -500,8 +558,20 @@ def gaussian_mutual_information(
     Returns:
         0-d tensor, MI >= 0 in nats; higher is better.
     """
-    return _functional(_mi_of, fixed, moving, mask, bins, fixed_range, moving_range, intensity,
-                       percentiles, "gaussian", "gaussian", sigma_bins)
+    return _functional(
+        _mi_of,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        "gaussian",
+        "gaussian",
+        sigma_bins,
+    )
 
 
 def normalized_mutual_information(
@@ -526,8 +596,20 @@ def normalized_mutual_information(
     Returns:
         0-d tensor, NMI (dimensionless); higher is better.
     """
-    return _functional(_nmi_of, fixed, moving, mask, bins, fixed_range, moving_range, intensity,
-                       percentiles, kernel_fixed, kernel_moving, sigma_bins)
+    return _functional(
+        _nmi_of,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        kernel_fixed,
+        kernel_moving,
+        sigma_bins,
+    )
 
 
 def joint_entropy(
@@ -552,8 +634,20 @@ def joint_entropy(
     Returns:
         0-d tensor, H(X, Y) >= 0 in nats; lower is better.
     """
-    return _functional(_je_of, fixed, moving, mask, bins, fixed_range, moving_range, intensity,
-                       percentiles, kernel_fixed, kernel_moving, sigma_bins)
+    return _functional(
+        _je_of,
+        fixed,
+        moving,
+        mask,
+        bins,
+        fixed_range,
+        moving_range,
+        intensity,
+        percentiles,
+        kernel_fixed,
+        kernel_moving,
+        sigma_bins,
+    )
 
 
 class _HistogramMetric(Metric):
@@ -594,14 +688,32 @@ class _HistogramMetric(Metric):
     ) -> Tensor:
         """The ``(C, bins, bins)`` joint probability table this metric computes its value from."""
         return joint_probability(
-            fixed, moving, mask, self.bins, fixed_range, moving_range, self.intensity,
-            self.percentiles, self.kernel_fixed, self.kernel_moving, self.sigma_bins,
+            fixed,
+            moving,
+            mask,
+            self.bins,
+            fixed_range,
+            moving_range,
+            self.intensity,
+            self.percentiles,
+            self.kernel_fixed,
+            self.kernel_moving,
+            self.sigma_bins,
         )
 
     def loss(self, fixed, moving, mask, fixed_range, moving_range) -> Tensor:
         value = _histogram_quantity(
-            type(self)._statistic, fixed, moving, mask, self.bins, fixed_range, moving_range,
-            self.intensity, self.percentiles, self.kernel_fixed, self.kernel_moving,
+            type(self)._statistic,
+            fixed,
+            moving,
+            mask,
+            self.bins,
+            fixed_range,
+            moving_range,
+            self.intensity,
+            self.percentiles,
+            self.kernel_fixed,
+            self.kernel_moving,
             self.sigma_bins,
         )
         return value * self.quantity_sign
@@ -676,4 +788,3 @@ class JointEntropy(_HistogramMetric):
     quantity_name = "joint entropy H(X,Y) (nats)"
     quantity_sign = 1.0
     _statistic = staticmethod(_je_of)
-

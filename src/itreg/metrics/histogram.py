@@ -40,7 +40,7 @@ Entropies are in nats (natural logarithm) throughout.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +66,9 @@ __all__ = [
 def check_kernel(kernel: str, sigma_bins: float = 1.0) -> None:
     """Raise :class:`ConfigError` unless ``kernel`` is known and ``sigma_bins`` is positive."""
     if kernel not in KERNELS:
-        raise ConfigError(f"unknown Parzen kernel {kernel!r}; valid kernels are: {', '.join(KERNELS)}")
+        raise ConfigError(
+            f"unknown Parzen kernel {kernel!r}; valid kernels are: {', '.join(KERNELS)}"
+        )
     if kernel == "gaussian" and not (float(sigma_bins) > 0 and math.isfinite(float(sigma_bins))):
         raise ConfigError(f"sigma_bins must be a positive number of bins, got {sigma_bins!r}")
 
@@ -83,7 +85,7 @@ def kernel_padding(kernel: str, sigma_bins: float = 1.0) -> int:
         return 2
     if kernel == "bspline0":
         return 0
-    return int(math.ceil(3.0 * float(sigma_bins))) + 1
+    return math.ceil(3.0 * float(sigma_bins)) + 1
 
 
 def to_bin_coordinates(
@@ -132,7 +134,9 @@ def to_bin_coordinates(
     t = (values - lo_f) * scale + padding
     top = float(bins - padding)
     if closed_top:
-        top = float(torch.nextafter(torch.tensor(top, dtype=t.dtype), torch.tensor(0.0, dtype=t.dtype)))
+        top = float(
+            torch.nextafter(torch.tensor(top, dtype=t.dtype), torch.tensor(0.0, dtype=t.dtype))
+        )
     return t.clamp(float(padding), top)
 
 
@@ -146,7 +150,12 @@ def _bspline3_taps(t: Tensor, bins: int) -> tuple[Tensor, Tensor]:
     g2 = g * g
     # B3 at the offsets -1, 0, 1, 2 from base: B3(1 + f), B3(f), B3(1 - f), B3(2 - f).
     w = torch.stack(
-        (g2 * g / 6.0, 2.0 / 3.0 - f2 * (1.0 - 0.5 * f), 2.0 / 3.0 - g2 * (1.0 - 0.5 * g), f2 * f / 6.0)
+        (
+            g2 * g / 6.0,
+            2.0 / 3.0 - f2 * (1.0 - 0.5 * f),
+            2.0 / 3.0 - g2 * (1.0 - 0.5 * g),
+            f2 * f / 6.0,
+        )
     )
     idx = base.long() + torch.arange(-1, 3, device=t.device).unsqueeze(1)
     return idx, w
@@ -154,7 +163,7 @@ def _bspline3_taps(t: Tensor, bins: int) -> tuple[Tensor, Tensor]:
 
 def _gaussian_taps(t: Tensor, bins: int, sigma_bins: float) -> tuple[Tensor, Tensor]:
     """Truncated, shifted, per-sample normalised Gaussian taps, laid out ``(2 R + 1, P)``."""
-    radius = int(math.ceil(3.0 * sigma_bins))
+    radius = math.ceil(3.0 * sigma_bins)
     t = t.clamp(float(radius), float(bins - 1 - radius))
     centre = torch.round(t.detach())
     offsets = torch.arange(-radius, radius + 1, device=t.device, dtype=t.dtype).unsqueeze(1)
@@ -174,7 +183,7 @@ def _taps(
     """Taps laid out ``(T, P)`` (contiguous per tap); weights None for the box (all 1)."""
     check_kernel(kernel, sigma_bins)
     bins = int(bins)
-    needed = {"bspline0": 1, "bspline3": 4, "gaussian": 2 * int(math.ceil(3.0 * sigma_bins)) + 1}[kernel]
+    needed = {"bspline0": 1, "bspline3": 4, "gaussian": 2 * math.ceil(3.0 * sigma_bins) + 1}[kernel]
     if bins < needed:
         raise ConfigError(f"a {kernel!r} histogram needs at least {needed} bins, got {bins}")
     t = values.reshape(-1)
@@ -247,7 +256,9 @@ def parzen_histogram(
         )
     else:
         if weights.dim() != 2 or weights.shape[0] != n:
-            raise ValueError(f"weights must be (P,) or (P, R) with P={n}, got {tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must be (P,) or (P, R) with P={n}, got {tuple(weights.shape)}"
+            )
         rows = weights.shape[1]
         # Flat index r * bins + j, one entry per (sample, row, tap).
         row_offset = torch.arange(rows, device=idx.device).reshape(1, rows, 1) * bins
@@ -262,7 +273,9 @@ def parzen_histogram(
 
 def _check_weights(weights: Tensor, n: int) -> None:
     if weights.numel() != n:
-        raise ValueError(f"weights must have one value per sample ({n}), got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have one value per sample ({n}), got {tuple(weights.shape)}"
+        )
 
 
 def joint_histogram(
@@ -302,7 +315,9 @@ def joint_histogram(
     x = x_bins.reshape(-1)
     y = y_bins.reshape(-1)
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same number of samples, got {x.numel()} and {y.numel()}")
+        raise ValueError(
+            f"x and y must have the same number of samples, got {x.numel()} and {y.numel()}"
+        )
     if weights is not None:
         _check_weights(weights, x.numel())
         weights = weights.reshape(-1)
@@ -313,8 +328,15 @@ def joint_histogram(
         hist = None
         for s in range(0, x.numel(), block):
             part = _joint_counts(
-                x[s : s + block], y[s : s + block], bins_x, bins_y, kernel_x, kernel_y,
-                None if weights is None else weights[s : s + block], sigma_x, sigma_y,
+                x[s : s + block],
+                y[s : s + block],
+                bins_x,
+                bins_y,
+                kernel_x,
+                kernel_y,
+                None if weights is None else weights[s : s + block],
+                sigma_x,
+                sigma_y,
             )
             hist = part if hist is None else hist + part
     else:
@@ -331,7 +353,7 @@ _BLOCK_ENTRIES = 1 << 22
 
 def _tap_count(kernel: str, sigma_bins: float) -> int:
     if kernel == "gaussian":
-        return 2 * int(math.ceil(3.0 * float(sigma_bins))) + 1
+        return 2 * math.ceil(3.0 * float(sigma_bins)) + 1
     return 4 if kernel == "bspline3" else 1
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 
-def check_intensity(mode: str, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> tuple[float, float]:
+def check_intensity(
+    mode: str, percentiles: Sequence[float] = DEFAULT_PERCENTILES
+) -> tuple[float, float]:
     """Validate an intensity setting; return the percentiles as a float pair.
 
     Raises:
@@ -120,7 +122,7 @@ def robust_range(
     else:
         n = v.numel()
         if n > max_samples:
-            v = v[:: int(math.ceil(n / max_samples))]
+            v = v[:: math.ceil(n / max_samples)]
         q = torch.tensor([p_lo / 100.0, p_hi / 100.0], dtype=v.dtype, device=v.device)
         lo, hi = (float(x) for x in torch.quantile(v, q))
         if not hi > lo:
@@ -128,7 +130,9 @@ def robust_range(
             if hi > lo:
                 logger.warning(
                     "percentiles %s of the intensities coincide; using the min/max range (%g, %g)",
-                    tuple(percentiles), lo, hi,
+                    tuple(percentiles),
+                    lo,
+                    hi,
                 )
     if not hi > lo:
         raise InvalidImageError(f"the intensities are constant ({lo}); no intensity range")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from itreg.errors import ConfigError, unknown_name
 from itreg.metrics.base import Metric
@@ -60,7 +61,8 @@ def _check_kwargs(key: str, factory: MetricFactory, kwargs: dict[str, Any]) -> N
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
     accepted = sorted(
-        p.name for p in params
+        p.name
+        for p in params
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     )
     unknown = sorted(set(kwargs) - set(accepted))
@@ -102,5 +104,7 @@ def get_metric(name: str, **kwargs: Any) -> Metric:
     _check_kwargs(key, factory, kwargs)
     metric = factory(**kwargs)
     if not isinstance(metric, Metric):
-        raise ConfigError(f"the factory of metric {key!r} returned {type(metric).__name__}, not a Metric")
+        raise ConfigError(
+            f"the factory of metric {key!r} returned {type(metric).__name__}, not a Metric"
+        )
     return metric
