@@ -326,3 +326,16 @@ def test_concurrent_reads_share_the_stderr_capture(tmp_path, capfd):
     os.write(2, b"still-stderr\n")  # descriptor 2 is restored afterwards
     err = capfd.readouterr().err
     assert "still-stderr" in err and "HDF5-DIAG" not in err
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_nan_voxels_are_refused_not_zeroed(tmp_path, suffix):
+    """ITK's NIfTI reader reads NaN as 0; itreg counts them from the file and refuses."""
+    arr = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    arr[1, 2, 3] = np.nan
+    arr[4, 5, 6] = np.inf
+    path = tmp_path / f"nan{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).any()
+    with pytest.raises(InvalidImageError, match="2 NaN/Inf"):
+        read_image(path)
