@@ -140,8 +140,8 @@ def to_bin_coordinates(
     return t.clamp(float(padding), top)
 
 
-def _bspline3_taps(t: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """Cubic B-spline taps, laid out ``(4, P)``."""
+def _bspline3_taps(t: Tensor, bins: int) -> tuple[Tensor, tuple[int, ...], Tensor]:
+    """Cubic B-spline taps: base ``(P,)``, offsets, weights ``(4, P)``."""
     t = t.clamp(1.0, float(bins - 2))
     base = torch.floor(t.detach()).clamp_(max=float(bins - 3))
     f = t - base  # in [0, 1], derivative 1 w.r.t. t
@@ -157,12 +157,13 @@ def _bspline3_taps(t: Tensor, bins: int) -> tuple[Tensor, Tensor]:
             f2 * f / 6.0,
         )
     )
-    idx = base.long() + torch.arange(-1, 3, device=t.device).unsqueeze(1)
-    return idx, w
+    return base.long(), (-1, 0, 1, 2), w
 
 
-def _gaussian_taps(t: Tensor, bins: int, sigma_bins: float) -> tuple[Tensor, Tensor]:
-    """Truncated, shifted, per-sample normalised Gaussian taps, laid out ``(2 R + 1, P)``."""
+def _gaussian_taps(
+    t: Tensor, bins: int, sigma_bins: float
+) -> tuple[Tensor, tuple[int, ...], Tensor]:
+    """Truncated, shifted, normalised Gaussian: base, offsets ``-R .. R``, weights."""
     radius = math.ceil(3.0 * sigma_bins)
     t = t.clamp(float(radius), float(bins - 1 - radius))
     centre = torch.round(t.detach())
@@ -173,14 +174,17 @@ def _gaussian_taps(t: Tensor, bins: int, sigma_bins: float) -> tuple[Tensor, Ten
     cut = (radius + 0.5) / sigma_bins
     w = (torch.exp(-0.5 * u * u) - math.exp(-0.5 * cut * cut)).clamp_min(0.0)
     w = w / w.sum(dim=0, keepdim=True)
-    idx = centre.long() + torch.arange(-radius, radius + 1, device=t.device).unsqueeze(1)
-    return idx, w
+    return centre.long(), tuple(range(-radius, radius + 1)), w
 
 
 def _taps(
     values: Tensor, bins: int, kernel: str, sigma_bins: float
-) -> tuple[Tensor, Tensor | None]:
-    """Taps laid out ``(T, P)`` (contiguous per tap); weights None for the box (all 1)."""
+) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+    """Taps of samples ``(P,)``: the bin of tap ``k`` of sample ``i`` is ``base[i] + offsets[k]``.
+
+    Returns ``(base (P,) int64, offsets (T ints), weights (T, P))``, the weights contiguous
+    per tap; the weights are None for the box kernel (all 1).
+    """
     check_kernel(kernel, sigma_bins)
     bins = int(bins)
     needed = {"bspline0": 1, "bspline3": 4, "gaussian": 2 * math.ceil(3.0 * sigma_bins) + 1}[kernel]
@@ -190,8 +194,8 @@ def _taps(
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     if kernel == "bspline0":
-        idx = torch.floor(t.detach()).clamp_(0.0, float(bins - 1)).long().unsqueeze(0)
-        return idx, None
+        base = torch.floor(t.detach()).clamp_(0.0, float(bins - 1)).long()
+        return base, (0,), None
     if kernel == "bspline3":
         return _bspline3_taps(t, bins)
     return _gaussian_taps(t, bins, float(sigma_bins))
@@ -215,7 +219,8 @@ def parzen_weights(
         indices in ``[0, bins)`` and weights of the values' floating dtype, summing to 1 per
         sample, differentiable w.r.t. ``values`` for the smooth kernels.
     """
-    idx, w = _taps(values, bins, kernel, sigma_bins)
+    base, offsets, w = _taps(values, bins, kernel, sigma_bins)
+    idx = base.unsqueeze(0) + torch.tensor(offsets, device=base.device).unsqueeze(1)
     if w is None:
         dtype = values.dtype if values.is_floating_point() else torch.get_default_dtype()
         w = torch.ones(idx.shape, dtype=dtype, device=idx.device)
@@ -245,12 +250,16 @@ def parzen_histogram(
         ``(bins,)`` for ``weights`` ``None`` or ``(P,)``; ``(R, bins)`` for ``(P, R)`` weights.
         Differentiable w.r.t. ``values`` (through the kernel) and ``weights``.
     """
-    idx, w = parzen_weights(values, bins, kernel, sigma_bins)  # (P, T)
-    n = idx.shape[0]
+    base, offsets, w = _taps(values, bins, kernel, sigma_bins)
+    n = base.shape[0]
+    dtype = values.dtype if values.is_floating_point() else torch.get_default_dtype()
+    if w is None:
+        w = torch.ones((1, n), dtype=dtype, device=base.device)
+    idx = base.unsqueeze(0) + torch.tensor(offsets, device=base.device).unsqueeze(1)  # (T, P)
     if weights is None or weights.dim() <= 1:
         if weights is not None:
             _check_weights(weights, n)
-            w = w * weights.reshape(-1, 1).to(w.dtype)
+            w = w * weights.reshape(1, -1).to(w.dtype)
         hist = torch.zeros(bins, dtype=w.dtype, device=w.device).scatter_add(
             0, idx.reshape(-1), w.reshape(-1)
         )
@@ -260,10 +269,10 @@ def parzen_histogram(
                 f"weights must be (P,) or (P, R) with P={n}, got {tuple(weights.shape)}"
             )
         rows = weights.shape[1]
-        # Flat index r * bins + j, one entry per (sample, row, tap).
+        # Flat index r * bins + j, one entry per (tap, row, sample).
         row_offset = torch.arange(rows, device=idx.device).reshape(1, rows, 1) * bins
         flat = (idx.unsqueeze(1) + row_offset).reshape(-1)
-        src = (weights.to(w.dtype).unsqueeze(-1) * w.unsqueeze(1)).reshape(-1)
+        src = (w.unsqueeze(1) * weights.T.to(w.dtype).unsqueeze(0)).reshape(-1)
         hist = torch.zeros(rows * bins, dtype=w.dtype, device=w.device).scatter_add(0, flat, src)
         hist = hist.reshape(rows, bins)
     if normalize:
@@ -369,19 +378,22 @@ def _joint_counts(
     sigma_y: float,
 ) -> Tensor:
     """Unnormalised flat joint histogram ``(bins_x * bins_y,)`` of 1-D coordinates."""
-    ix, wx = _taps(x, bins_x, kernel_x, sigma_x)  # (Tx, P)
-    iy, wy = _taps(y, bins_y, kernel_y, sigma_y)  # (Ty, P)
+    bx, ox, wx = _taps(x, bins_x, kernel_x, sigma_x)  # (P,), Tx ints, (Tx, P)
+    by, oy, wy = _taps(y, bins_y, kernel_y, sigma_y)  # (P,), Ty ints, (Ty, P)
     dtypes = [v.dtype for v in (x, y) if v.is_floating_point()] or [torch.get_default_dtype()]
     dtype = dtypes[0] if len(dtypes) == 1 else torch.promote_types(*dtypes)
     if wy is None:
-        wy = torch.ones(iy.shape, dtype=dtype, device=iy.device)
+        wy = torch.ones((len(oy), by.shape[0]), dtype=dtype, device=by.device)
     wy = wy.to(dtype)
     if weights is not None:
         wy = wy * weights.reshape(1, -1).to(dtype)
-    ix = ix * bins_y
-    hist = torch.zeros(bins_x * bins_y, dtype=dtype, device=iy.device)
-    for a in range(ix.shape[0]):
-        flat = ix[a] + iy  # (Ty, P): row-major flat index a * bins_y + b
+    # Row-major flat bin (a, b) -> a * bins_y + b, split into a per-sample base and per-tap
+    # offsets, so that one (Ty, P) integer add per x tap forms the indices.
+    flat_base = bx * bins_y + by
+    offsets_y = torch.tensor(oy, device=by.device).unsqueeze(1)
+    hist = torch.zeros(bins_x * bins_y, dtype=dtype, device=by.device)
+    for a, off_x in enumerate(ox):
+        flat = flat_base + (offsets_y + off_x * bins_y)  # (Ty, P)
         src = wy if wx is None else wx[a].to(dtype) * wy
         hist = hist.scatter_add(0, flat.reshape(-1), src.reshape(-1))
     return hist
