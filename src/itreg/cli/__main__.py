@@ -1,0 +1,5 @@
+"""``python -m itreg.cli``."""
+
+from itreg.cli import main
+
+main()
