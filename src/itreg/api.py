@@ -1,0 +1,286 @@
+"""The Python front door: ``register(fixed, moving, ...)``.
+
+Example:
+    >>> from itreg.api import register
+    >>> result = register("t1.nii.gz", "t2.nii.gz", "affine", "mi")    # doctest: +SKIP
+    >>> result.transform, result.stop_reasons, result.report()         # doctest: +SKIP
+
+Inputs are checked before any optimisation (reliability promise): NaN/Inf voxels
+(:class:`~itreg.errors.InvalidImageError` with their count), constant images, images of
+different dimension or with several channels (:class:`~itreg.errors.GeometryError`), empty or
+misplaced masks (:class:`~itreg.errors.MaskError`), unknown names and invalid settings
+(:class:`~itreg.errors.ConfigError`), and images whose extents do not overlap after
+initialisation (:class:`~itreg.errors.GeometryError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from itreg.engine.callbacks import Progress
+from itreg.engine.config import (
+    TRANSFORM_NAMES,
+    RegistrationConfig,
+    available_presets,
+    config_from_toml,
+    load_preset,
+)
+from itreg.engine.registration import LevelRecord, RegistrationResult, run
+from itreg.errors import ConfigError, GeometryError, InvalidImageError, MaskError, unknown_name
+from itreg.image import Image
+from itreg.transforms import Transform
+
+logger = logging.getLogger(__name__)
+
+#: The preset used when neither a preset nor a transform is given.
+DEFAULT_PRESET = "affine"
+#: The preset a bare linear transform name (translation, similarity) starts from.
+LINEAR_BASE_PRESET = "rigid"
+
+PathLike = str | os.PathLike
+
+
+def resolve_config(transform: str | None = None, metric: str | None = None,
+                   preset: str | RegistrationConfig | PathLike | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> RegistrationConfig:
+    """The configuration :func:`register` runs for these arguments.
+
+    Args:
+        transform: a preset name (``rigid``, ``affine``, ``bspline``, ``dense``, ``svf``) or a
+            stage transform name (``translation``, ``similarity``, ...). With `preset` given, a
+            transform name replaces the transform of the preset's last stage.
+        metric: a metric name for every stage (its options are reset unless it is the
+            preset's metric).
+        preset: a preset name, a TOML file or a :class:`RegistrationConfig`; default from
+            `transform`, else ``"affine"``.
+        overrides: dotted-key settings, e.g. ``{"metric.bins": 64, "stages.0.iterations": 50}``.
+
+    Raises:
+        ConfigError: unknown names, keys or invalid values (the message lists valid ones).
+    """
+    presets = available_presets()
+    if preset is None:
+        if transform is None:
+            config = load_preset(DEFAULT_PRESET)
+        elif transform in presets:
+            config = load_preset(transform)
+        elif transform in TRANSFORM_NAMES:
+            config = load_preset(LINEAR_BASE_PRESET).with_transform(transform)
+        else:
+            raise unknown_name("transform or preset", str(transform),
+                               sorted(set(presets) | set(TRANSFORM_NAMES)))
+    else:
+        if isinstance(preset, RegistrationConfig):
+            config = preset
+        elif isinstance(preset, (str, os.PathLike)) and str(preset).endswith(".toml"):
+            path = Path(preset)
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist")
+            config = config_from_toml(path.read_text(encoding="utf-8"))
+        else:
+            config = load_preset(str(preset))
+        if transform is not None:
+            if transform not in TRANSFORM_NAMES:
+                raise unknown_name("transform", str(transform), TRANSFORM_NAMES)
+            config = config.with_transform(transform)
+    if metric is not None:
+        if not isinstance(metric, str):
+            raise ConfigError(f"metric must be a metric name, got {type(metric).__name__}")
+        config = config.with_metric(metric)
+    return config.with_overrides(overrides)
+
+
+# ---------------------------------------------------------------------------------- inputs
+def _load_image(value: Image | PathLike, role: str) -> tuple[Image, str]:
+    if isinstance(value, Image):
+        return value, f"{role} image"
+    if isinstance(value, (str, os.PathLike)):
+        from itreg import io
+
+        return io.read_image(value), f"{role} image '{value}'"
+    raise InvalidImageError(f"the {role} image must be an itreg Image or a file path, got "
+                            f"{type(value).__name__}")
+
+
+def _load_mask(value: Image | Tensor | PathLike | None, image: Image, name: str, role: str
+               ) -> Tensor | None:
+    """A bool mask ``image.grid.shape`` (nonzero = inside), or None."""
+    if value is None:
+        return None
+    where = f"{role} mask"
+    if isinstance(value, (str, os.PathLike)):
+        from itreg import io
+
+        mask = io.read_mask(value, reference=image.grid)
+        return mask.data[0].to(device=image.device) != 0
+    if isinstance(value, Image):
+        if not value.grid.same_as(image.grid):
+            raise MaskError(f"the {where} lies on another grid than the {name}: mask "
+                            f"{value.grid!r} vs image {image.grid!r}; resample it onto the "
+                            "image's grid (nearest neighbour)")
+        data = value.data
+    elif isinstance(value, Tensor):
+        data = value
+    else:
+        raise MaskError(f"the {where} must be an Image, a tensor or a file path, got "
+                        f"{type(value).__name__}")
+    shape = tuple(image.grid.shape)
+    if tuple(data.shape) == (1, *shape):
+        data = data[0]
+    if tuple(data.shape) != shape:
+        raise MaskError(f"the {where} has shape {tuple(data.shape)} but the {name} has shape "
+                        f"{shape}; a mask must lie on its image's grid")
+    if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+        raise MaskError(f"the {where} has {int((~torch.isfinite(data)).sum())} NaN/Inf voxels")
+    mask = (data != 0).to(image.device)
+    if not bool(mask.any()):
+        raise MaskError(f"the {where} is empty (all zero); a mask needs nonzero voxels inside")
+    return mask
+
+
+def _working_dtype(image: Image) -> torch.dtype:
+    return image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
+                   fixed_mask=None, moving_mask=None
+                   ) -> tuple[Image, Image, Tensor | None, Image | None, dict[str, str]]:
+    """Read and check the images and masks (before any optimisation).
+
+    Returns:
+        ``(fixed, moving, fixed_mask, moving_mask, names)``: floating-point images on the
+        fixed image's device and dtype (labels become intensities), a bool fixed mask tensor,
+        a float 0/1 moving mask image, and how each image is named in messages.
+
+    Raises:
+        ImageReadError: a path that cannot be read.
+        InvalidImageError: NaN/Inf voxels, an empty or constant image (inside its mask).
+        GeometryError: images of different dimension, or vector images.
+        MaskError: an empty mask, or a mask on another grid.
+    """
+    fixed_img, fname = _load_image(fixed, "fixed")
+    moving_img, mname = _load_image(moving, "moving")
+    if fixed_img.ndim != moving_img.ndim:
+        raise GeometryError(
+            f"{mname} is {moving_img.ndim}D but {fname} is {fixed_img.ndim}D; register images "
+            "of the same dimension")
+    fixed_img = fixed_img.with_data(fixed_img.data.detach(), is_label=fixed_img.is_label)
+    moving_img = moving_img.with_data(moving_img.data.detach(), is_label=moving_img.is_label)
+    for img, name in ((fixed_img, fname), (moving_img, mname)):
+        if img.channels != 1:
+            raise GeometryError(f"{name} has {img.channels} components; registration needs "
+                                "scalar images (pick one channel or convert to grey levels)")
+        img.check_finite(name)
+    fmask = _load_mask(fixed_mask, fixed_img, fname, "fixed")
+    mmask = _load_mask(moving_mask, moving_img, mname, "moving")
+    fixed_img.check_not_constant(fname, fmask)
+    moving_img.check_not_constant(mname, mmask)
+    dtype = _working_dtype(fixed_img)
+    device = fixed_img.device
+    fixed_f = Image(fixed_img.data.detach().to(dtype), fixed_img.grid, is_label=False)
+    moving_f = Image(moving_img.data.detach().to(device=device, dtype=dtype), moving_img.grid,
+                     is_label=False)
+    mmask_img = None
+    if mmask is not None:
+        mmask_img = Image(mmask.to(device=device, dtype=dtype), moving_img.grid, is_label=False)
+    return fixed_f, moving_f, fmask, mmask_img, {"fixed": fname, "moving": mname}
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators for the call (for metrics that draw random numbers) and
+    restore their state afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def register(
+    fixed: Image | PathLike,
+    moving: Image | PathLike,
+    transform: str | None = None,
+    metric: str | None = None,
+    *,
+    preset: str | RegistrationConfig | PathLike | None = None,
+    fixed_mask: Image | Tensor | PathLike | None = None,
+    moving_mask: Image | Tensor | PathLike | None = None,
+    init: str | Transform = "centers",
+    seed: int = 0,
+    threads: int | None = None,
+    callbacks: Iterable[object] | None = None,
+    progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> RegistrationResult:
+    """Register `moving` to `fixed`: find ``T`` with ``moving(T(x)) ~ fixed(x)``.
+
+    Args:
+        fixed: the fixed (reference) image, or its path.
+        moving: the moving image, or its path.
+        transform: a preset (``rigid``, ``affine``, ``bspline``, ``dense``, ``svf``) or a stage
+            transform (``translation``, ``similarity``); see :func:`resolve_config`.
+        metric: metric name for every stage (``mi``, ``nmi``, ``ncc``, ``lncc``, ``mse``, ...,
+            or ``"kind:model.pt"``); default: the preset's.
+        preset: a preset name, a TOML config file or a :class:`RegistrationConfig`.
+        fixed_mask: mask on the fixed grid (Image, tensor or path); samples are drawn inside.
+        moving_mask: mask on the moving grid; points mapping outside it are ignored.
+        init: ``"centers"``, ``"moments"``, ``"none"`` or a starting transform.
+        seed: seed of every random choice; equal seeds give bitwise equal results on CPU.
+        threads: torch CPU threads for this call (restored afterwards); default unchanged.
+        callbacks: hooks with ``on_level_start``/``on_step``/``on_level_end``/``on_end``.
+        progress: show a progress bar on stderr.
+        overrides: dotted-key settings, e.g. ``{"metric.bins": 64}``.
+
+    Returns:
+        The :class:`~itreg.engine.registration.RegistrationResult`.
+
+    Raises:
+        ItregError: for any problem with the inputs or settings (subclasses as in the module
+            docstring); nothing is optimised then.
+    """
+    config = resolve_config(transform, metric, preset, overrides)
+    fixed_f, moving_f, fmask, mmask, names = prepare_inputs(fixed, moving, fixed_mask,
+                                                            moving_mask)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    cbs = list(callbacks or [])
+    if progress:
+        cbs.append(Progress())
+    settings = {
+        "fixed": names["fixed"], "moving": names["moving"],
+        "init": init if isinstance(init, str) else type(init).__name__,
+        "seed": seed, "threads": threads, "fixed_mask": fmask is not None,
+        "moving_mask": mmask is not None, "device": str(fixed_f.device),
+        "dtype": str(fixed_f.dtype).replace("torch.", ""),
+    }
+    with _threads(threads), _seeded(seed, fixed_f.device):
+        return run(fixed_f, moving_f, config, fixed_mask=fmask, moving_mask=mmask, init=init,
+                   seed=seed, callbacks=cbs, settings=settings)
+
+
+__all__ = ["LevelRecord", "RegistrationConfig", "RegistrationResult", "available_presets",
+           "load_preset", "register", "resolve_config"]
