@@ -1,9 +1,19 @@
 """itreg: information-theoretic and learned registration of medical images."""
 
+from itreg.api import RegistrationResult, available_presets, register
 from itreg.errors import ItregError
 from itreg.grid import Frame, Grid
 from itreg.image import Image
 
 __version__ = "0.1.0"
 
-__all__ = ["Frame", "Grid", "Image", "ItregError", "__version__"]
+__all__ = [
+    "Frame",
+    "Grid",
+    "Image",
+    "ItregError",
+    "RegistrationResult",
+    "__version__",
+    "available_presets",
+    "register",
+]
