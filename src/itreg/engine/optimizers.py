@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ class Optimizer(abc.ABC):
 
     name = "optimizer"
     fixed_samples = False
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,10 +187,11 @@ class Optimizer(abc.ABC):
         out = dict(cls.defaults)
         for k, v in options.items():
             default = cls.defaults[k]
-            if default is None or isinstance(default, (int, float)):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ConfigError(f"option {k!r} of optimizer {cls.name!r} must be a finite "
-                                      f"number, got {v!r}")
+            numeric = default is None or isinstance(default, (int, float))
+            if numeric and (isinstance(v, bool) or not isinstance(v, (int, float))
+                            or not math.isfinite(v)):
+                raise ConfigError(f"option {k!r} of optimizer {cls.name!r} must be a finite "
+                                  f"number, got {v!r}")
             out[k] = v
         return out
 
@@ -217,7 +218,7 @@ class Adam(Optimizer):
 
     name = "adam"
     fixed_samples = False
-    defaults = {"beta1": 0.9, "beta2": 0.999, "final_lr_fraction": 1.0}
+    defaults: ClassVar[dict[str, Any]] = {"beta1": 0.9, "beta2": 0.999, "final_lr_fraction": 1.0}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         o = ctx.options
@@ -252,7 +253,7 @@ class GradientDescent(Optimizer):
 
     name = "gd"
     fixed_samples = False
-    defaults = {"relaxation": 0.5, "min_step": 1e-3}
+    defaults: ClassVar[dict[str, Any]] = {"relaxation": 0.5, "min_step": 1e-3}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         relax = float(ctx.options["relaxation"])
@@ -314,7 +315,7 @@ class LBFGS(Optimizer):
 
     name = "lbfgs"
     fixed_samples = True
-    defaults = {"history_size": 10, "tolerance_grad": 1e-7, "tolerance_change": 1e-9}
+    defaults: ClassVar[dict[str, Any]] = {"history_size": 10, "tolerance_grad": 1e-7, "tolerance_change": 1e-9}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         o = ctx.options
@@ -368,9 +369,9 @@ class Powell(Optimizer):
 
     name = "powell"
     fixed_samples = True
-    defaults = {"xtol": 1e-3, "ftol": 1e-6, "maxfev": None}
+    defaults: ClassVar[dict[str, Any]] = {"xtol": 1e-3, "ftol": 1e-6, "maxfev": None}
 
-    _STATUS = {0: "converged", 1: "max-iterations", 2: "max-iterations", 3: "non-finite"}
+    _STATUS: ClassVar[dict[int, str]] = {0: "converged", 1: "max-iterations", 2: "max-iterations", 3: "non-finite"}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         from scipy.optimize import minimize
