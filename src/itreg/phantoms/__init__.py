@@ -5,6 +5,7 @@
   Rician noise and bias field; :func:`labels`.
 * :mod:`~itreg.phantoms.misalign`: random rigid/affine transforms with the papers' and the
   anchor benchmark's ranges; :func:`pad_image`.
+* :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD.
 * :mod:`~itreg.phantoms.slices`: 2D axial slices with their world geometry.
 * :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
   multimodal pairs with their true transform.
@@ -21,6 +22,7 @@ from itreg.phantoms.contrasts import (
     rician_noise,
     synthesize,
 )
+from itreg.phantoms.deform import BOUND_MODES, INJECTIVE_FRACTION, folding_fraction, random_ffd
 from itreg.phantoms.misalign import (
     AffineParameters,
     anchor_affine,
@@ -42,6 +44,10 @@ from itreg.phantoms.pairs import (
 from itreg.phantoms.slices import axial_grid, axial_slice, axial_slices
 
 __all__ = [
+    "BOUND_MODES",
+    "INJECTIVE_FRACTION",
+    "folding_fraction",
+    "random_ffd",
     "CONTRASTS",
     "CONTRAST_NAMES",
     "LABELS",

@@ -1,0 +1,87 @@
+"""Random FFDs: paper 003's protocol, seeding, masks and invertibility options."""
+
+import math
+
+import pytest
+import torch
+
+from itreg.errors import ConfigError, GeometryError, MaskError
+from itreg.grid import Grid
+from itreg.image import Image
+from itreg.phantoms.deform import INJECTIVE_FRACTION, folding_fraction, random_ffd
+from itreg.transforms import BSpline
+
+GRID3 = Grid((48, 56, 44), (3.0, 3.0, 3.0), (-70.0, -90.0, -60.0))
+GRID2 = Grid((90, 110), (2.0, 2.0), (-90.0, -110.0))
+
+
+@pytest.mark.parametrize("grid", [GRID2, GRID3], ids=["2d", "3d"])
+def test_protocol_statistics_and_layout(grid):
+    ffd = random_ffd(grid, 20.0, 6.0, seed=4)
+    assert isinstance(ffd, BSpline)
+    assert ffd.control_spacing == pytest.approx((20.0,) * grid.ndim)
+    c = ffd.coefficients.detach().double().flatten()
+    assert c.numel() > 300
+    # i.i.d. N(0, 6^2): sample std within a few standard errors.
+    assert float(c.std()) == pytest.approx(6.0, rel=4 / math.sqrt(2 * c.numel()) + 0.02)
+    assert abs(float(c.mean())) < 4 * 6.0 / math.sqrt(c.numel())
+
+
+def test_seeded_and_device_follows():
+    a = random_ffd(GRID2, seed=7).coefficients
+    b = random_ffd(GRID2, seed=7).coefficients
+    c = random_ffd(GRID2, seed=8).coefficients
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.float32
+    assert random_ffd(GRID2, seed=7, dtype=torch.float64).coefficients.dtype == torch.float64
+
+
+def test_folding_fraction_and_bounds():
+    """Paper 003's plain protocol folds rarely; the bounded variants never fold."""
+    plain = [folding_fraction(random_ffd(GRID2, 20.0, 6.0, seed=s), GRID2) for s in range(8)]
+    assert max(plain) < 0.01, plain  # measured: 0 on these seeds
+    strong = random_ffd(GRID2, 20.0, 12.0, seed=1)
+    assert folding_fraction(strong, GRID2) > 0.0  # sigma 12 mm folds
+    for mode in ("clip", "scale"):
+        ffd = random_ffd(GRID2, 20.0, 12.0, seed=1, bound=mode)
+        limit = INJECTIVE_FRACTION * 20.0
+        assert float(ffd.coefficients.detach().abs().max()) <= limit + 1e-5
+        assert folding_fraction(ffd, GRID2) == 0.0
+
+
+def test_zero_outside_fov_and_mask():
+    ffd = random_ffd(GRID3, seed=1, zero_outside_fov=True)
+    cg = ffd.control_grid
+    idx = cg.indices(dtype=torch.float64)
+    index_in_image = GRID3.world_to_index(cg.index_to_world(idx))
+    hi = torch.tensor([n - 1 for n in GRID3.size], dtype=torch.float64)
+    outside = ((index_in_image < -0.5) | (index_in_image > hi + 0.5)).any(-1)
+    coef = ffd.coefficients.detach()
+    assert bool(outside.any())
+    assert float(coef[:, outside].abs().max()) == 0.0
+    assert float(coef[:, ~outside].abs().min()) > 0.0
+
+    m = torch.zeros(1, *GRID3.shape, dtype=torch.uint8)
+    m[0, 20:25, 25:30, 20:25] = 1
+    mask = Image(m, GRID3, is_label=True)
+    masked = random_ffd(GRID3, seed=1, mask=mask)
+    nz = (masked.coefficients.detach() != 0).any(0)
+    assert 0 < int(nz.sum()) <= 5 ** 3
+    # Displacement is zero far from the mask, nonzero on it.
+    disp = masked.displacement(GRID3).norm(dim=-1)
+    assert float(disp[0:5, 0:5, 0:5].max()) == 0.0
+    assert float(disp[22, 27, 22]) > 0.0
+    with pytest.raises(MaskError):
+        random_ffd(GRID3, mask=mask.with_data(m * 0))
+
+
+def test_errors():
+    with pytest.raises(ConfigError):
+        random_ffd(GRID2, sigma_mm=-1.0)
+    with pytest.raises(ConfigError):
+        random_ffd(GRID2, control_spacing_mm=0.0)
+    with pytest.raises(ConfigError):
+        random_ffd(GRID2, bound="nope")
+    with pytest.raises(GeometryError):
+        random_ffd(GRID2, mask=Image(torch.ones(1, 4, 4, 4, dtype=torch.uint8),
+                                     Grid((4, 4, 4), (1, 1, 1), (0, 0, 0)), is_label=True))
