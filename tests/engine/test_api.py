@@ -179,7 +179,7 @@ def test_threads_are_set_for_the_call_and_restored(pair):
     seen = []
 
     class Spy(Callback):
-        def on_step(self, state):
+        def on_level_start(self, state):
             seen.append(torch.get_num_threads())
 
     before = torch.get_num_threads()

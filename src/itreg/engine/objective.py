@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 #: An evaluation with fewer valid points than this counts as no overlap.
 MIN_POINTS = 8
+#: Random samples are drawn from a pool of this many times the sample count ...
+POOL_FACTOR = 16
+#: ... capped at this many points (unless the sample count itself is larger).
+MAX_POOL = 1 << 20
 
 
 # ---------------------------------------------------------------------------------- parameters
@@ -107,6 +111,11 @@ class Samples:
 class RandomSampler:
     """Seeded random voxels of the level grid inside the fixed mask, optionally jittered.
 
+    At the start of a level a pool of ``POOL_FACTOR`` times the sample count (voxels drawn
+    with replacement, each jittered within its voxel, with the fixed image interpolated there
+    once) is built; every :meth:`draw` then picks a fresh random subset of the pool, which
+    costs a gather instead of an interpolation per iteration.
+
     Args:
         level: the pyramid level.
         config: the stage's sampling settings.
@@ -118,9 +127,8 @@ class RandomSampler:
         self.level = level
         self.config = config
         self.generator = generator
-        flat = level.fixed_mask.reshape(-1)
-        self.valid = torch.nonzero(flat.cpu(), as_tuple=False).reshape(-1)
-        n_valid = int(self.valid.numel())
+        valid = torch.nonzero(level.fixed_mask.reshape(-1).cpu(), as_tuple=False).reshape(-1)
+        n_valid = int(valid.numel())
         n = n_valid
         if config.count is not None:
             n = min(n, config.count)
@@ -128,30 +136,28 @@ class RandomSampler:
             n = min(n, max(math.ceil(config.fraction * n_valid), MIN_POINTS))
         self.n = max(min(n, n_valid), 1)
         data = level.fixed.data
-        self.dtype = data.dtype
-        self.device = data.device
-        self._flat_fixed = data.reshape(data.shape[0], -1)
-        self._strides = torch.tensor(
-            [math.prod(level.grid.shape[a + 1:]) for a in range(level.grid.ndim)])
-
-    def draw(self) -> Samples:
-        pick = torch.randint(self.valid.numel(), (self.n,), generator=self.generator)
-        flat = self.valid[pick]
+        self.dtype, self.device = data.dtype, data.device
+        pool = min(POOL_FACTOR * self.n, max(MAX_POOL, self.n))
+        flat = valid[torch.randint(n_valid, (pool,), generator=generator)]
+        strides = [math.prod(level.grid.shape[a + 1:]) for a in range(level.grid.ndim)]
         # Tensor-order multi-index (z, y, x) -> ITK index (x, y, z).
-        idx = torch.stack([(flat // s) % n for s, n in
-                           zip(self._strides.tolist(), self.level.grid.shape)], dim=-1)
+        idx = torch.stack([(flat // st) % sz for st, sz in zip(strides, level.grid.shape)], -1)
         index = idx.flip(-1).to(torch.float64)
-        if self.config.jitter:
-            index = index + torch.rand(index.shape, generator=self.generator,
+        if config.jitter:
+            index = index + torch.rand(index.shape, generator=generator,
                                        dtype=torch.float64) - 0.5
-        points = self.level.grid.index_to_world(index).to(dtype=self.dtype, device=self.device)
-        if self.config.jitter:
+        self.points = level.grid.index_to_world(index).to(dtype=self.dtype, device=self.device)
+        if config.jitter:
             from itreg.warp import sample
 
-            values, _ = sample(self.level.fixed, points)
+            self.values, _ = sample(level.fixed, self.points)
         else:
-            values = self._flat_fixed[:, flat.to(self.device)]
-        return Samples(points, values)
+            self.values = data.reshape(data.shape[0], -1)[:, flat.to(self.device)]
+
+    def draw(self) -> Samples:
+        pick = torch.randint(self.points.shape[0], (self.n,), generator=self.generator)
+        pick = pick.to(self.device)
+        return Samples(self.points[pick], self.values[:, pick])
 
 
 class FullSampler:

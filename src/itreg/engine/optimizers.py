@@ -14,8 +14,8 @@ with a stop reason:
 
 Optimisers (registry :data:`OPTIMIZERS`):
 
-- ``adam``: ``torch.optim.Adam`` with fresh random samples each iteration; options ``beta1``,
-  ``beta2``, ``final_lr_fraction`` (exponential decay of the learning rate to this fraction of
+- ``adam``: Adam with fresh random samples each iteration; options ``beta1``, ``beta2``,
+  ``eps``, ``final_lr_fraction`` (exponential decay of the learning rate to this fraction of
   it over the level's iterations; 1 = constant).
 - ``gd``: regular-step gradient descent (ITK's ``RegularStepGradientDescent``): steps of
   ``learning_rate`` mm along the gradient normalised by its largest component, multiplied by
@@ -214,17 +214,27 @@ class Optimizer(abc.ABC):
 
 
 class Adam(Optimizer):
-    """Adam on fresh random samples each iteration (see the module docstring)."""
+    """Adam (Kingma & Ba) on fresh random samples each iteration (see the module docstring).
+
+    Written out on the flat vector ``q`` (the same update as ``torch.optim.Adam`` without
+    weight decay): it avoids the second-long first construction of a ``torch.optim``
+    optimiser and is deterministic.
+    """
 
     name = "adam"
     fixed_samples = False
-    defaults: ClassVar[dict[str, Any]] = {"beta1": 0.9, "beta2": 0.999, "final_lr_fraction": 1.0}
+    defaults: ClassVar[dict[str, Any]] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                                          "final_lr_fraction": 1.0}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         o = ctx.options
+        beta1, beta2, eps = float(o["beta1"]), float(o["beta2"]), float(o["eps"])
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ConfigError(f"Adam's beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
         q = q0.clone()
         last_good = q.clone()
-        opt = torch.optim.Adam([q], lr=ctx.learning_rate, betas=(o["beta1"], o["beta2"]))
+        m = torch.zeros_like(q)
+        v = torch.zeros_like(q)
         n = max(ctx.max_iterations, 1)
         decay = float(o["final_lr_fraction"]) ** (1.0 / max(n - 1, 1))
         reason = "max-iterations"
@@ -235,17 +245,19 @@ class Adam(Optimizer):
             if not ev.ok:
                 q, reason = last_good.clone(), ev.reason
                 break
-            last_good = q.detach().clone()
+            last_good = q.clone()
             stop = ctx.record(it, ev, lr)
             if stop is not None:
                 reason = stop
                 break
-            q.grad = ev.grad
-            opt.step()
+            g = ev.grad
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            step = lr / (1 - beta1 ** (it + 1))
+            denom = (v / (1 - beta2 ** (it + 1))).sqrt_().add_(eps)
+            q = q - step * m / denom
             lr *= decay
-            for group in opt.param_groups:
-                group["lr"] = lr
-        return self._finish(ctx, q.detach(), last_good, reason)
+        return self._finish(ctx, q, last_good, reason)
 
 
 class GradientDescent(Optimizer):
