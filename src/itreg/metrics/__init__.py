@@ -65,6 +65,9 @@ for _name, _factory in (
     register_metric(_name, _factory)
 del _name, _factory
 
+# Learned metrics register their "prefix:model-file" factories when imported.
+from itreg.metrics import ditr as _ditr  # noqa: E402,F401
+
 __all__ = [
     "DEFAULT_PERCENTILES",
     "INTENSITY_MODES",

@@ -1,0 +1,260 @@
+"""The DITR metric (paper 000, Eq. 11): minus the sum of classifier logits over patch pairs.
+
+With a classifier ``f(u, v)`` trained to tell registered patch pairs (z=1) from independent ones
+(z=0), ``ln p(u, v | z=1) = ln p(u, v | z=0) + f(u, v) + C`` (Eq. 10), and registration
+maximises ``sum_i f(u_i, beta v_i)`` over corresponding patches (Eq. 11; the z=0 term is taken
+as constant in ``beta``). As an itreg metric the loss is ``-sum_i f(u_i, v_i)`` (or the mean,
+``reduction="mean"``; the paper's Eq. 11 is the sum, the default).
+
+Patch layout (``notes/methods.md`` section 1, our choice): centres on a regular grid with a
+stride of ``stride`` voxels (default 8) over the image, kept where the mask (the engine passes
+the fixed foreground intersected with the moving image's extent) is set at the centre and the
+fixed patch is not constant (so pure background is skipped). The moving image is the warped
+moving image on the fixed grid (``requires_spatial``): the engine resamples it through the
+transform, and the patches are cropped at the same centres from both. Outside the image, patches
+are padded with 0 (the background of intensities scaled to ``[0, 1]``).
+
+Intensities are scaled to ``[0, 1]`` exactly as in training (:func:`scale_intensity`, min-max by
+default; paper 000: "intensity scaled to [0, 1]"), from the ranges the engine passes once per
+level, or from the images themselves.
+
+The classifier was trained at one voxel spacing (``spacing_mm`` in the model file): register
+images at that spacing, with a single pyramid level (``shrink=[1]``), for example with
+:func:`ditr_overrides`. The network is frozen and in eval mode; gradients flow to the moving
+image, so gradient optimisers work too, but the paper (and the default here) uses Powell.
+
+Example:
+    >>> import itreg                                                     # doctest: +SKIP
+    >>> res = itreg.register(fixed, moving, "rigid", metric="ditr:model.pt",
+    ...                      overrides=ditr_overrides("model.pt"))       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from itreg.errors import ConfigError
+from itreg.metrics.base import Metric, Range, resolve_range
+from itreg.metrics.intensity import rescale
+from itreg.metrics.registry import register_metric
+from itreg.nets.ditr import MODEL_KIND, DITRNet, extract_patches
+from itreg.nets.modelfile import build_model, load_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REDUCTIONS", "DITRMetric", "ditr_metric", "ditr_overrides", "patch_centres",
+           "safe_range", "scale_intensity"]
+
+#: Ways to combine the patch logits.
+REDUCTIONS = ("sum", "mean")
+
+
+def safe_range(values: Tensor, mask: Tensor | None, intensity: str,
+               percentiles: Sequence[float]) -> tuple[float, float]:
+    """An intensity range that never fails: the setting's, or ``(lo, lo + 1)`` for constant data.
+
+    Args:
+        values: intensities ``(C, *S)``.
+        mask: optional ``(*S)`` selection.
+        intensity: ``"minmax"``, ``"percentile"`` or ``"none"``.
+        percentiles: the percentile pair of ``"percentile"``.
+    """
+    from itreg.errors import InvalidImageError, MaskError
+    from itreg.metrics.intensity import intensity_range
+
+    try:
+        return intensity_range(values, mask, intensity, percentiles)
+    except (InvalidImageError, MaskError):
+        v = values.detach()
+        finite = v[torch.isfinite(v)]
+        lo = float(finite.min()) if finite.numel() else 0.0
+        return lo, lo + 1.0
+
+
+def scale_intensity(values: Tensor, value_range: tuple[float, float]) -> Tensor:
+    """Map ``value_range`` to ``[0, 1]`` (clamped), the scaling DITR trains and registers with."""
+    lo, hi = value_range
+    if not hi > lo:
+        hi = lo + 1.0
+    return rescale(values, lo, hi, clamp=True)
+
+
+def patch_centres(mask: Tensor, stride: int, fixed: Tensor | None = None,
+                  size: int | None = None) -> Tensor:
+    """Voxel centres ``(P, D)`` (tensor order) on a regular grid inside a mask.
+
+    The grid has spacing `stride` voxels and is centred in the image. With `fixed` and `size`,
+    centres whose fixed patch is constant (pure background) are dropped. If nothing is left, the
+    grid centres inside the mask are used; if the grid misses the mask entirely, the mask voxel
+    nearest the mask's centroid is used, so there is always at least one centre.
+
+    Args:
+        mask: ``(*S)`` bool (or weights; positive selects).
+        stride: grid spacing in voxels (>= 1).
+        fixed: optional fixed image ``(C, *S)`` for the background test.
+        size: patch edge length for the background test.
+    """
+    sel = mask if mask.dtype == torch.bool else mask > 0
+    axes = []
+    for n in sel.shape:
+        start = ((n - 1) % stride) // 2
+        axes.append(torch.arange(start, n, stride, device=sel.device))
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, sel.dim())
+    inside = sel[tuple(grid.unbind(-1))]
+    centres = grid[inside]
+    if centres.shape[0] and fixed is not None and size is not None:
+        with torch.no_grad():
+            patches = extract_patches(fixed.detach(), centres, size)
+            flat = patches.flatten(1)
+            span = flat.max(dim=1).values - flat.min(dim=1).values
+        keep = span > 1e-6
+        if bool(keep.any()):
+            centres = centres[keep]
+    if centres.shape[0] == 0:
+        idx = torch.nonzero(sel, as_tuple=False)
+        if idx.shape[0] == 0:
+            idx = torch.nonzero(torch.ones_like(sel), as_tuple=False)
+        mean = idx.double().mean(0, keepdim=True)
+        centres = idx[((idx.double() - mean) ** 2).sum(-1).argmin()][None]
+    return centres
+
+
+class DITRMetric(Metric):
+    """DITR similarity: ``-sum_i f(u_i, v_i)`` over patch pairs (paper 000, Eq. 11).
+
+    Args:
+        network: the trained :class:`~itreg.nets.ditr.DITRNet` (frozen and put in eval mode).
+        stride: patch-centre grid spacing in voxels.
+        reduction: ``"sum"`` (Eq. 11) or ``"mean"`` of the logits over patches.
+        batch_size: patches per forward pass (memory bound, not a result-changing setting).
+        intensity: intensity scaling to ``[0, 1]``: ``"minmax"`` (default, as in training),
+            ``"percentile"`` or ``"none"``.
+        source: the model file it came from (for reports).
+
+    Shapes:
+        ``forward(fixed, moving, mask)``: ``fixed``, ``moving`` ``(1, *S)`` (2D or 3D, the
+        dimension of the network), ``mask (*S)``; returns a 0-d loss.
+    """
+
+    name = "ditr"
+    requires_spatial = True
+    quantity_name = "sum of DITR logits"
+    quantity_sign = -1.0
+    uses_intensity_range = True
+
+    def __init__(self, network: DITRNet, stride: int = 8, reduction: str = "sum",
+                 batch_size: int = 4096, intensity: str = "minmax",
+                 source: str | None = None) -> None:
+        super().__init__(intensity=intensity)
+        if not isinstance(network, DITRNet):
+            raise ConfigError(f"DITRMetric needs a DITRNet, got {type(network).__name__}")
+        if isinstance(stride, bool) or int(stride) != stride or int(stride) < 1:
+            raise ConfigError(f"stride must be an integer >= 1, got {stride!r}")
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.network = network.eval()
+        for p in self.network.parameters():
+            p.requires_grad_(False)
+        self.stride = int(stride)
+        self.reduction = reduction
+        self.batch_size = int(batch_size)
+        if reduction == "mean":
+            self.quantity_name = "mean DITR logit"
+        self.settings = {"model": source, "stride": self.stride, "reduction": reduction,
+                         "spacing_mm": network.spacing_mm, "patch_size": network.patch_size}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> DITRMetric:
+        """Load the classifier from a model file (kind ``"ditr"``) and build the metric.
+
+        Raises:
+            ModelFileError: not a DITR model file (see :func:`itreg.nets.load_model`).
+        """
+        net, _ = build_model(path, expected_kind=MODEL_KIND)
+        return cls(net, source=str(path), **kwargs)
+
+    def train(self, mode: bool = True) -> DITRMetric:
+        """Keep the classifier in eval mode whatever the caller asks (it is frozen)."""
+        super().train(mode)
+        self.network.eval()
+        return self
+
+    def logits(self, fixed: Tensor, moving: Tensor, mask: Tensor | None = None,
+               fixed_range: Range = None, moving_range: Range = None) -> Tensor:
+        """The logits ``f(u_i, v_i)`` ``(P,)`` of the patch pairs the loss sums.
+
+        Args: as :meth:`forward`.
+        """
+        if fixed.shape[0] != 1:
+            raise ConfigError(f"DITR works on single-channel images, got {fixed.shape[0]} "
+                              "channels")
+        if fixed.dim() - 1 != self.network.ndim:
+            raise ConfigError(f"this DITR model is {self.network.ndim}D but the images are "
+                              f"{fixed.dim() - 1}D")
+        sel = mask if mask is not None else torch.ones(fixed.shape[1:], dtype=torch.bool,
+                                                       device=fixed.device)
+        sel_b = sel if sel.dtype == torch.bool else sel > 0
+        f_range = (resolve_range(fixed_range, fixed, None, self.intensity, self.percentiles)
+                   if fixed_range is not None
+                   else safe_range(fixed, None, self.intensity, self.percentiles))
+        m_range = (resolve_range(moving_range, moving, None, self.intensity, self.percentiles)
+                   if moving_range is not None
+                   else safe_range(moving, None, self.intensity, self.percentiles))
+        u = scale_intensity(torch.nan_to_num(fixed), f_range)
+        v = scale_intensity(torch.nan_to_num(moving), m_range)
+        size = self.network.patch_size
+        centres = patch_centres(sel_b, self.stride, u, size)
+        param = next(self.network.parameters())
+        if param.device != fixed.device:
+            self.network.to(fixed.device)
+        out = []
+        for start in range(0, centres.shape[0], self.batch_size):
+            c = centres[start:start + self.batch_size]
+            pairs = torch.cat([extract_patches(u, c, size), extract_patches(v, c, size)], dim=1)
+            out.append(self.network(pairs.to(param.dtype)).to(fixed.dtype))
+        return torch.cat(out)
+
+    def loss(self, fixed: Tensor, moving: Tensor, mask: Tensor | None, fixed_range: Range,
+             moving_range: Range) -> Tensor:
+        f = self.logits(fixed, moving, mask, fixed_range, moving_range)
+        total = f.sum() if self.reduction == "sum" else f.mean()
+        return -total
+
+
+def ditr_metric(path: str | os.PathLike, stride: int = 8, reduction: str = "sum",
+                batch_size: int = 4096, intensity: str = "minmax") -> DITRMetric:
+    """Registry factory of ``"ditr:model.pt"``: :meth:`DITRMetric.from_file`."""
+    return DITRMetric.from_file(path, stride=stride, reduction=reduction, batch_size=batch_size,
+                                intensity=intensity)
+
+
+def ditr_overrides(path: str | os.PathLike, optimizer: str = "powell",
+                   iterations: int = 30) -> dict[str, Any]:
+    """Engine overrides for registering with a DITR model: Powell, one level, no smoothing.
+
+    The classifier only knows patches at its training spacing, so the pyramid has one level
+    (``shrink=[1]``, ``smoothing_mm=[0]``); give the images at the model's ``spacing_mm``
+    (stored in the model file, see :func:`itreg.nets.load_model`).
+
+    Args:
+        path: the DITR model file (read to check it).
+        optimizer: the engine optimiser (paper 000: Powell).
+        iterations: maximum optimiser iterations (Powell: sweeps over all directions).
+
+    Returns:
+        A dict for ``itreg.register(..., overrides=...)``.
+    """
+    load_model(path, expected_kind=MODEL_KIND)
+    return {"optimizer": optimizer, "shrink": [1], "smoothing_mm": [0.0],
+            "learning_rate": [1.0], "iterations": [iterations]}
+
+
+register_metric("ditr", ditr_metric, overwrite=True)

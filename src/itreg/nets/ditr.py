@@ -1,0 +1,140 @@
+"""DITR's patch classifier f(u, v) (paper 000, Eqs. 9-11): a 2-channel CNN on patch pairs.
+
+The fixed patch ``u`` and the moving patch ``v`` are the two input channels. The network is the
+one of ``notes/methods.md`` section 1 (the paper gives only "5 strided 3x3x3 convolutions with
+ReLU, average pooling"): five convolutions with kernel 3, padding 1 and stride 2, channels
+``2 -> 32 -> 64 -> 128 -> 256 -> 1`` (configurable), ReLU after the first four, then global
+average pooling to one logit ``f(u, v)`` per pair. A 17-voxel patch shrinks 17 -> 9 -> 5 -> 3
+-> 2 -> 1. The same module serves 2D (``17 x 17``) and 3D (``17 x 17 x 17``) patches; only the
+convolution class differs.
+
+The output is the **pre-sigmoid** logit: ``p(z=1 | u, v) = sigmoid(f(u, v))`` (Eq. 9) and the
+registration metric sums ``f`` over patch pairs (Eq. 11, :mod:`itreg.metrics.ditr`).
+
+The model-file kind is ``"ditr"`` (:data:`MODEL_KIND`); :func:`build_ditr` rebuilds the module
+from the stored config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from itreg.errors import ConfigError
+from itreg.nets.modelfile import register_model_kind
+
+__all__ = ["DEFAULT_CHANNELS", "MODEL_KIND", "PATCH_SIZE", "DITRNet", "build_ditr",
+           "extract_patches"]
+
+#: Model-file kind of DITR classifiers.
+MODEL_KIND = "ditr"
+#: Default hidden channel widths (the last convolution maps to 1 logit).
+DEFAULT_CHANNELS = (32, 64, 128, 256)
+#: Default patch edge length in voxels (paper 000: 17^3).
+PATCH_SIZE = 17
+
+
+class DITRNet(nn.Module):
+    """The 2-channel patch classifier ``f(u, v)`` of DITR (2D or 3D).
+
+    Args:
+        ndim: spatial dimension of the patches, 2 or 3.
+        channels: widths of the hidden convolutions; one more convolution maps to 1 channel.
+            The paper's layer count (5 convolutions) is ``len(channels) + 1 = 5``.
+        patch_size: edge length of the (square or cubic) patches in voxels, odd.
+        spacing_mm: voxel spacing in mm of the images the classifier was trained on (recorded
+            for users of the model; patches must be cropped at this spacing).
+
+    Shapes:
+        ``forward(pairs)``: ``pairs (B, 2, *[patch_size] * ndim)`` -> logits ``(B,)``.
+    """
+
+    def __init__(self, ndim: int = 3, channels: Sequence[int] = DEFAULT_CHANNELS,
+                 patch_size: int = PATCH_SIZE, spacing_mm: float = 1.0) -> None:
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ConfigError(f"a DITR classifier is 2D or 3D, got ndim={ndim}")
+        channels = tuple(int(c) for c in channels)
+        if not channels or any(c < 1 for c in channels):
+            raise ConfigError(f"DITR channels must be positive integers, got {channels}")
+        if int(patch_size) < 3 or int(patch_size) % 2 == 0:
+            raise ConfigError(f"the DITR patch size must be odd and >= 3, got {patch_size}")
+        if not float(spacing_mm) > 0:
+            raise ConfigError(f"spacing_mm must be > 0, got {spacing_mm}")
+        self.ndim = int(ndim)
+        self.channels = channels
+        self.patch_size = int(patch_size)
+        self.spacing_mm = float(spacing_mm)
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        layers: list[nn.Module] = []
+        widths = (2, *channels)
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [conv(c_in, c_out, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+        layers.append(conv(widths[-1], 1, 3, stride=2, padding=1))
+        self.features = nn.Sequential(*layers)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor settings as plain data (stored in model files)."""
+        return {"ndim": self.ndim, "channels": list(self.channels),
+                "patch_size": self.patch_size, "spacing_mm": self.spacing_mm}
+
+    def forward(self, pairs: Tensor) -> Tensor:
+        """Logits ``f(u, v)`` of patch pairs.
+
+        Args:
+            pairs: ``(B, 2, *[patch_size] * ndim)``; channel 0 the fixed patch ``u``, channel 1
+                the moving patch ``v``, intensities scaled to about ``[0, 1]``.
+
+        Returns:
+            Pre-sigmoid logits ``(B,)``.
+        """
+        if pairs.dim() != self.ndim + 2 or pairs.shape[1] != 2:
+            raise ConfigError(
+                f"DITR expects patch pairs (B, 2, {', '.join(['P'] * self.ndim)}), got "
+                f"{tuple(pairs.shape)}")
+        out = self.features(pairs)
+        return out.flatten(2).mean(dim=2)[:, 0]
+
+
+def build_ditr(config: Mapping[str, Any]) -> DITRNet:
+    """Rebuild a :class:`DITRNet` from its stored config (model-file builder)."""
+    return DITRNet(ndim=int(config["ndim"]), channels=config.get("channels", DEFAULT_CHANNELS),
+                   patch_size=int(config.get("patch_size", PATCH_SIZE)),
+                   spacing_mm=float(config.get("spacing_mm", 1.0)))
+
+
+register_model_kind(MODEL_KIND, build_ditr, overwrite=True)
+
+
+def extract_patches(image: Tensor, centres: Tensor, size: int, pad_value: float = 0.0) -> Tensor:
+    """Crop cubic (square) patches around voxel centres, padding outside the image.
+
+    One code path for 2D and 3D; differentiable with respect to `image` (a gather).
+
+    Args:
+        image: ``(C, *S)`` with ``S`` 2D ``(Y, X)`` or 3D ``(Z, Y, X)``.
+        centres: integer voxel indices ``(P, D)`` in tensor order (``(z, y, x)`` in 3D).
+        size: odd patch edge length in voxels.
+        pad_value: value of patch voxels outside the image.
+
+    Returns:
+        Patches ``(P, C, *[size] * D)``.
+    """
+    c = image.shape[0]
+    d = image.dim() - 1
+    r = size // 2
+    padded = nn.functional.pad(image, [r] * (2 * d), value=pad_value)
+    shape = padded.shape[1:]
+    strides = [1] * d
+    for a in range(d - 2, -1, -1):
+        strides[a] = strides[a + 1] * shape[a + 1]
+    ar = torch.arange(size, device=image.device)
+    offsets = torch.stack(torch.meshgrid(*([ar] * d), indexing="ij"), dim=-1).reshape(-1, d)
+    idx = centres.to(image.device).long()[:, None, :] + offsets[None]  # padded coordinates
+    stride_t = torch.tensor(strides, device=image.device)
+    flat = (idx * stride_t).sum(-1)  # (P, K)
+    values = padded.reshape(c, -1)[:, flat.reshape(-1)].reshape(c, centres.shape[0], -1)
+    return values.permute(1, 0, 2).reshape(centres.shape[0], c, *([size] * d))
