@@ -1,0 +1,174 @@
+"""The contract between the groupwise optimisation loop and a groupwise similarity.
+
+A :class:`GroupObjective` turns the intensities of the ``N`` warped images at common-space
+points into a loss (lower = better aligned) and keeps whatever state it estimates alongside the
+transforms (the common anatomy of X-CoReg, the mixture of GMM). The loop in
+:mod:`itreg.groupwise.coreg` calls :meth:`GroupObjective.start_level` when the common grid
+changes and :meth:`GroupObjective.evaluate` once per optimiser step.
+
+Objectives are built by name from :data:`GROUP_METRICS` (:func:`get_group_metric`), so the
+loop, the API and the CLI never branch on the metric.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from itreg.errors import ConfigError, unknown_name
+from itreg.grid import Grid
+
+__all__ = [
+    "GROUP_METRICS",
+    "GroupObjective",
+    "available_group_metrics",
+    "get_group_metric",
+    "register_group_metric",
+    "sample_mask",
+]
+
+#: Fewest overlap points a sample may hold; smaller samples fall back to the whole overlap.
+MIN_SAMPLES = 16
+
+
+def sample_mask(mask: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
+    """A seeded Bernoulli(`rate`) subset of the True entries of `mask`.
+
+    The draw is made on CPU (then moved) so the choice does not depend on the device.
+
+    Args:
+        mask: ``(P,)`` bool, the eligible points (the overlap region).
+        rate: sample rate in ``(0, 1]``; 1 keeps every eligible point.
+        generator: CPU generator.
+
+    Returns:
+        ``(P,)`` bool, a subset of `mask`; the whole `mask` if fewer than ``MIN_SAMPLES`` points
+        would be drawn.
+    """
+    if rate >= 1.0:
+        return mask
+    draw = torch.rand(mask.shape, generator=generator) < rate
+    out = mask & draw.to(mask.device)
+    if int(out.sum()) < MIN_SAMPLES:
+        return mask
+    return out
+
+
+def check_rate(rate: float) -> float:
+    """Validate a sample rate in ``(0, 1]``."""
+    r = float(rate)
+    if not 0.0 < r <= 1.0:
+        raise ConfigError(f"sample_rate must be in (0, 1], got {rate!r}")
+    return r
+
+
+class GroupObjective(abc.ABC):
+    """A groupwise similarity with optional latent state (lower loss = better aligned).
+
+    Attributes:
+        name: registry name.
+        quantity_name: name of the paper's quantity reported beside the loss.
+        needs_all_voxels: True when :meth:`evaluate` needs the intensities at every voxel of
+            the level grid (EM over a spatial field); otherwise the loop may pass a random
+            subset of the voxels.
+        sample_rate: fraction of the overlap used for density estimates.
+    """
+
+    name: ClassVar[str] = ""
+    quantity_name: ClassVar[str] = "loss"
+    needs_all_voxels: ClassVar[bool] = False
+
+    def __init__(self, sample_rate: float = 0.1) -> None:
+        self.sample_rate = check_rate(sample_rate)
+        self.n_images = 0
+        self.reference: int | None = None
+
+    def reset(self, n_images: int, reference: int | None, generator: torch.Generator,
+              dtype: torch.dtype, device) -> None:
+        """Forget any state; called once before the first level.
+
+        Args:
+            n_images: ``N``.
+            reference: index of the fixed reference image, or None (unbiased mode).
+            generator: the run's CPU generator.
+            dtype: working dtype.
+            device: working device.
+        """
+        self.n_images = int(n_images)
+        self.reference = reference
+        self.generator = generator
+        self.dtype = dtype
+        self.device = device
+
+    def start_level(self, grid: Grid) -> None:
+        """Called when the common grid changes (new level); resize state to `grid`."""
+        self.grid = grid
+
+    @abc.abstractmethod
+    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+        """Loss of the warped intensities.
+
+        Args:
+            values: ``(N, P)`` intensities of the warped images at the points (differentiable
+                with respect to the transforms).
+            overlap: ``(P,)`` bool, points inside every image (and the region of interest).
+
+        Returns:
+            ``(loss, quantity)``: a 0-d tensor to minimise and the paper's quantity as a float.
+        """
+
+    def quantity(self, loss: float) -> float:
+        """The paper's quantity for a loss value (default: the loss itself)."""
+        return float(loss)
+
+    def probabilities(self) -> Tensor | None:
+        """``(K, *grid.shape)`` class probabilities kept on the current grid, or None."""
+        return None
+
+    def posterior(self, values: Tensor, overlap: Tensor) -> Tensor | None:
+        """``(P, K)`` class probabilities of given intensities ``(N, P)`` under the objective's
+        model (zero rows outside `overlap`), or None for objectives without classes."""
+        return None
+
+    def template(self, values: Tensor, overlap: Tensor) -> Tensor:
+        """``(P,)`` grey-valued template of intensities ``(N, P)``: their mean over the group
+        inside `overlap`, 0 outside (CTE overrides it with its PCA template)."""
+        out = torch.zeros(values.shape[1], dtype=values.dtype, device=values.device)
+        out[overlap] = values[:, overlap].mean(dim=0)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """The objective's settings, for reports."""
+        return {"name": self.name, "sample_rate": self.sample_rate}
+
+
+GROUP_METRICS: dict[str, Callable[..., GroupObjective]] = {}
+"""Groupwise objectives by name."""
+
+
+def register_group_metric(name: str, factory: Callable[..., GroupObjective]) -> None:
+    """Register a groupwise objective factory under `name` (replaces an existing one)."""
+    GROUP_METRICS[name] = factory
+
+
+def available_group_metrics() -> list[str]:
+    """Names of the registered groupwise objectives."""
+    return sorted(GROUP_METRICS)
+
+
+def get_group_metric(name: str, **kwargs: Any) -> GroupObjective:
+    """Build the groupwise objective registered as `name`.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones) or invalid options.
+    """
+    if name not in GROUP_METRICS:
+        raise unknown_name("groupwise metric", name, GROUP_METRICS)
+    try:
+        return GROUP_METRICS[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid options for groupwise metric {name!r}: {exc}") from exc
