@@ -1,0 +1,113 @@
+"""X-CoReg (Algorithm 1): zero-sum projection (Eq. 37), recovery of known motions, modes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_group, residual_mm
+
+from itreg.engine.callbacks import History
+from itreg.grid import Grid
+from itreg.groupwise import GroupStage, project_zero_mean, register_group
+from itreg.transforms import Affine, BSpline, Rigid
+
+
+# ------------------------------------------------------------------------------ Eq. 37
+def test_projection_zeroes_mean_translation_and_angles():
+    ts = [Rigid(2, center=(1.0, 2.0), translation=(i, -2.0 * i), angles=[0.1 * i])
+          for i in range(4)]
+    project_zero_mean(ts)
+    ts = [t.requires_grad_(False) for t in ts]
+    torch.testing.assert_close(torch.stack([t.translation for t in ts]).mean(0),
+                               torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.stack([t.angles for t in ts]).mean(0),
+                               torch.zeros(1), atol=1e-6, rtol=0)
+    # Differences between images are kept.
+    assert float(ts[3].translation[0] - ts[0].translation[0]) == pytest.approx(3.0)  # kept
+
+
+def test_projection_makes_mean_affine_matrix_identity():
+    gen = torch.Generator().manual_seed(0)
+    ts = [Affine(3, matrix=torch.eye(3) + 0.1 * torch.randn(3, 3, generator=gen),
+                 translation=torch.randn(3, generator=gen)) for _ in range(5)]
+    project_zero_mean(ts)
+    torch.testing.assert_close(torch.stack([t.matrix() for t in ts]).mean(0), torch.eye(3),
+                               atol=1e-6, rtol=0)
+
+
+def test_projection_makes_mean_ffd_displacement_zero_everywhere():
+    grid = Grid((30, 25), (2.0, 2.0))
+    gen = torch.Generator().manual_seed(1)
+    ts = []
+    for _ in range(3):
+        b = BSpline(grid, 15.0)
+        with torch.no_grad():
+            b.coefficients.copy_(3.0 * torch.randn(b.coefficients.shape, generator=gen))
+        ts.append(b)
+    before = torch.stack([t.displacement(grid) for t in ts]).mean(0).abs().max()
+    project_zero_mean(ts)
+    after = torch.stack([t.displacement(grid) for t in ts]).mean(0).abs().max()
+    assert float(before) > 0.5
+    assert float(after) < 1e-5
+
+
+# ------------------------------------------------------------------------------ recovery
+def test_xcoreg_recovers_known_translations_of_a_2d_group(shifted_group):
+    images, truths = shifted_group
+    grid = images[0].grid
+    history = History()
+    before = residual_mm(register_group(images, transform="translation", iterations=0),
+                         truths, grid)
+    result = register_group(images, transform="translation", k=4, seed=0,
+                            stages=[GroupStage("translation", (2, 1), 40)],
+                            callbacks=[history])
+    after = residual_mm(result, truths, grid)
+    assert before > 3.0
+    assert after < 0.5, (before, after)
+    # Unbiased mode: the group's mean translation stays zero.
+    mean_t = torch.stack([t.translation.detach() for t in result.transforms]).mean(0)
+    assert float(mean_t.abs().max()) < 1e-4
+    assert len(history.steps) == 80
+    assert result.probabilities.channels == 4
+    assert result.segmentation.data.dtype == torch.uint8
+
+
+def test_xcoreg_recovers_known_rigid_motions_of_a_2d_group():
+    images, truths = make_group(shifts=[(3.0, -2.0), (-2.0, 3.0), (1.0, 2.0)],
+                                angles=[math.radians(5), math.radians(-4), math.radians(2)])
+    grid = images[0].grid
+    stages = [GroupStage("translation", (2,), 30), GroupStage("rigid", (2, 1), 40)]
+    result = register_group(images, transform="rigid", stages=stages, seed=1)
+    before = residual_mm(register_group(images, iterations=0), truths, grid)
+    after = residual_mm(result, truths, grid)
+    assert after < 0.6 and after < before / 5, (before, after)
+
+
+def test_group_to_reference_keeps_the_reference_fixed(shifted_group):
+    images, truths = shifted_group
+    result = register_group(images, reference=1, stages=[GroupStage("translation", (2, 1), 40)])
+    t_ref = result.transforms[1]
+    assert float(t_ref.translation.abs().max()) == 0.0
+    # Each image j maps onto the reference: phi_j(x) ~ T_j(T_1^-1(x)).
+    grid = images[0].grid
+    pts = grid.points(dtype=torch.float64).reshape(-1, 2)
+    for j in (0, 2):
+        with torch.no_grad():
+            target = copy.deepcopy(truths[j]).double()(truths[1].inverse().double()(pts))
+            got = copy.deepcopy(result.transforms[j]).double()(pts)
+        assert float((got - target).norm(dim=1).mean()) < 0.8
+
+
+def test_ffd_stage_keeps_the_mean_displacement_zero(shifted_group):
+    images, _ = shifted_group
+    stages = [GroupStage("ffd", (2,), 5, learning_rate=0.5, control_spacing_mm=30.0)]
+    result = register_group(images, transform="ffd", stages=stages)
+    grid = images[0].grid
+    with torch.no_grad():
+        disp = torch.stack([t.displacement(grid) for t in result.transforms])
+    assert float(disp.abs().max()) > 1e-3  # it moved
+    assert float(disp.mean(0).abs().max()) < 1e-4
+    assert not result.is_linear
