@@ -7,6 +7,7 @@ that reads files, checks inputs and resolves presets before calling it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -30,6 +31,7 @@ from itreg.engine.objective import (
 )
 from itreg.engine.optimizers import LevelContext, get_optimizer
 from itreg.engine.pyramid import Level, Pyramid
+from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.engine.stages import LinearStage, StageSetup, get_stage_transform
 from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
@@ -225,7 +227,9 @@ def build_components(config: RegistrationConfig) -> list[_Components]:
     for i, stage in enumerate(config.stages):
         try:
             optimizer = get_optimizer(stage.optimizer)
-            out.append(_Components(build_metric(stage), build_regularisers(stage), optimizer,
+            metric = build_metric(stage)
+            check_optimizer(metric, optimizer)  # trainable metrics need adam/gd
+            out.append(_Components(metric, build_regularisers(stage), optimizer,
                                    optimizer.check_options(stage.optimizer_options),
                                    get_stage_transform(stage.transform)))
         except ConfigError as exc:
@@ -239,20 +243,67 @@ def _generator(seed: int, stage: int, level: int) -> torch.Generator:
     return g
 
 
-def _level_ranges(metric, level: Level) -> tuple[Any, Any]:
-    """Fixed and moving intensity ranges of a level (once per level), or (None, None)."""
+#: Intensity ranges are computed on a regular subsample of at most about this many voxels.
+RANGE_VOXELS = 1 << 21
+#: Levels that evaluate fewer points than this run their iterations on one thread: their
+#: tensors are too small for threads to pay, and on a busy machine waiting for a descheduled
+#: thread costs far more than the work.
+SINGLE_THREAD_POINTS = 1 << 16
+
+
+def _subsample(data: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Every k-th voxel along each axis so that about :data:`RANGE_VOXELS` remain."""
+    spatial = data.shape[1:]
+    k = math.ceil((math.prod(spatial) / RANGE_VOXELS) ** (1.0 / len(spatial)))
+    if k <= 1:
+        return data, mask
+    index = (slice(None, None, k),) * len(spatial)
+    return data[(slice(None), *index)], (mask[index] if mask is not None else None)
+
+
+def _range(metric, data: Tensor, mask: Tensor | None, cache: dict) -> Any:
+    key = (id(data), id(mask), getattr(metric, "intensity", None),
+           tuple(getattr(metric, "percentiles", ()) or ()))
+    if key not in cache:
+        values, sub_mask = _subsample(data, mask)
+        if sub_mask is not None and not bool(sub_mask.any()):
+            values, sub_mask = data, mask
+        cache[key] = metric.intensity_range(values, sub_mask)
+    return cache[key]
+
+
+def _level_ranges(metric, level: Level, cache: dict) -> tuple[Any, Any]:
+    """Fixed and moving intensity ranges of a level (once per level and metric setting), or
+    (None, None) for metrics without intensity scaling."""
     if not getattr(metric, "uses_intensity_range", False):
         return None, None
-    fixed_range = metric.intensity_range(level.fixed.data, level.fixed_mask)
+    fixed_range = _range(metric, level.fixed.data, level.fixed_mask, cache)
     mmask = None
     if level.moving_mask is not None:
-        from itreg.warp import resample
+        key = ("moving-mask", id(level.moving))
+        if key not in cache:
+            from itreg.warp import resample
 
-        with torch.no_grad():
-            m = resample(level.moving_mask, None, level.moving.grid, mode="nearest")
-        mmask = m.data[0] > 0.5
-    moving_range = metric.intensity_range(level.moving.data, mmask)
+            with torch.no_grad():
+                m = resample(level.moving_mask, None, level.moving.grid, mode="nearest")
+            cache[key] = m.data[0] > 0.5
+        mmask = cache[key]
+    moving_range = _range(metric, level.moving.data, mmask, cache)
     return fixed_range, moving_range
+
+
+@contextlib.contextmanager
+def _level_threads(points: int) -> Iterator[None]:
+    """One thread for levels with few points (see :data:`SINGLE_THREAD_POINTS`)."""
+    before = torch.get_num_threads()
+    if points >= SINGLE_THREAD_POINTS or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _freeze(t: Transform) -> Transform:
@@ -315,6 +366,7 @@ def run(
     logger.info("initial overlap %.3f of the fixed points; init=%s", reference,
                 init if isinstance(init, str) else type(init).__name__)
 
+    range_cache: dict = {}
     residual: list[Transform] = []  # frozen linear factors a stage could not absorb
     nonlinear: list[Transform] = []
     records: list[LevelRecord] = []
@@ -345,7 +397,7 @@ def run(
                 current.requires_grad_(True)
                 record, ctx = _run_level(
                     si, stage, li, level, current, outer, metric, regs, builder, setup, optimizer,
-                    options, cbs, seed, radius, min_overlap, t0)
+                    options, cbs, seed, radius, min_overlap, t0, range_cache)
                 records.append(record)
                 last_state = ctx.state(record.iterations, ctx.last, None, record.stop_reason)
                 stop = cbs.on_level_end(last_state)
@@ -393,15 +445,17 @@ def _assemble(outer_init, residual, linear, nonlinear) -> tuple[Transform, Affin
 def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Transform,
                outer: list[Transform], metric, regs, builder, setup, optimizer, options,
                cbs: CallbackList, seed: int, radius: float, min_overlap: float,
-               t0: float) -> tuple[LevelRecord, LevelContext]:
+               t0: float, range_cache: dict) -> tuple[LevelRecord, LevelContext]:
     start = time.perf_counter()
     params = ScaledParameters(current, radius)
     sampler = SAMPLERS[stage.sampling.strategy](level, stage.sampling, _generator(seed, si, li))
-    fixed_range, moving_range = _level_ranges(metric, level)
+    fixed_range, moving_range = _level_ranges(metric, level, range_cache)
     objective = LevelObjective(
         level, current, outer, metric, sampler, params, fixed_range, moving_range,
         regularisers=regs, field_fn=lambda t: builder.field(t, level, setup),
         min_overlap=min_overlap, precondition=builder.preconditioner(current, setup))
+    if is_trainable(metric):  # the critic ascends the bound while the transform descends
+        objective = CriticTraining(objective, metric)
     quantity = getattr(metric, "quantity", lambda v: v)
     ctx = LevelContext(
         objective=objective, stage=si, transform=stage.transform, level=li,
@@ -419,7 +473,8 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
     elif stage.iterations[li] == 0:
         reason, q = "max-iterations", q0
     else:
-        q, reason = optimizer.run(ctx, q0)
+        with _level_threads(objective.samples.count):
+            q, reason = optimizer.run(ctx, q0)
     params.load(q)
     if ctx.last is None:  # nothing recorded (zero iterations, or stopped at once)
         ev = objective.evaluate(q, grad=False)
