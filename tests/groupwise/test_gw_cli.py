@@ -1,0 +1,117 @@
+"""``itreg groupwise``: outputs that SimpleITK applies, and bad inputs (nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_group
+
+from itreg import io
+from itreg.cli import main
+from itreg.errors import ConfigError, GeometryError
+from itreg.grid import Grid
+from itreg.groupwise import register_group
+from itreg.image import Image
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def group_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("group")
+    images, _ = make_group(shifts=[(4.0, -3.0), (-3.0, 4.0), (1.0, 5.0)])
+    paths = []
+    for j, img in enumerate(images):
+        paths.append(folder / f"img{j}.nii.gz")
+        io.write_image(img, paths[-1])
+    return paths
+
+
+def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["groupwise", *map(str, group_files), "-o", str(out),
+                             "--transform", "translation", "--iterations", "15", "--quiet"],
+                            capsys)
+    assert code == 0, err
+    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    expected = {f"{j}/{f}" for j in range(3) for f in ("warped.nii.gz", "transform.tfm")}
+    expected |= {"segmentation.nii.gz", "probabilities.nii.gz", "template.nii.gz", "report.json"}
+    assert names == expected
+    report = json.loads((out / "report.json").read_text())
+    assert report["wall_time_s"] > 0 and report["settings"]["mode"] == "unbiased"
+    assert len(report["levels"]) == 3 and len(report["levels"][0]["metric_values"]) == 15
+    seg = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+    assert seg.GetPixelID() == sitk.sitkUInt8
+    assert sitk.ReadImage(str(out / "probabilities.nii.gz")).GetNumberOfComponentsPerPixel() == 4
+    # transform.tfm maps common-space points to image j: resampling image j through it with
+    # SimpleITK gives warped.nii.gz (up to the z-scoring of the inputs).
+    for j, path in enumerate(group_files):
+        moving = sitk.ReadImage(str(path), sitk.sitkFloat64)
+        warped = sitk.ReadImage(str(out / str(j) / "warped.nii.gz"), sitk.sitkFloat64)
+        tfm = sitk.ReadTransform(str(out / str(j) / "transform.tfm"))
+        ref = sitk.GetArrayFromImage(sitk.Resample(moving, warped, tfm, sitk.sitkLinear, 0.0))
+        got = sitk.GetArrayFromImage(warped)
+        inner = (slice(4, -4), slice(4, -4))
+        corr = np.corrcoef(ref[inner].ravel(), got[inner].ravel())[0, 1]
+        assert corr > 0.999
+
+
+def test_groupwise_ffd_writes_displacement_fields(group_files, tmp_path, capsys):
+    out = tmp_path / "ffd"
+    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
+                        "ffd", "--iterations", "2", "--metric", "vi", "--quiet"], capsys)
+    assert code == 0, err
+    for j in range(3):
+        field = sitk.ReadImage(str(out / str(j) / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+        assert field.GetNumberOfComponentsPerPixel() == 2
+    assert not (out / "segmentation.nii.gz").exists()  # VI has no classes
+    assert (out / "template.nii.gz").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--classes", "1"], "at least 2"),
+    (["--reference", "7"], "reference"),
+    (["--metric", "nmi"], "valid groupwise metrics"),
+    (["--transform", "bspline"], "valid transforms"),
+])
+def test_bad_settings_exit_2_and_write_nothing(group_files, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--quiet",
+                        *extra], capsys)
+    assert code == 2 and message in err
+    assert not out.exists()
+
+
+def test_one_image_and_existing_output_are_refused(group_files, tmp_path, capsys):
+    out = tmp_path / "one"
+    code, _, err = run(["groupwise", str(group_files[0]), "-o", str(out), "--quiet"], capsys)
+    assert code == 2 and "at least two images" in err and not out.exists()
+    out.mkdir()
+    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--quiet"], capsys)
+    assert code == 2 and "exists" in err
+    assert list(out.iterdir()) == []
+
+
+def test_mixed_dimensions_and_disjoint_images_are_geometry_errors(group_files, tmp_path, capsys):
+    img3d = tmp_path / "vol.nii.gz"
+    io.write_image(Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32),
+                         Grid((8, 8, 8))), img3d)
+    out = tmp_path / "mixed"
+    code, _, err = run(["groupwise", str(group_files[0]), str(img3d), "-o", str(out), "--quiet"],
+                       capsys)
+    assert code == 2 and "mixed dimensions" in err and not out.exists()
+    images, _ = make_group()
+    far = Image(images[1].data, Grid(images[1].grid.size, images[1].grid.spacing, (900.0, 900.0)))
+    with pytest.raises(GeometryError, match="do not overlap"):
+        register_group([images[0], far])
+    with pytest.raises(ConfigError, match="at least two images"):
+        register_group(images[:1])
