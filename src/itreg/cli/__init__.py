@@ -4,6 +4,7 @@ Each command family lives in its own module and registers itself on :data:`app` 
 below; add a new family by adding its module to this list.
 """
 
+from itreg.cli import landscape  # noqa: F401  (registers landscape)
 from itreg.cli import pairwise  # noqa: F401  (registers register, apply, demo)
 from itreg.cli import groupwise  # noqa: F401  (registers groupwise)
 from itreg.cli.app import app, main
