@@ -5,7 +5,8 @@
   Rician noise and bias field; :func:`labels`.
 * :mod:`~itreg.phantoms.misalign`: random rigid/affine transforms with the papers' and the
   anchor benchmark's ranges; :func:`pad_image`.
-* :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD.
+* :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD, and
+  :func:`invert_ffd`, its numerical inverse.
 * :mod:`~itreg.phantoms.slices`: 2D axial slices with their world geometry.
 * :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
   multimodal pairs with their true transform.
@@ -22,7 +23,14 @@ from itreg.phantoms.contrasts import (
     rician_noise,
     synthesize,
 )
-from itreg.phantoms.deform import BOUND_MODES, INJECTIVE_FRACTION, folding_fraction, random_ffd
+from itreg.phantoms.deform import (
+    BOUND_MODES,
+    INJECTIVE_FRACTION,
+    InverseReport,
+    folding_fraction,
+    invert_ffd,
+    random_ffd,
+)
 from itreg.phantoms.misalign import (
     AffineParameters,
     anchor_affine,
@@ -34,6 +42,7 @@ from itreg.phantoms.misalign import (
 )
 from itreg.phantoms.mni import load_mni, mni_template_paths
 from itreg.phantoms.pairs import (
+    LINEAR_KINDS,
     PAIR_KINDS,
     PhantomPair,
     brain_center,
@@ -46,7 +55,10 @@ from itreg.phantoms.slices import axial_grid, axial_slice, axial_slices
 __all__ = [
     "BOUND_MODES",
     "INJECTIVE_FRACTION",
+    "InverseReport",
+    "LINEAR_KINDS",
     "folding_fraction",
+    "invert_ffd",
     "random_ffd",
     "CONTRASTS",
     "CONTRAST_NAMES",

@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from itreg.errors import ConfigError, GeometryError, MaskError, unknown_name
 from itreg.grid import Grid
 from itreg.image import Image
-from itreg.transforms import BSpline
+from itreg.transforms import BSpline, DisplacementField
+from itreg.warp import sample
 
 #: Choi & Lee / Rueckert sufficient bound on |coefficient| / control spacing for injectivity.
 INJECTIVE_FRACTION = 0.4
@@ -154,6 +158,151 @@ def random_ffd(
     return BSpline.from_control_grid(control, coef, dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class InverseReport:
+    """Accuracy of a numerical inverse: ``|T(T^-1(y)) - y|`` in mm over checked points.
+
+    Attributes:
+        mean_mm: mean residual, evaluated with the exact transform.
+        max_mm: largest residual.
+        points: number of points checked (a seeded random subset of the grid's voxels).
+        iterations: fixed-point iterations run.
+    """
+
+    mean_mm: float
+    max_mm: float
+    points: int
+    iterations: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _valid_region_grid(transform: BSpline, sample_spacing_mm: float) -> Grid:
+    """A grid with spacing <= `sample_spacing_mm` over the B-spline's valid region."""
+    cg = transform.control_grid
+    factors = [max(1, math.ceil(s / sample_spacing_mm - 1e-9)) for s in cg.spacing]
+    spacing = tuple(s / f for s, f in zip(cg.spacing, factors))
+    size = tuple((n - 3) * f + 1 for n, f in zip(cg.size, factors))
+    origin = cg.index_to_world(torch.ones(cg.ndim, dtype=torch.float64))
+    return Grid(size, spacing, tuple(origin.tolist()), cg.direction)
+
+
+@torch.no_grad()
+def invert_ffd(
+    transform: BSpline,
+    grid: Grid,
+    sample_spacing_mm: float = 1.0,
+    iterations: int = 60,
+    tol_mm: float = 1e-3,
+    check_mask: Image | None = None,
+    check_points: int = 20000,
+    seed: int = 0,
+) -> tuple[DisplacementField, InverseReport]:
+    """Numerical inverse of a B-spline FFD as a displacement field on `grid`.
+
+    For every voxel centre ``y`` of `grid` it solves ``x + d(x) = y`` by the damped fixed-point
+    iteration ``x <- x - a (x + d(x) - y)`` (``a`` = 1 per point, halved whenever the residual
+    grows, doubled back up to 1 when it shrinks), starting from ``x = y``; points stop once
+    their residual is below `tol_mm`. ``d`` is read by linear interpolation from the FFD's
+    displacement sampled (exactly, separably) on a grid of spacing <= `sample_spacing_mm`
+    covering the B-spline's valid region (zero outside it, as the B-spline). Where the FFD is
+    invertible (``det J > 0``) the iteration converges; the residual left is the interpolation
+    error, a few thousandths of a mm for a 20 mm control spacing sampled at 1 mm.
+
+    Like ITK's, the FFD's displacement is cut to zero outside its valid region, so ``T`` is
+    not onto near that border (outside the image it was built for): voxels there have no
+    preimage and keep the iteration's best point. The accuracy report therefore covers the
+    voxels whose preimage lies in `check_mask` (for a phantom, the brain), measured with the
+    exact B-spline on a seeded random subset.
+
+    Args:
+        transform: the FFD ``T`` (fixed -> moving).
+        grid: the grid the inverse lives on (normally the moving image grid).
+        sample_spacing_mm: spacing of the sampled displacement used in the iteration.
+        iterations: maximum fixed-point iterations.
+        tol_mm: per-point stopping residual in mm.
+        check_mask: mask (any grid of the FFD's dimension) that selects the checked voxels by
+            their preimage; ``None`` checks voxels whose preimage lies in the valid region.
+        check_points: number of voxels on which the exact residual is measured.
+        seed: seed of the checked subset.
+
+    Returns:
+        ``(inverse, report)``: a :class:`~itreg.transforms.DisplacementField` (``T^-1(y) = y +
+        field(y)``, world mm, not learnable, the FFD's dtype and device) and its
+        :class:`InverseReport`.
+
+    Raises:
+        ConfigError: for a non-positive sampling spacing or iteration count.
+        GeometryError: for a grid whose dimension differs from the transform's.
+    """
+    if grid.ndim != transform.ndim:
+        raise GeometryError(f"grid is {grid.ndim}D but the FFD is {transform.ndim}D")
+    if not (sample_spacing_mm > 0 and iterations >= 1 and tol_mm > 0):
+        raise ConfigError("sample_spacing_mm and tol_mm must be > 0 and iterations >= 1")
+    dtype, device = transform.coefficients.dtype, transform.coefficients.device
+    fine = _valid_region_grid(transform, float(sample_spacing_mm))
+    # float32 throughout the iteration: coordinates of a few hundred mm keep ~1e-5 mm.
+    field = torch.movedim(transform.displacement(fine, dtype=torch.float32, device=device),
+                          -1, 0)[None].contiguous()  # (1, D, *fine.shape)
+    norm = torch.as_tensor(fine.world_to_normalized_matrix(), dtype=torch.float32, device=device)
+    lead = (1,) * (grid.ndim - 1)
+
+    def disp_at(points: Tensor) -> Tensor:
+        # Zero padding: the sampled displacement fades to zero half a sample beyond the
+        # valid region, where the B-spline's is cut to zero.
+        coords = points @ norm[:-1, :-1].T + norm[:-1, -1]
+        out = F.grid_sample(field, coords.reshape(1, -1, *lead, grid.ndim), mode="bilinear",
+                            padding_mode="zeros", align_corners=True)
+        return out.reshape(grid.ndim, -1).T
+
+    y = grid.points(dtype=torch.float32, device=device).reshape(-1, grid.ndim)
+    x = y.clone()
+    r = disp_at(x)  # x + d(x) - y at x = y
+    err = r.norm(dim=-1)
+    step = torch.ones_like(err)
+    active = torch.nonzero(err >= tol_mm).squeeze(1)
+    done = 0
+    for done in range(1, iterations + 1):
+        if active.numel() == 0:
+            break
+        xa, ra, ya = x[active], r[active], y[active]
+        cand = xa - step[active, None] * ra
+        rc = cand + disp_at(cand) - ya
+        ec = rc.norm(dim=-1)
+        better = ec <= err[active]
+        x[active] = torch.where(better[:, None], cand, xa)
+        r[active] = torch.where(better[:, None], rc, ra)
+        err[active] = torch.where(better, ec, err[active])
+        step[active] = torch.where(better, torch.clamp(step[active] * 2.0, max=1.0),
+                                   step[active] * 0.5)
+        active = active[(err[active] >= tol_mm) & (step[active] > 0.05)]
+    disp = (x - y).to(dtype).T.reshape(grid.ndim, *grid.shape)
+    inverse = DisplacementField(disp, grid, learnable=False)
+
+    if check_mask is not None:
+        values, inside = sample(check_mask, x, mode="nearest")
+        candidates = torch.nonzero(inside & (values[0] != 0)).squeeze(1)
+    else:
+        index = fine.world_to_index(x)
+        hi = torch.tensor([n - 1 for n in fine.size], dtype=index.dtype, device=index.device)
+        candidates = torch.nonzero(((index >= 0) & (index <= hi)).all(-1)).squeeze(1)
+    gen = torch.Generator().manual_seed(int(seed))
+    n = candidates.numel()
+    pick = candidates[torch.randperm(n, generator=gen)[: min(int(check_points), n)].to(device)]
+    xd = x[pick].to(torch.float64)
+    exact = _exact(transform, xd) - y[pick].double()
+    dist = exact.norm(dim=-1)
+    report = InverseReport(float(dist.mean()) if n else 0.0, float(dist.max()) if n else 0.0,
+                           int(pick.numel()), done)
+    return inverse, report
+
+
+def _exact(transform: BSpline, points: Tensor) -> Tensor:
+    """``T(points)`` evaluated in float64 from the B-spline's coefficients."""
+    return points + transform._displacement_points(points)
+
+
 def folding_fraction(transform: BSpline, grid: Grid, mask: Image | None = None) -> float:
     """Fraction of the voxels of `grid` (inside `mask`) where ``det J <= 0``.
 
@@ -177,4 +326,11 @@ def folding_fraction(transform: BSpline, grid: Grid, mask: Image | None = None) 
     return float((det <= 0).to(torch.float64).mean())
 
 
-__all__ = ["BOUND_MODES", "INJECTIVE_FRACTION", "folding_fraction", "random_ffd"]
+__all__ = [
+    "BOUND_MODES",
+    "INJECTIVE_FRACTION",
+    "InverseReport",
+    "folding_fraction",
+    "invert_ffd",
+    "random_ffd",
+]

@@ -7,6 +7,16 @@ field and its Rician noise are synthesised there (so noise is white on the movin
 ``moving(T(x)) = contrast(x)`` for every fixed-space point ``x``: ``T`` maps fixed-space
 points to moving-space points, as a registration's result does (ITK's convention), and
 ``resample(moving, T, fixed.grid)`` realigns the moving image with the fixed one.
+
+For ``kind="ffd"``, ``T`` is a random cubic B-spline FFD (paper 003's protocol,
+:func:`~itreg.phantoms.deform.random_ffd`) stored exactly as an
+:class:`~itreg.transforms.BSpline` (an ITK ``BSplineTransform``), and the tissue maps are carried
+into moving space through its numerical inverse (:func:`~itreg.phantoms.deform.invert_ffd`,
+a fixed-point iteration). The ground truth ``T`` is therefore exact as a transform and the
+moving image satisfies ``moving(T(x)) = contrast(x)`` up to the inverse's residual, which is
+measured with the exact B-spline on brain voxels and kept in ``PhantomPair.inverse_report``
+(a few thousandths of a mm at the default 1 mm sampling). The same B-spline is what gets
+written to disk, so a file round trip loses nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from itreg.grid import Grid
 from itreg.image import Image
 from itreg.phantoms._geometry import bounding_corners, centroid
 from itreg.phantoms.contrasts import CONTRAST_NAMES, labels, synthesize
+from itreg.phantoms.deform import InverseReport, invert_ffd, random_ffd
 from itreg.phantoms.misalign import (
     AffineParameters,
     anchor_parameters,
@@ -30,11 +41,15 @@ from itreg.phantoms.misalign import (
 )
 from itreg.phantoms.mni import load_mni
 from itreg.phantoms.slices import axial_slices
-from itreg.transforms import Affine
+from itreg.transforms import Affine, BSpline, Transform
 from itreg.warp import resample
 
-#: Misalignment kinds: paper 000's rigid and affine ranges, and the anchor benchmark's affine.
-PAIR_KINDS = ("rigid", "affine", "anchor")
+#: Misalignment kinds: paper 000's rigid and affine ranges, the anchor benchmark's affine, and
+#: paper 003's random B-spline FFD.
+PAIR_KINDS = ("rigid", "affine", "anchor", "ffd")
+
+#: The linear kinds among :data:`PAIR_KINDS`.
+LINEAR_KINDS = ("rigid", "affine", "anchor")
 
 #: Maps resampled into moving space, in this channel order.
 _TISSUE_KEYS = ("t1", "csf", "gm", "wm")
@@ -50,9 +65,15 @@ class PhantomPair:
         fixed_mask: brain mask on the fixed grid (uint8 labels).
         moving_labels: tissue labels on the moving grid (0 background, 1 CSF, 2 GM, 3 WM).
         fixed_labels: tissue labels on the fixed grid.
-        true_transform: the true fixed -> moving map ``T``: ``moving(T(x)) = contrast(x)``.
+        true_transform: the true fixed -> moving map ``T``: ``moving(T(x)) = contrast(x)``
+            (an :class:`~itreg.transforms.Affine`, or a :class:`~itreg.transforms.BSpline` for
+            ``kind="ffd"``).
         moving_mask: brain mask on the moving grid (uint8 labels).
-        parameters: the drawn parameters of ``T`` (centre: the fixed brain's centroid).
+        parameters: the drawn parameters of a linear ``T`` (centre: the fixed brain's
+            centroid); ``None`` for an FFD.
+        inverse_transform: the moving -> fixed map ``T^-1`` used to build the moving image
+            (exact for linear kinds; a displacement field on the moving grid for an FFD).
+        inverse_report: accuracy of a numerical inverse (FFD only), else ``None``.
     """
 
     fixed: Image
@@ -60,9 +81,11 @@ class PhantomPair:
     fixed_mask: Image
     moving_labels: Image
     fixed_labels: Image
-    true_transform: Affine
+    true_transform: Affine | BSpline
     moving_mask: Image
-    parameters: AffineParameters
+    parameters: AffineParameters | None
+    inverse_transform: Transform | None = None
+    inverse_report: InverseReport | None = None
 
 
 def brain_center(mask: Image) -> tuple[float, ...]:
@@ -78,22 +101,28 @@ def brain_center(mask: Image) -> tuple[float, ...]:
 
 
 def _draw(kind: str, ndim: int, seed: int) -> AffineParameters:
-    if kind not in PAIR_KINDS:
-        raise unknown_name("misalignment kind", kind, PAIR_KINDS)
+    if kind not in LINEAR_KINDS:
+        raise unknown_name("linear misalignment kind", kind, LINEAR_KINDS)
     if kind == "anchor":
         return anchor_parameters(ndim, seed)
     return sample_affine_parameters(ndim, seed, kind)
 
 
-def _auto_margin(grid: Grid, mask: Image, transform: Affine) -> tuple[float, ...]:
+def _auto_margin(grid: Grid, mask: Image, transform: Transform) -> tuple[float, ...]:
     """Per-axis margin (mm) that keeps the moved brain in view.
 
-    The corners of the brain's index bounding box are mapped (their hull contains the moved
-    brain, so the margin is conservative by at most the box's slack).
+    For a linear map the corners of the brain's index bounding box are mapped (their hull
+    contains the moved brain, so the margin is conservative by at most the box's slack); for
+    a deformation every brain voxel is mapped.
     """
-    corners = bounding_corners(grid, mask.data[0] != 0)
+    inside = mask.data[0] != 0
     with torch.no_grad():
-        index = grid.world_to_index(transform(corners))
+        if transform.is_linear:
+            moved = transform(bounding_corners(grid, inside))
+        else:
+            points = transform.on_grid(grid, dtype=torch.float64)
+            moved = points[inside.to(points.device)]
+        index = grid.world_to_index(moved)
     lo = (-index.min(dim=0).values).clamp_min(0.0)
     hi = (index.max(dim=0).values - torch.tensor([n - 1 for n in grid.size],
                                                  dtype=torch.float64, device=index.device))
@@ -110,6 +139,8 @@ def pair_from_tissues(
     pad_mm: float | Sequence[float] | None = None,
     noise_sigma: float = 0.02,
     bias: tuple[float, float] | None = (0.80, 1.17),
+    control_spacing_mm: float = 20.0,
+    sigma_mm: float = 6.0,
 ) -> PhantomPair:
     """Build a misaligned pair from tissue maps (2D or 3D, one code path).
 
@@ -126,6 +157,8 @@ def pair_from_tissues(
             that keeps the moved brain's bounding box in view, plus one voxel.
         noise_sigma: Rician noise sigma of the moving image (0 for none).
         bias: bias-field range of the moving image, or ``None`` for none.
+        control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
+        sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
 
     Returns:
         The :class:`PhantomPair`.
@@ -143,22 +176,35 @@ def pair_from_tissues(
     if any(not tissues[k].grid.same_as(grid) for k in (*_TISSUE_KEYS, "mask")):
         raise ConfigError("all tissue maps must lie on one grid")
     mask = tissues["mask"]
-    params = _draw(kind, grid.ndim, seed)
-    center = brain_center(mask)
-    transform = params.to_affine(center, dtype=torch.float32, device=fixed.device)
-    if pad_mm is None:
-        exact = params.to_affine(center, dtype=torch.float64, device=fixed.device)
-        margin = _auto_margin(grid, mask, exact)
+    if kind not in PAIR_KINDS:
+        raise unknown_name("misalignment kind", kind, PAIR_KINDS)
+    params: AffineParameters | None = None
+    if kind == "ffd":
+        transform = random_ffd(grid, control_spacing_mm, sigma_mm, seed=seed,
+                               dtype=torch.float32, device=fixed.device)
+        margin = _auto_margin(grid, mask, transform) if pad_mm is None else pad_mm
     else:
-        margin = pad_mm
+        params = _draw(kind, grid.ndim, seed)
+        center = brain_center(mask)
+        transform = params.to_affine(center, dtype=torch.float32, device=fixed.device)
+        if pad_mm is None:
+            exact = params.to_affine(center, dtype=torch.float64, device=fixed.device)
+            margin = _auto_margin(grid, mask, exact)
+        else:
+            margin = pad_mm
     moving_grid = pad_grid(grid, margin)
+    report = None
+    if kind == "ffd":
+        inverse, report = invert_ffd(transform, moving_grid, check_mask=mask, seed=seed)
+    else:
+        inverse = transform.inverse()
 
     # The T1 map is carried into moving space only when it is the moving contrast.
     keys = _TISSUE_KEYS if contrast == "t1" else _TISSUE_KEYS[1:]
     stack = torch.cat([tissues[k].data.to(torch.float32) for k in keys]
                       + [(mask.data != 0).to(torch.float32)])
     with torch.no_grad():
-        warped = resample(Image(stack, grid, is_label=False), transform.inverse(), moving_grid,
+        warped = resample(Image(stack, grid, is_label=False), inverse, moving_grid,
                           mode="linear").data.clamp(0.0, 1.0)
     moving_mask = (warped[-1:] >= 0.5).to(torch.uint8)
     moving_tissues = {k: Image(warped[i:i + 1].contiguous(), moving_grid, is_label=False)
@@ -177,6 +223,8 @@ def pair_from_tissues(
         true_transform=transform,
         moving_mask=moving_tissues["mask"],
         parameters=params,
+        inverse_transform=inverse,
+        inverse_report=report,
     )
 
 
@@ -189,24 +237,30 @@ def brain_pair(
     noise_sigma: float = 0.02,
     bias: tuple[float, float] | None = (0.80, 1.17),
     device: torch.device | str | None = None,
+    control_spacing_mm: float = 20.0,
+    sigma_mm: float = 6.0,
 ) -> PhantomPair:
-    """A 3D MNI T1 / synthetic-contrast pair with a known random linear misalignment.
+    """A 3D MNI T1 / synthetic-contrast pair with a known random misalignment.
 
     Args:
         spacing_mm: isotropic spacing of both images (see :func:`load_mni`).
         contrast: the moving image's contrast, ``"t2"``, ``"pd"`` or ``"t1"``.
-        kind: ``"rigid"``, ``"affine"`` or ``"anchor"`` (see :func:`pair_from_tissues`).
+        kind: ``"rigid"``, ``"affine"``, ``"anchor"`` or ``"ffd"`` (see
+            :func:`pair_from_tissues`).
         seed: seed of the transform, bias field and noise.
         pad_mm: moving-grid margin in mm; ``None`` keeps the moved brain in view.
         noise_sigma: Rician noise sigma of the moving image.
         bias: bias-field range of the moving image, or ``None``.
         device: device of the images and transform.
+        control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
+        sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
 
     Returns:
         The :class:`PhantomPair`.
     """
     tissues = load_mni(spacing_mm, device=device)
-    return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias)
+    return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias,
+                             control_spacing_mm, sigma_mm)
 
 
 def brain_slice_pair(
@@ -219,6 +273,8 @@ def brain_slice_pair(
     noise_sigma: float = 0.02,
     bias: tuple[float, float] | None = (0.80, 1.17),
     device: torch.device | str | None = None,
+    control_spacing_mm: float = 20.0,
+    sigma_mm: float = 6.0,
 ) -> PhantomPair:
     """A 2D pair from one axial slice of the template, with a random 2D misalignment.
 
@@ -228,16 +284,19 @@ def brain_slice_pair(
     Args:
         spacing_mm: isotropic spacing (see :func:`load_mni`).
         contrast: the moving image's contrast, ``"t2"``, ``"pd"`` or ``"t1"``.
-        kind: ``"rigid"``, ``"affine"`` or ``"anchor"``.
+        kind: ``"rigid"``, ``"affine"``, ``"anchor"`` or ``"ffd"`` (a 2D FFD).
         seed: seed of the transform, bias field and noise.
         slice_index: index of the axial slice; ``None`` takes the middle one.
         pad_mm: moving-grid margin in mm; ``None`` keeps the moved brain in view.
         noise_sigma: Rician noise sigma of the moving image.
         bias: bias-field range of the moving image, or ``None``.
         device: device of the images and transform.
+        control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
+        sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
 
     Returns:
         The 2D :class:`PhantomPair`.
     """
     tissues = axial_slices(load_mni(spacing_mm, device=device), slice_index)
-    return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias)
+    return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias,
+                             control_spacing_mm, sigma_mm)
