@@ -1,0 +1,305 @@
+"""Training loops shared by itreg's learned metrics and (later) registration networks.
+
+:func:`fit` runs epochs of a user-supplied ``loss_fn`` over user-supplied batches with one
+optimiser, validates after every epoch, keeps the best weights, stops early when the monitored
+validation value stops improving, writes checkpoints through a callback, shows a ``rich``
+progress bar on stderr, and **stops on the first non-finite loss, gradient or validation value**:
+it restores the last good weights, writes them with the checkpoint callback and raises
+:class:`TrainingError` with a message that says where it happened and what was kept.
+
+Helpers: :func:`make_generator` (seeded ``torch.Generator`` on a device), :func:`seeded`
+(a context in which module initialisation is seeded without touching the global RNG state
+outside it), :class:`EarlyStopping`, :class:`TrainResult`, :func:`progress_bar`.
+
+Task-specific training lives in submodules: :mod:`itreg.train.ditr` (DITR classifier, iterated
+maximum likelihood) and :mod:`itreg.train.deepsim` (DeepSim feature extractors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from itreg.errors import ConfigError, ItregError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EarlyStopping", "TrainResult", "TrainingError", "fit", "make_generator",
+           "progress_bar", "seeded", "state_copy"]
+
+
+class TrainingError(ItregError):
+    """Training could not go on (a non-finite loss, gradient or validation value).
+
+    Attributes:
+        result: the :class:`TrainResult` up to the failure (``stop_reason == "non-finite"``);
+            the model holds the last good weights.
+    """
+
+    def __init__(self, message: str, result: TrainResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def make_generator(seed: int, device: torch.device | str | None = None) -> torch.Generator:
+    """A ``torch.Generator`` on `device` (CPU by default) seeded with `seed`."""
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator(device=device or "cpu").manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the global CPU RNG inside the block (weight initialisation, dropout) and restore it.
+
+    Module constructors draw from the global generator; this makes them reproducible without
+    changing the caller's random state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def state_copy(module: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of a module's ``state_dict`` (for best / last-good weights)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the monitored value has not improved for `patience` epochs.
+
+    Args:
+        patience: epochs without improvement before stopping (0: never stop early).
+        min_delta: an improvement must lower the value by more than this.
+        mode: ``"min"`` (losses) or ``"max"`` (accuracies).
+    """
+
+    patience: int = 5
+    min_delta: float = 0.0
+    mode: str = "min"
+    best: float = math.nan
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"early-stopping mode must be 'min' or 'max', got {self.mode!r}")
+        if int(self.patience) < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; return True if it is the best so far."""
+        sign = 1.0 if self.mode == "min" else -1.0
+        if math.isnan(self.best) or sign * (self.best - value) > self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether `patience` epochs have passed without improvement."""
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` did.
+
+    Attributes:
+        epochs: epochs run.
+        steps: optimiser steps taken.
+        best_epoch: epoch (0-based) of the kept weights (-1: the initial ones).
+        best_value: monitored validation value of the kept weights.
+        stop_reason: ``"early-stopping"``, ``"max-epochs"`` or ``"non-finite"``.
+        history: one dict per epoch (``epoch``, ``train_loss`` and the validation values).
+        message: a human-readable summary (the failure message for ``"non-finite"``).
+    """
+
+    epochs: int = 0
+    steps: int = 0
+    best_epoch: int = -1
+    best_value: float = math.nan
+    stop_reason: str = "max-epochs"
+    history: list[dict[str, float]] = field(default_factory=list)
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (non-finite numbers become None)."""
+        def clean(v: Any) -> Any:
+            return v if not isinstance(v, float) or math.isfinite(v) else None
+        return {"epochs": self.epochs, "steps": self.steps, "best_epoch": self.best_epoch,
+                "best_value": clean(self.best_value), "stop_reason": self.stop_reason,
+                "message": self.message,
+                "history": [{k: clean(v) for k, v in h.items()} for h in self.history]}
+
+
+class _NoProgress:
+    def update(self, **kwargs: Any) -> None:
+        """Ignore progress updates."""
+
+
+class _RichProgress:
+    def __init__(self, progress: Any, task: Any) -> None:
+        self._progress, self._task = progress, task
+
+    def update(self, advance: float = 0.0, **fields: Any) -> None:
+        """Advance the bar and show `fields` (for example the loss)."""
+        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in fields.items())
+        self._progress.update(self._task, advance=advance, info=text)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, description: str, total: float | None) -> Iterator[Any]:
+    """A ``rich`` progress bar on stderr (a no-op object when disabled or rich is missing).
+
+    Yields an object with ``update(advance=..., **fields)``.
+    """
+    if not enabled:
+        yield _NoProgress()
+        return
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # rich is optional: train silently
+        yield _NoProgress()
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/"
+               "{task.total:.0f}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=Console(file=sys.stderr), transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+        yield _RichProgress(progress, task)
+
+
+def _finite_grads(module: nn.Module) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in module.parameters())
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[Any], Tensor],
+    validate: Callable[[], Mapping[str, float]] | None = None,
+    *,
+    epochs: int = 10,
+    monitor: str = "val_loss",
+    mode: str = "min",
+    patience: int = 5,
+    min_delta: float = 0.0,
+    checkpoint: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    grad_clip: float | None = None,
+    progress: bool = True,
+    description: str = "training",
+    steps_per_epoch: int | None = None,
+) -> TrainResult:
+    """Train `model` with early stopping, checkpoints and NaN protection.
+
+    Args:
+        model: the module to train (switched to train mode for batches, eval for validation).
+        optimizer: an optimiser over (some of) its parameters.
+        batches: ``batches(epoch)`` yields the epoch's batches (any objects `loss_fn` takes).
+        loss_fn: ``loss_fn(batch)`` -> 0-d loss tensor to minimise.
+        validate: ``validate()`` -> dict of validation values (run under ``torch.no_grad`` in
+            eval mode); must contain `monitor`. None monitors the mean training loss.
+        epochs: maximum number of epochs.
+        monitor: the validation value that selects the best weights and drives early stopping.
+        mode: ``"min"`` or ``"max"`` for `monitor`.
+        patience: epochs without improvement before stopping (0: run all epochs).
+        min_delta: smallest change that counts as an improvement.
+        checkpoint: ``checkpoint(model, info)`` is called with the model holding the best
+            weights whenever they improve, and with the last good weights on a non-finite value.
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        progress: show a progress bar on stderr.
+        description: the progress bar's label.
+        steps_per_epoch: batches per epoch, for the progress bar's total (optional).
+
+    Returns:
+        The :class:`TrainResult`; the model holds the best weights.
+
+    Raises:
+        TrainingError: a loss, gradient or validation value was NaN or infinite. The model holds
+            the last good weights (the best so far, or the initial ones), and `checkpoint` has
+            been called with them.
+        ConfigError: invalid settings.
+    """
+    if int(epochs) < 0:
+        raise ConfigError(f"epochs must be >= 0, got {epochs}")
+    stopper = EarlyStopping(patience=int(patience), min_delta=float(min_delta), mode=mode)
+    result = TrainResult()
+    best_state = state_copy(model)
+    total = None if steps_per_epoch is None else float(steps_per_epoch) * int(epochs)
+
+    def fail(where: str, epoch: int, info: dict[str, Any]) -> TrainingError:
+        model.load_state_dict(best_state)
+        kept = (f"epoch {result.best_epoch + 1}" if result.best_epoch >= 0
+                else "the initial weights")
+        result.stop_reason = "non-finite"
+        result.message = (f"training stopped at epoch {epoch + 1}, step {result.steps}: {where} "
+                          f"became NaN or infinite; the last good weights ({kept}) were kept. "
+                          "Lower the learning rate or check the inputs for NaN/Inf.")
+        if checkpoint is not None:
+            checkpoint(model, {**info, "stop_reason": "non-finite", "message": result.message})
+        logger.warning(result.message)
+        return TrainingError(result.message, result)
+
+    with progress_bar(progress, description, total) as bar:
+        for epoch in range(int(epochs)):
+            model.train()
+            losses: list[float] = []
+            for batch in batches(epoch):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise fail("the training loss", epoch, {"epoch": epoch})
+                loss.backward()
+                if not _finite_grads(model):
+                    raise fail("a gradient", epoch, {"epoch": epoch})
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+                optimizer.step()
+                result.steps += 1
+                losses.append(value)
+                bar.update(advance=1.0, epoch=epoch + 1, loss=value)
+            train_loss = sum(losses) / max(len(losses), 1)
+            record: dict[str, float] = {"epoch": float(epoch), "train_loss": train_loss}
+            if validate is not None:
+                model.eval()
+                with torch.no_grad():
+                    record.update({k: float(v) for k, v in validate().items()})
+            else:
+                record["train_loss_monitor"] = train_loss
+            key = monitor if validate is not None else "train_loss_monitor"
+            if key not in record:
+                raise ConfigError(f"validation returned {sorted(record)}; no {monitor!r} to "
+                                  "monitor")
+            if not all(math.isfinite(v) for v in record.values()):
+                raise fail("a validation value", epoch, {"epoch": epoch, **record})
+            result.history.append(record)
+            result.epochs = epoch + 1
+            if stopper.update(record[key], epoch):
+                best_state = state_copy(model)
+                result.best_epoch, result.best_value = epoch, record[key]
+                if checkpoint is not None:
+                    checkpoint(model, {"epoch": epoch, **record})
+            bar.update(advance=0.0, epoch=epoch + 1, **{key: record[key]})
+            if stopper.should_stop:
+                result.stop_reason = "early-stopping"
+                break
+    model.load_state_dict(best_state)
+    result.message = (f"{result.epochs} epochs, {result.steps} steps, stopped by "
+                      f"{result.stop_reason}; best {monitor} {result.best_value:.6g} at epoch "
+                      f"{result.best_epoch + 1}")
+    logger.info(result.message)
+    return result

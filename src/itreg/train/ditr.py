@@ -1,0 +1,615 @@
+"""Training the DITR patch classifier by iterated maximum likelihood (paper 000, Eqs. 9-13).
+
+The classifier ``f(u, v)`` (:class:`~itreg.nets.ditr.DITRNet`) learns to tell registered patch
+pairs (``z = 1``: fixed and moving patches cropped at corresponding locations) from unregistered
+ones (``z = 0``: the moving patch cropped at an independent, uniformly drawn location of the
+foreground), with binary cross-entropy on the logits (Eq. 9, ``BCEWithLogits``), classes 1:1.
+
+**Iterated maximum likelihood** (IML, Eqs. 12-13) needs no perfectly aligned data: start from
+roughly aligned training pairs (``beta^0``: identity or a given transform), train the classifier
+on patches cropped with the current transforms (Eq. 13), re-register every training pair with
+the classifier as metric (Eq. 12, Powell through :func:`itreg.register`), and repeat. Each
+stage ``IML(l, sigma^2)`` works on images downsampled by the factor ``l`` (Gaussian blur of
+sigma ``l * spacing / 2`` mm and decimation; ``l`` of 0 or 1 means none, so a patch stays
+17 voxels but covers ``l`` times more anatomy) and **dithers** the positives: the moving crop
+centre of every positive pair is displaced by ``d ~ N(0, sigma^2 I)`` (sigma^2 in mm^2) before
+cropping (one ``d`` per pair, trilinear sampling). Each stage starts from the previous
+stage's weights (warm start). Default schedules are the paper's (:data:`SCHEDULES`):
+rigid/affine ``(4, 100) -> (2, 15) -> (0, 0)``, edges ``(2, 20) -> (2, 10) -> (0, 0)``.
+Optionally the same random 90-degree rotation / flip is applied to both channels of a training
+pair (augmentation, paper 000 Exp. 2).
+
+Training per stage: Adam (lr ``5e-5`` and L2 weight decay ``0.005`` as in the paper), batch 256,
+fresh random patches every epoch, a fixed validation set (from held-out pairs when there are at
+least 5 pairs, otherwise from the training pairs with another seed), early stopping on the
+validation loss, the best weights kept; a non-finite loss stops training with
+:class:`~itreg.train.TrainingError` after writing the last good weights to the output file.
+
+Settings:
+
+- **Small CPU setting** (:meth:`DITRTrainConfig.small`, minutes on two cores): 2D axial slices
+  (or 3D at 3-4 mm), schedule in factors of the input spacing ``(2, 100) -> (1, 15) -> (1, 0)``
+  (at 4 mm: 8 mm then 4 mm voxels), 16,384 patch pairs per epoch, up to 8 epochs per stage.
+- **Full-scale GPU setting** (:meth:`DITRTrainConfig.full`, paper 000 scale): 3D volumes at
+  1 mm, the paper's schedule ``(4, 100) -> (2, 15) -> (0, 0)``, 17^3 patches, 1,000,000 patch
+  pairs per stage (200,000 per epoch, 5+ epochs), batch 256, lr 5e-5, weight decay 0.005,
+  60 training pairs (IXI-like), 3 IML stages, re-registration with Powell. Move the images to
+  the GPU (``device="cuda"``); the network and all sampling follow the images' device.
+
+Example:
+    >>> cfg = DITRTrainConfig.small(seed=1)                                   # doctest: +SKIP
+    >>> out = train_ditr([TrainingPair(f, m, mask) for f, m, mask in data], cfg,
+    ...                  output="ditr.pt")                                    # doctest: +SKIP
+    >>> itreg.register(f2, m2, "rigid", metric="ditr:ditr.pt",
+    ...                overrides=ditr_overrides("ditr.pt"))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from itreg.errors import ConfigError, GeometryError, InvalidImageError, unknown_name
+from itreg.image import Image
+from itreg.metrics.ditr import ditr_overrides, safe_range, scale_intensity
+from itreg.nets.ditr import DEFAULT_CHANNELS, MODEL_KIND, PATCH_SIZE, DITRNet, extract_patches
+from itreg.nets.modelfile import save_model
+from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
+from itreg.transforms import Transform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCHEDULES", "DITRTrainConfig", "DITRTrainingResult", "IMLStage", "PatchSampler",
+           "StageImages", "TrainingPair", "augment_pairs", "classifier_accuracy",
+           "prepare_stage", "reregister", "train_ditr"]
+
+
+@dataclass(frozen=True)
+class IMLStage:
+    """One stage ``IML(l, sigma^2)``.
+
+    Attributes:
+        factor: downsampling factor ``l`` of the input images (0 or 1: none).
+        sigma2_mm2: dither variance ``sigma^2`` in mm^2 (0: no dithering).
+    """
+
+    factor: int
+    sigma2_mm2: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.factor, bool) or int(self.factor) != self.factor or self.factor < 0:
+            raise ConfigError(f"an IML downsampling factor is an integer >= 0, got "
+                              f"{self.factor!r}")
+        if not (float(self.sigma2_mm2) >= 0 and math.isfinite(float(self.sigma2_mm2))):
+            raise ConfigError(f"a dither variance is a finite number >= 0 (mm^2), got "
+                              f"{self.sigma2_mm2!r}")
+        object.__setattr__(self, "factor", int(self.factor))
+        object.__setattr__(self, "sigma2_mm2", float(self.sigma2_mm2))
+
+    @property
+    def stride(self) -> int:
+        """The decimation factor (``max(l, 1)``)."""
+        return max(self.factor, 1)
+
+
+#: Paper 000's schedules ``IML(l, sigma^2)``.
+SCHEDULES: dict[str, tuple[IMLStage, ...]] = {
+    "rigid": (IMLStage(4, 100.0), IMLStage(2, 15.0), IMLStage(0, 0.0)),
+    "affine": (IMLStage(4, 100.0), IMLStage(2, 15.0), IMLStage(0, 0.0)),
+    "edges": (IMLStage(2, 20.0), IMLStage(2, 10.0), IMLStage(0, 0.0)),
+}
+
+
+def _schedule(value: Any) -> tuple[IMLStage, ...]:
+    if isinstance(value, str):
+        if value not in SCHEDULES:
+            raise unknown_name("IML schedule", value, SCHEDULES)
+        return SCHEDULES[value]
+    try:
+        stages = tuple(s if isinstance(s, IMLStage) else IMLStage(*s) for s in value)
+    except TypeError as exc:
+        raise ConfigError(f"an IML schedule is a name or a list of (factor, sigma2_mm2), got "
+                          f"{value!r}") from exc
+    if not stages:
+        raise ConfigError("an IML schedule needs at least one stage")
+    return stages
+
+
+@dataclass(frozen=True)
+class DITRTrainConfig:
+    """Settings of :func:`train_ditr` (defaults: the paper's where it gives them).
+
+    Args:
+        schedule: ``"rigid"``, ``"affine"``, ``"edges"`` or a list of ``(factor, sigma2_mm2)``.
+        channels: hidden widths of the classifier (methods.md: 32, 64, 128, 256).
+        patch_size: patch edge length in voxels (17).
+        patches_per_epoch: patch pairs (positives + negatives, 1:1) drawn fresh per epoch.
+        val_patches: size of the fixed validation set per stage.
+        epochs: maximum epochs per stage.
+        patience: early-stopping patience in epochs (0: none).
+        batch_size: patch pairs per step (paper: 256).
+        learning_rate: Adam step size (paper: 5e-5).
+        weight_decay: L2 weight decay (paper: 0.005).
+        augment: random 90-degree rotations and flips, the same for both channels.
+        transform: transform re-registered between stages (``"rigid"``, ``"affine"``,
+            ``"translation"``, ``"similarity"``).
+        reregister: re-register the training pairs between stages (IML, Eq. 12). False trains
+            every stage on the initial transforms (plain maximum likelihood on rough data).
+        register_iterations: Powell iterations per re-registration.
+        stride: patch-centre stride of the metric during re-registration, in voxels.
+        val_fraction: fraction of pairs held out for validation when there are >= 5 pairs.
+        seed: seed of the initial weights, sampling and augmentation.
+        threads: torch CPU threads while training (None: unchanged). On a shared CPU, 1 is
+            often fastest for these small convolutions.
+        progress: show progress bars on stderr.
+    """
+
+    schedule: Any = "rigid"
+    channels: tuple[int, ...] = DEFAULT_CHANNELS
+    patch_size: int = PATCH_SIZE
+    patches_per_epoch: int = 65536
+    val_patches: int = 8192
+    epochs: int = 20
+    patience: int = 3
+    batch_size: int = 256
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.005
+    augment: bool = False
+    transform: str = "rigid"
+    reregister: bool = True
+    register_iterations: int = 20
+    stride: int = 8
+    val_fraction: float = 0.2
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", _schedule(self.schedule))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        for name in ("patches_per_epoch", "val_patches", "batch_size", "epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or int(v) < (0 if name == "epochs" else 2):
+                raise ConfigError(f"{name} must be an integer >= {0 if name == 'epochs' else 2}"
+                                  f", got {v!r}")
+        if not self.learning_rate > 0 or not self.weight_decay >= 0:
+            raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
+        if self.transform not in ("translation", "rigid", "similarity", "affine"):
+            raise unknown_name("IML transform", self.transform,
+                               ("translation", "rigid", "similarity", "affine"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    @classmethod
+    def small(cls, **overrides: Any) -> DITRTrainConfig:
+        """The small CPU setting (2D slices or 3D at 3-4 mm; minutes on two cores)."""
+        base = {"schedule": ((2, 100.0), (1, 15.0), (1, 0.0)), "patches_per_epoch": 16384,
+                "val_patches": 4096, "epochs": 8, "patience": 2, "learning_rate": 1e-3,
+                "weight_decay": 1e-4, "register_iterations": 10}
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def full(cls, **overrides: Any) -> DITRTrainConfig:
+        """The paper-scale setting for a GPU (3D at 1 mm, 10^6 patch pairs per stage)."""
+        base = {"schedule": "rigid", "patches_per_epoch": 200_000, "val_patches": 20_000,
+                "epochs": 30, "patience": 5, "learning_rate": 5e-5, "weight_decay": 0.005,
+                "register_iterations": 30}
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data settings (stored in the model file)."""
+        out = dataclasses.asdict(self)
+        out["schedule"] = [[s.factor, s.sigma2_mm2] for s in self.schedule]
+        out["channels"] = list(self.channels)
+        return out
+
+
+@dataclass
+class TrainingPair:
+    """One roughly aligned training pair.
+
+    Attributes:
+        fixed: the fixed image (scalar, 2D or 3D).
+        moving: the moving image (any grid of the same dimension).
+        mask: foreground of the fixed image (an Image on the fixed grid, or a bool tensor of
+            its shape); None thresholds the fixed image (scaled > 0.05, dilated 2 voxels).
+        init: initial fixed -> moving transform ``beta^0`` (None: identity).
+    """
+
+    fixed: Image
+    moving: Image
+    mask: Image | Tensor | None = None
+    init: Transform | None = None
+
+
+@dataclass
+class StageImages:
+    """A pair at one IML stage's resolution, intensities scaled to ``[0, 1]``.
+
+    Attributes:
+        fixed: fixed image on the decimated fixed grid.
+        moving: moving image on its decimated grid.
+        mask: bool foreground ``(*S)`` of the decimated fixed grid.
+        foreground: its voxel indices ``(N, D)`` in tensor order.
+    """
+
+    fixed: Image
+    moving: Image
+    mask: Tensor
+    foreground: Tensor
+
+
+def _default_mask(fixed: Image) -> Tensor:
+    data = scale_intensity(fixed.data, safe_range(fixed.data, None, "minmax", (0.0, 100.0)))
+    m = (data[0] > 0.05).float()[None, None]
+    pool = nn.functional.max_pool2d if fixed.ndim == 2 else nn.functional.max_pool3d
+    return pool(m, 5, stride=1, padding=2)[0, 0] > 0
+
+
+def _mask_tensor(pair: TrainingPair) -> Tensor:
+    if pair.mask is None:
+        return _default_mask(pair.fixed)
+    m = pair.mask.data[0] if isinstance(pair.mask, Image) else torch.as_tensor(pair.mask)
+    if tuple(m.shape) != tuple(pair.fixed.grid.shape):
+        raise GeometryError(f"a training mask of shape {tuple(m.shape)} does not match its "
+                            f"fixed image {tuple(pair.fixed.grid.shape)}")
+    m = m.to(pair.fixed.device) != 0
+    if not bool(m.any()):
+        raise InvalidImageError("a training mask selects no voxels")
+    return m
+
+
+def _downsample(image: Image, stride: int) -> Image:
+    from itreg.engine.pyramid import smooth_image
+
+    data = image.data if image.data.is_floating_point() else image.data.float()
+    image = Image(data, image.grid, is_label=False)
+    if stride <= 1:
+        return image
+    sigma = 0.5 * stride * min(image.grid.spacing)
+    return smooth_image(image, sigma, stride)
+
+
+def prepare_stage(pair: TrainingPair, stage: IMLStage) -> StageImages:
+    """Downsample (blur + decimate) and scale a pair for an IML stage.
+
+    Intensities are min-max scaled to ``[0, 1]`` per image, the scaling the DITR metric uses.
+    """
+    for name, img in (("fixed", pair.fixed), ("moving", pair.moving)):
+        if img.channels != 1:
+            raise GeometryError(f"DITR trains on scalar images; a {name} image has "
+                                f"{img.channels} channels")
+        if not bool(torch.isfinite(img.data).all()):
+            raise InvalidImageError(f"a {name} training image has NaN or Inf voxels")
+    if pair.fixed.ndim != pair.moving.ndim or pair.fixed.ndim not in (2, 3):
+        raise GeometryError("training pairs must be both 2D or both 3D")
+    s = stage.stride
+    fixed = _downsample(pair.fixed, s)
+    moving = _downsample(pair.moving, s)
+    fixed = fixed.with_data(scale_intensity(fixed.data, safe_range(
+        fixed.data, None, "minmax", (0.0, 100.0))), is_label=False)
+    moving = moving.with_data(scale_intensity(moving.data, safe_range(
+        moving.data, None, "minmax", (0.0, 100.0))), is_label=False)
+    mask = _mask_tensor(pair)
+    mask = mask[(slice(None, None, s),) * mask.dim()].contiguous()
+    if tuple(mask.shape) != tuple(fixed.grid.shape):
+        raise GeometryError("internal: decimated mask and image disagree")
+    fg = torch.nonzero(mask, as_tuple=False)
+    if fg.shape[0] == 0:
+        raise InvalidImageError("a training mask selects no voxels at this resolution")
+    return StageImages(fixed, moving, mask, fg)
+
+
+def augment_pairs(pairs: Tensor, generator: torch.Generator) -> Tensor:
+    """The same random 90-degree rotation and flips on both channels of each pair.
+
+    Args:
+        pairs: ``(B, 2, *P)`` square/cubic patches.
+        generator: CPU generator of the random choices.
+
+    Returns:
+        Augmented pairs, same shape.
+    """
+    b, nd = pairs.shape[0], pairs.dim() - 2
+    out = pairs.clone()
+    k = torch.randint(4, (b,), generator=generator)
+    flips = torch.rand((b, nd), generator=generator) < 0.5
+    dims = (pairs.dim() - 2, pairs.dim() - 1)
+    for i in range(b):
+        x = out[i]
+        if int(k[i]):
+            x = torch.rot90(x, int(k[i]), dims=(dims[0] - 1, dims[1] - 1))
+        fd = [a + 1 for a in range(nd) if bool(flips[i, a])]
+        if fd:
+            x = torch.flip(x, fd)
+        out[i] = x
+    return out
+
+
+class PatchSampler:
+    """Draws labelled patch pairs from stage images with the current transforms.
+
+    Positives (label 1): fixed patch at a foreground voxel ``c``; moving patch sampled at
+    ``beta(x + d)`` for the fixed patch's voxel positions ``x``, with one dither displacement
+    ``d ~ N(0, sigma^2 I)`` (mm) per pair. Negatives (label 0): the fixed patch at ``c`` and the
+    moving patch of an independent uniform foreground voxel ``c'`` (``beta(x')``), same pair.
+
+    Args:
+        images: stage images of the pairs.
+        transforms: current fixed -> moving transform per pair (None: identity).
+        size: patch edge length in voxels.
+        sigma2_mm2: dither variance in mm^2.
+        generator: CPU generator of all random draws.
+    """
+
+    def __init__(self, images: Sequence[StageImages], transforms: Sequence[Transform | None],
+                 size: int, sigma2_mm2: float, generator: torch.Generator) -> None:
+        self.images = list(images)
+        self.transforms = list(transforms)
+        self.size = int(size)
+        self.sigma = math.sqrt(float(sigma2_mm2))
+        self.generator = generator
+        d = self.images[0].fixed.ndim
+        ar = torch.arange(self.size, dtype=torch.float64) - self.size // 2
+        self.offsets = torch.stack(torch.meshgrid(*([ar] * d), indexing="ij"),
+                                   dim=-1).reshape(-1, d)  # tensor order
+
+    def _moving_patches(self, k: int, centres: Tensor, dither: bool) -> Tensor:
+        st = self.images[k]
+        grid = st.fixed.grid
+        idx = centres.double()[:, None, :] + self.offsets[None]  # (P, K, D) tensor order
+        world = grid.index_to_world(idx.flip(-1).reshape(-1, grid.ndim))
+        world = world.reshape(centres.shape[0], -1, grid.ndim)
+        if dither and self.sigma > 0:
+            d = torch.randn((centres.shape[0], 1, grid.ndim), generator=self.generator,
+                            dtype=torch.float64) * self.sigma
+            world = world + d
+        dev = st.moving.device
+        points = world.to(dtype=st.moving.dtype, device=dev)
+        t = self.transforms[k]
+        with torch.no_grad():
+            if t is not None:
+                points = t.to(dev)(points)
+            from itreg.warp import sample
+
+            values, _ = sample(st.moving, points, padding=0.0)
+        return values[0].reshape(centres.shape[0], 1, *([self.size] * grid.ndim))
+
+    def draw(self, n: int, augment: bool = False) -> tuple[Tensor, Tensor]:
+        """``n`` labelled patch pairs: ``(pairs (n, 2, *P), labels (n,) float)``, 1:1."""
+        n_pos = n // 2
+        labels = torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])
+        which = torch.randint(len(self.images), (n,), generator=self.generator)
+        out = None
+        for k in torch.unique(which).tolist():
+            rows = torch.nonzero(which == k).reshape(-1)
+            st = self.images[k]
+            fg = st.foreground.cpu()
+            ci = fg[torch.randint(fg.shape[0], (rows.numel(),), generator=self.generator)]
+            cj = fg[torch.randint(fg.shape[0], (rows.numel(),), generator=self.generator)]
+            pos = labels[rows] > 0.5
+            centres_m = torch.where(pos[:, None], ci, cj)
+            u = extract_patches(st.fixed.data, ci.to(st.fixed.device), self.size)
+            v = torch.empty_like(u)
+            if bool(pos.any()):
+                v[pos.to(v.device)] = self._moving_patches(k, centres_m[pos], True).to(u.dtype)
+            if bool((~pos).any()):
+                v[(~pos).to(v.device)] = self._moving_patches(k, centres_m[~pos],
+                                                              False).to(u.dtype)
+            block = torch.cat([u, v], dim=1)
+            if out is None:
+                out = torch.empty((n, *block.shape[1:]), dtype=block.dtype, device=block.device)
+            out[rows.to(block.device)] = block
+        if augment:
+            out = augment_pairs(out.cpu(), self.generator).to(out.device)
+        return out, labels.to(out.device, out.dtype)
+
+
+def classifier_accuracy(net: DITRNet, pairs: Tensor, labels: Tensor,
+                        batch_size: int = 1024) -> tuple[float, float]:
+    """``(mean BCE loss, accuracy)`` of the classifier on labelled pairs (no grad)."""
+    net.eval()
+    losses, correct = 0.0, 0.0
+    with torch.no_grad():
+        for s in range(0, pairs.shape[0], batch_size):
+            logit = net(pairs[s:s + batch_size])
+            y = labels[s:s + batch_size]
+            losses += float(nn.functional.binary_cross_entropy_with_logits(
+                logit, y, reduction="sum"))
+            correct += float(((logit > 0).to(y.dtype) == y).sum())
+    n = max(pairs.shape[0], 1)
+    return losses / n, correct / n
+
+
+def reregister(images: Sequence[StageImages], transforms: Sequence[Transform | None],
+               model_path: str | os.PathLike, transform: str = "rigid",
+               iterations: int = 20, stride: int = 8, seed: int = 0) -> list[Transform]:
+    """Eq. 12: re-register every pair with the DITR metric of `model_path` (Powell).
+
+    Args:
+        images: stage images (registration runs at the stage's resolution, one level).
+        transforms: current transforms (the starting points; None: identity).
+        model_path: the current classifier's model file.
+        transform: the transform model optimised.
+        iterations: Powell iterations.
+        stride: patch-centre stride of the metric.
+        seed: engine seed.
+
+    Returns:
+        The new fixed -> moving transforms (linear).
+    """
+    import itreg
+
+    out = []
+    overrides = ditr_overrides(model_path, iterations=iterations)
+    overrides["metric.stride"] = stride
+    for st, t in zip(images, transforms):
+        mask = Image(st.mask.to(torch.uint8)[None], st.fixed.grid, is_label=True)
+        res = itreg.register(st.fixed, st.moving, transform, metric=f"ditr:{model_path}",
+                             fixed_mask=mask, init=t if t is not None else "none", seed=seed,
+                             progress=False, overrides=overrides)
+        out.append(res.linear if res.linear is not None else res.transform)
+    return out
+
+
+@dataclass
+class DITRTrainingResult:
+    """What :func:`train_ditr` produced.
+
+    Attributes:
+        network: the final classifier (eval mode).
+        transforms: the final fixed -> moving transform of every training pair (after the
+            last re-registration; the initial ones if there was none).
+        stages: per stage: factor, dither, spacing, validation loss/accuracy and the
+            :class:`~itreg.train.TrainResult` summary.
+        path: the written model file, or None.
+    """
+
+    network: DITRNet
+    transforms: list[Transform | None]
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+
+
+def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    if n < 5 or fraction <= 0:
+        return list(range(n)), []
+    perm = torch.randperm(n, generator=generator).tolist()
+    n_val = max(1, int(round(fraction * n)))
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = None,
+               output: str | os.PathLike | None = None, force: bool = False,
+               network: DITRNet | None = None) -> DITRTrainingResult:
+    """Train a DITR classifier by iterated maximum likelihood and optionally save it.
+
+    Args:
+        pairs: roughly aligned training pairs (2D or 3D, all the same dimension).
+        config: settings (default :class:`DITRTrainConfig`).
+        output: model file to write (checkpointed after every improvement, so a crash or a
+            non-finite loss leaves the last good weights there); None writes nothing.
+        force: overwrite an existing `output`.
+        network: a classifier to start from (warm start); None builds one from `config`.
+
+    Returns:
+        The :class:`DITRTrainingResult` (final network, transforms, per-stage log).
+
+    Raises:
+        TrainingError: a non-finite loss or gradient; the last good weights are in `output`.
+        ConfigError, GeometryError, InvalidImageError: bad settings or inputs.
+        OutputExistsError: `output` exists and `force` is False.
+    """
+    cfg = config or DITRTrainConfig()
+    pairs = list(pairs)
+    if not pairs:
+        raise ConfigError("train_ditr needs at least one training pair")
+    ndim = pairs[0].fixed.ndim
+    if any(p.fixed.ndim != ndim or p.moving.ndim != ndim for p in pairs):
+        raise GeometryError("all training pairs must have the same dimension (2D or 3D)")
+    if output is not None and Path(output).exists() and not force:
+        from itreg.errors import OutputExistsError
+
+        raise OutputExistsError(f"model file {str(output)!r} exists; pass force to replace it")
+    device = pairs[0].fixed.device
+    base = min(pairs[0].fixed.grid.spacing)
+    old_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    gen = make_generator(cfg.seed)
+    if network is None:
+        with seeded(cfg.seed):
+            network = DITRNet(ndim, cfg.channels, cfg.patch_size, spacing_mm=base)
+    net = network.to(device)
+    train_idx, val_idx = _split(len(pairs), cfg.val_fraction, gen)
+    transforms: list[Transform | None] = [p.init for p in pairs]
+    result = DITRTrainingResult(net, transforms)
+    state: dict[str, Any] = {"stage": 0}
+    tmpdir = tempfile.TemporaryDirectory(prefix="itreg-ditr-")
+
+    def write(path: str | os.PathLike, extra: dict[str, Any]) -> None:
+        save_model(path, MODEL_KIND, net.config(), net.state_dict(),
+                   {"training": cfg.to_dict(), "stages": result.stages, **extra}, force=True)
+
+    try:
+        for si, stage in enumerate(cfg.schedule):
+            state["stage"] = si
+            images = [prepare_stage(p, stage) for p in pairs]
+            net.spacing_mm = float(min(images[0].fixed.grid.spacing))
+            sampler = PatchSampler([images[i] for i in train_idx],
+                                   [transforms[i] for i in train_idx], cfg.patch_size,
+                                   stage.sigma2_mm2, gen)
+            val_gen = make_generator(cfg.seed + 7919 * (si + 1))
+            val_src = val_idx or train_idx
+            val_sampler = PatchSampler([images[i] for i in val_src],
+                                       [transforms[i] for i in val_src], cfg.patch_size,
+                                       stage.sigma2_mm2, val_gen)
+            val_pairs, val_labels = val_sampler.draw(cfg.val_patches)
+            steps = max(1, cfg.patches_per_epoch // cfg.batch_size)
+
+            def batches(epoch: int):
+                for _ in range(steps):
+                    yield sampler.draw(cfg.batch_size, augment=cfg.augment)
+
+            def loss_fn(batch):
+                x, y = batch
+                return nn.functional.binary_cross_entropy_with_logits(net(x), y)
+
+            def validate():
+                loss, acc = classifier_accuracy(net, val_pairs, val_labels)
+                return {"val_loss": loss, "val_accuracy": acc}
+
+            def checkpoint(model, info):
+                if output is not None:
+                    write(output, {"checkpoint": {"stage": si, **{
+                        k: v for k, v in info.items() if isinstance(v, (int, float, str))}}})
+
+            opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate,
+                                   weight_decay=cfg.weight_decay)
+            before = classifier_accuracy(net, val_pairs, val_labels)
+            try:
+                tr: TrainResult = fit(
+                    net, opt, batches, loss_fn, validate, epochs=cfg.epochs,
+                    patience=cfg.patience, checkpoint=checkpoint, progress=cfg.progress,
+                    description=f"DITR IML{si + 1}({stage.factor}, {stage.sigma2_mm2:g})",
+                    steps_per_epoch=steps)
+            except TrainingError as exc:
+                where = f" in {str(output)!r}" if output is not None else ""
+                raise TrainingError(f"DITR stage IML{si + 1}: {exc}{where}", exc.result) \
+                    from None
+            after = classifier_accuracy(net, val_pairs, val_labels)
+            info = {"stage": si + 1, "factor": stage.factor, "sigma2_mm2": stage.sigma2_mm2,
+                    "spacing_mm": net.spacing_mm, "val_loss_before": before[0],
+                    "val_accuracy_before": before[1], "val_loss": after[0],
+                    "val_accuracy": after[1], "train": tr.to_dict()}
+            last = si == len(cfg.schedule) - 1
+            if cfg.reregister and not last:
+                path = Path(tmpdir.name) / f"stage{si + 1}.pt"
+                write(path, {})
+                transforms = reregister(images, transforms, path, cfg.transform,
+                                        cfg.register_iterations, cfg.stride, cfg.seed)
+                result.transforms = transforms
+            result.stages.append(info)
+            logger.info("DITR IML%d(%d, %g): val accuracy %.3f -> %.3f", si + 1, stage.factor,
+                        stage.sigma2_mm2, before[1], after[1])
+        net.eval()
+        if output is not None:
+            write(output, {})
+            result.path = Path(output)
+        return result
+    finally:
+        tmpdir.cleanup()
+        if cfg.threads is not None:
+            torch.set_num_threads(old_threads)
