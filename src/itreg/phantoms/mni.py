@@ -19,7 +19,7 @@ import torch
 from itreg.errors import ConfigError, ImageReadError
 from itreg.image import Image
 from itreg.io import read_image
-from itreg.phantoms._filters import gaussian_smooth
+from itreg.engine.pyramid import smooth_image
 
 #: File names of the template maps inside ``nilearn/datasets/data/``.
 MNI_FILES = {
@@ -118,7 +118,7 @@ def load_mni(spacing_mm: float | None = None, device: torch.device | str | None 
         # Decimate while smoothing (to about the output spacing, never coarser), then
         # interpolate the decimated maps onto the output grid.
         stride = [max(int(spacing_mm / s + 1e-6), 1) for s in grid.spacing]
-        stack = gaussian_smooth(stack, sigma, stride)
+        stack = smooth_image(stack, sigma, stride)
         grid = grid.with_spacing(spacing_mm)
         out = resample(stack, None, grid, mode="linear").data.clamp(0.0, 1.0)
         maps = {"t1": out[0:1], "gm": out[1:2], "wm": out[2:3], "csf": out[3:4]}
