@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from engine_data import mean_error_vox
 
 import itreg
 from itreg.errors import ConfigError
-from itreg.metrics import get_metric
 from itreg.phantoms import brain_pair, brain_slice_pair
 from itreg.transforms import Translation
 

@@ -81,7 +81,7 @@ def test_mi_landscape_has_single_optimum_at_zero(t1_t2_slice, tmp_path):
                              ranges=[(-16, 16, 8), (-20, 20, 10)], fixed_mask=mask)
     assert land2.best_offset == (0.0, 0.0)
     paths = save_landscape(land2, tmp_path / "out")
-    rows = list(csv.reader(open(paths["csv"])))
+    rows = list(csv.reader(paths["csv"].read_text().splitlines()))
     assert rows[0][:3] == ["tx", "rz", "loss"] and len(rows) == 1 + 5 * 5
     summary = json.loads(paths["summary"].read_text())
     assert summary["best_offset"] == [0.0, 0.0] and summary["units"] == ["mm", "deg"]

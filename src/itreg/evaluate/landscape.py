@@ -88,7 +88,7 @@ def parse_range(text: str) -> tuple[float, float, float]:
 
 def _values(rng: tuple[float, float, float]) -> np.ndarray:
     start, stop, step = rng
-    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    n = math.floor((stop - start) / step + 1e-9) + 1
     if n > 2001:
         raise ConfigError(f"range {rng} has {n} values; at most 2001 per axis")
     return start + step * np.arange(n, dtype=np.float64)

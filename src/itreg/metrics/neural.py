@@ -54,12 +54,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from itreg.errors import ConfigError, InvalidImageError, MaskError
+from itreg.errors import ConfigError, InvalidImageError, MaskError, ModelFileError
 from itreg.metrics import bounds
 from itreg.metrics.base import Metric, Range, check_mask, check_pair
 from itreg.metrics.intensity import DEFAULT_PERCENTILES, intensity_range
-from itreg.nets.critics import MODEL_KIND, Critic, build_critic
-from itreg.nets.modelfile import load_model, save_model
+from itreg.nets.critics import MODEL_KIND, Critic
+from itreg.nets.modelfile import build_model, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +181,11 @@ class NeuralMI(Metric):
         self.generator.manual_seed(self.seed)
         self._log_ema: Tensor | None = None
         if path is not None:
-            _, config, state, extra = load_model(path, expected_kind=MODEL_KIND)
-            from itreg.nets.modelfile import build_model
-
-            critic, _ = build_model(path, expected_kind=MODEL_KIND)
+            critic, extra = build_model(path, expected_kind=MODEL_KIND)
+            if not isinstance(critic, Critic):
+                raise ModelFileError(f"model file {str(path)!r} does not hold a neural critic")
             self.critic = critic
-            self.name = str(config.get("arch", arch))
+            self.name = critic.arch
             self.trained_with = dict(extra)
             self.trainable = bool(finetune)
         else:
@@ -423,7 +422,7 @@ def train_critic(
     g = torch.Generator().manual_seed(int(seed))
     p = f_all.shape[1]
     order = torch.randperm(p, generator=g).to(f_all.device)
-    n_val = max(2, int(round(val_fraction * p)))
+    n_val = max(2, round(val_fraction * p))
     val_idx, tr_idx = order[:n_val], order[n_val:]
     if tr_idx.numel() < 2:
         raise ConfigError(f"too few voxels ({p}) to train a critic")

@@ -166,7 +166,7 @@ def load_model(
         raise ModelFileError(
             f"model file {str(p)!r} is truncated or not a torch file: {str(exc).splitlines()[0]}"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - any other unpickler failure is a bad file
+    except Exception as exc:
         raise ModelFileError(
             f"model file {str(p)!r} could not be read as an itreg model: {exc}"
         ) from exc
