@@ -7,6 +7,7 @@
   anchor benchmark's ranges; :func:`pad_image`.
 * :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD, and
   :func:`invert_ffd`, its numerical inverse.
+* :mod:`~itreg.phantoms.edges`: :func:`canny` and :func:`t1_edges` (paper 000's edge map).
 * :mod:`~itreg.phantoms.slices`: 2D axial slices with their world geometry.
 * :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
   multimodal pairs with their true transform.
@@ -31,6 +32,7 @@ from itreg.phantoms.deform import (
     invert_ffd,
     random_ffd,
 )
+from itreg.phantoms.edges import canny, t1_edges
 from itreg.phantoms.misalign import (
     AffineParameters,
     anchor_affine,
@@ -75,6 +77,7 @@ __all__ = [
     "brain_center",
     "brain_pair",
     "brain_slice_pair",
+    "canny",
     "labels",
     "load_mni",
     "mni_template_paths",
@@ -85,4 +88,5 @@ __all__ = [
     "rician_noise",
     "sample_affine_parameters",
     "synthesize",
+    "t1_edges",
 ]
