@@ -8,6 +8,8 @@
 * :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD, and
   :func:`invert_ffd`, its numerical inverse.
 * :mod:`~itreg.phantoms.edges`: :func:`canny` and :func:`t1_edges` (paper 000's edge map).
+* :mod:`~itreg.phantoms.groups`: :func:`brain_group`, N misaligned mixed-contrast images
+  (paper 002's BrainWeb protocol).
 * :mod:`~itreg.phantoms.slices`: 2D axial slices with their world geometry.
 * :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
   multimodal pairs with their true transform.
@@ -33,6 +35,7 @@ from itreg.phantoms.deform import (
     random_ffd,
 )
 from itreg.phantoms.edges import canny, t1_edges
+from itreg.phantoms.groups import PhantomGroup, brain_group, group_from_tissues, zscore
 from itreg.phantoms.misalign import (
     AffineParameters,
     anchor_affine,
@@ -60,6 +63,7 @@ __all__ = [
     "InverseReport",
     "LINEAR_KINDS",
     "folding_fraction",
+    "group_from_tissues",
     "invert_ffd",
     "random_ffd",
     "CONTRASTS",
@@ -67,6 +71,7 @@ __all__ = [
     "LABELS",
     "PAIR_KINDS",
     "AffineParameters",
+    "PhantomGroup",
     "PhantomPair",
     "anchor_affine",
     "anchor_parameters",
@@ -75,6 +80,7 @@ __all__ = [
     "axial_slices",
     "bias_field",
     "brain_center",
+    "brain_group",
     "brain_pair",
     "brain_slice_pair",
     "canny",
@@ -89,4 +95,5 @@ __all__ = [
     "sample_affine_parameters",
     "synthesize",
     "t1_edges",
+    "zscore",
 ]
