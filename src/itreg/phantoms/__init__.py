@@ -10,6 +10,8 @@
 * :mod:`~itreg.phantoms.edges`: :func:`canny` and :func:`t1_edges` (paper 000's edge map).
 * :mod:`~itreg.phantoms.groups`: :func:`brain_group`, N misaligned mixed-contrast images
   (paper 002's BrainWeb protocol).
+* :mod:`~itreg.phantoms.dynamic`: :func:`dynamic_sequence`, time series with changing tissue
+  contrasts and small rigid motion (paper 002's motion-correction experiment).
 * :mod:`~itreg.phantoms.slices`: 2D axial slices with their world geometry.
 * :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
   multimodal pairs with their true transform.
@@ -33,6 +35,13 @@ from itreg.phantoms.deform import (
     folding_fraction,
     invert_ffd,
     random_ffd,
+)
+from itreg.phantoms.dynamic import (
+    DEFAULT_CURVES,
+    DynamicSequence,
+    dynamic_sequence,
+    enhancement_curves,
+    sequence_from_tissues,
 )
 from itreg.phantoms.edges import canny, t1_edges
 from itreg.phantoms.groups import PhantomGroup, brain_group, group_from_tissues, zscore
@@ -68,6 +77,8 @@ __all__ = [
     "random_ffd",
     "CONTRASTS",
     "CONTRAST_NAMES",
+    "DEFAULT_CURVES",
+    "DynamicSequence",
     "LABELS",
     "PAIR_KINDS",
     "AffineParameters",
@@ -84,6 +95,8 @@ __all__ = [
     "brain_pair",
     "brain_slice_pair",
     "canny",
+    "dynamic_sequence",
+    "enhancement_curves",
     "labels",
     "load_mni",
     "mni_template_paths",
@@ -93,6 +106,7 @@ __all__ = [
     "random_affine",
     "rician_noise",
     "sample_affine_parameters",
+    "sequence_from_tissues",
     "synthesize",
     "t1_edges",
     "zscore",
