@@ -72,9 +72,9 @@ class GroupObjective(abc.ABC):
     Attributes:
         name: registry name.
         quantity_name: name of the paper's quantity reported beside the loss.
-        needs_all_voxels: True when :meth:`evaluate` needs the intensities at every voxel of
-            the level grid (EM over a spatial field); otherwise the loop may pass a random
-            subset of the voxels.
+        needs_all_voxels: True when the objective keeps a field over the level grid (EM of a
+            common anatomy): the loop then passes the intensities at every voxel to
+            :meth:`update` (without gradient) before each :meth:`evaluate`.
         sample_rate: fraction of the overlap used for density estimates.
     """
 
@@ -108,14 +108,29 @@ class GroupObjective(abc.ABC):
         """Called when the common grid changes (new level); resize state to `grid`."""
         self.grid = grid
 
-    @abc.abstractmethod
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
-        """Loss of the warped intensities.
+    def update(self, values: Tensor, overlap: Tensor) -> None:
+        """Update the latent state from the intensities at every voxel of the level grid.
+
+        Called under ``no_grad`` once per step before :meth:`evaluate`, only when
+        :attr:`needs_all_voxels` is set.
 
         Args:
-            values: ``(N, P)`` intensities of the warped images at the points (differentiable
+            values: ``(N, P)`` intensities of the warped images at every level voxel.
+            overlap: ``(P,)`` bool, the overlap region ``Omega^phi`` (and region of interest).
+        """
+
+    @abc.abstractmethod
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
+        """Loss of the warped intensities at a sample of points.
+
+        Args:
+            values: ``(N, S)`` intensities of the warped images at the sample (differentiable
                 with respect to the transforms).
-            overlap: ``(P,)`` bool, points inside every image (and the region of interest).
+            overlap: ``(S,)`` bool, sample points inside every image (and the region of
+                interest).
+            index: ``(S,)`` int64 flat voxel indices of the sample points in the level grid
+                (None: the sample is the whole grid).
 
         Returns:
             ``(loss, quantity)``: a 0-d tensor to minimise and the paper's quantity as a float.

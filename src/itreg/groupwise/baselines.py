@@ -48,7 +48,8 @@ class VarianceOfIntensities(GroupObjective):
     name = "vi"
     quantity_name = "variance"
 
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
         v = values[:, overlap]
         loss = (v - v.mean(dim=0, keepdim=True)).pow(2).mean()
         return loss, float(loss.detach())
@@ -70,7 +71,8 @@ class APE(GroupObjective):
         self.levels = _check_levels(levels)
         self.bins = self.levels + 2 * PADDING
 
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
         n = values.shape[0]
         coords = bin_coordinates(values[:, overlap], None, self.levels)
         total = values.new_zeros(())
@@ -128,7 +130,8 @@ class CTE(GroupObjective):
             v = v if float(v.sum()) >= 0 else -v
         return (v.to(z.dtype)[:, None] * z).sum(dim=0)
 
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
         v = values[:, overlap]
         t = self.pca_template(v)
         if self.direction == "paper":
@@ -172,7 +175,8 @@ class Congealing(GroupObjective):
             raise ConfigError(f"congealing sigma must be positive, got {sigma!r}")
         self.sigma = float(sigma)
 
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
         v = values[:, overlap]
         rows = []
         for j in range(v.shape[0]):
@@ -267,7 +271,8 @@ class GMM(GroupObjective):
         s = s + self.reg * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         self.params = (nk / nk.sum(), m, s)
 
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
         x = values[:, overlap].T  # (P, N)
         with torch.no_grad():
             xd = x.detach()

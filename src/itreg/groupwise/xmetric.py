@@ -60,6 +60,7 @@ __all__ = [
     "appearance_model",
     "bin_coordinates",
     "class_log_likelihood",
+    "intensity_ranges",
     "x_metric",
 ]
 
@@ -70,8 +71,15 @@ def _check_levels(levels: int) -> int:
     return int(levels)
 
 
+def intensity_ranges(values: Tensor, mask: Tensor | None,
+                     percentiles: tuple[float, float] = (0.0, 100.0)) -> list[tuple[float, float]]:
+    """Each image's :func:`~itreg.metrics.intensity.robust_range` inside `mask` (detached)."""
+    return [robust_range(values[j], mask, percentiles) for j in range(values.shape[0])]
+
+
 def bin_coordinates(values: Tensor, mask: Tensor | None, levels: int,
-                    percentiles: tuple[float, float] = (0.0, 100.0)) -> Tensor:
+                    percentiles: tuple[float, float] = (0.0, 100.0),
+                    ranges: list[tuple[float, float]] | None = None) -> Tensor:
     """Continuous bin coordinates of each image's intensities.
 
     Image ``j``'s range ``(lo_j, hi_j)`` is :func:`~itreg.metrics.intensity.robust_range` of its
@@ -83,14 +91,17 @@ def bin_coordinates(values: Tensor, mask: Tensor | None, levels: int,
         mask: ``(P,)`` bool points that define the ranges (None: all).
         levels: ``L``, the number of intensity levels.
         percentiles: the range's percentiles.
+        ranges: explicit ``(lo, hi)`` per image (then `mask` and `percentiles` are unused);
+            values outside are clamped to the range's ends.
 
     Returns:
         ``(N, P)`` coordinates, differentiable with respect to `values`.
     """
     bins = levels + 2 * PADDING
+    if ranges is None:
+        ranges = intensity_ranges(values, mask, percentiles)
     rows = []
-    for j in range(values.shape[0]):
-        lo, hi = robust_range(values[j], mask, percentiles)
+    for j, (lo, hi) in enumerate(ranges):
         rows.append(to_bin_coordinates(values[j], lo, hi, bins, PADDING))
     return torch.stack(rows)
 
@@ -161,10 +172,11 @@ def x_metric(coords: Tensor, gamma: Tensor, bins: int) -> tuple[Tensor, Tensor]:
 class XMetric(GroupObjective):
     """X-CoReg's objective: one EM update of the common anatomy, then ``-X`` (Alg. 1).
 
-    Each :meth:`evaluate` performs steps 3-4 of Algorithm 1 under ``no_grad`` (appearance model
-    from the previous ``Gamma`` on a fresh sample, E-step Eq. 12 on every overlap voxel, ``pi``
-    by Eq. 14) and returns ``-X(U[phi], Z^{t+1})`` on the sample (Eq. 15 without the
-    regulariser, which the loop adds). In group-to-reference mode the reference's
+    Each step, :meth:`update` performs steps 3-4 of Algorithm 1 under ``no_grad`` on every
+    overlap voxel (appearance model from the previous ``Gamma`` on a fresh Bernoulli sample,
+    E-step Eq. 12, ``pi`` by Eq. 14) and :meth:`evaluate` returns ``-X(U[phi], Z^{t+1})`` on
+    the loop's sample of voxels (Eq. 15 without the regulariser, which the loop adds), so
+    gradients are computed only at the sample. In group-to-reference mode the reference's
     log-likelihood is weighted by ``N`` and the reference is left out of the metric, as in the
     authors' code.
 
@@ -195,6 +207,7 @@ class XMetric(GroupObjective):
         self.gamma = None
         self.pi = None
         self.grid = None
+        self.ranges = None
 
     def start_level(self, grid: Grid) -> None:
         """Initialise ``Gamma`` (Eq. 22) or carry it to the new grid by linear interpolation."""
@@ -219,20 +232,32 @@ class XMetric(GroupObjective):
             w[self.reference] = float(n)
         return w
 
-    def evaluate(self, values: Tensor, overlap: Tensor) -> tuple[Tensor, float]:
+    @torch.no_grad()
+    def update(self, values: Tensor, overlap: Tensor) -> None:
+        """Steps 3-4 of Algorithm 1 on every overlap voxel: ``f^t`` (Eq. 20) from the previous
+        ``Gamma`` on a fresh Bernoulli sample, the E-step (Eq. 12), ``pi`` (Eq. 14)."""
         n = values.shape[0]
-        coords = bin_coordinates(values, overlap, self.levels)
+        self.ranges = intensity_ranges(values, overlap)
+        coords = bin_coordinates(values, overlap, self.levels, ranges=self.ranges)
         sample = sample_mask(overlap, self.sample_rate, self.generator)
-        with torch.no_grad():
-            cd = coords.detach()
-            f = appearance_model(cd[:, sample], self.gamma[sample], self.bins)
-            ll = class_log_likelihood(cd[:, overlap], f, self._weights(n, cd.dtype, cd.device))
-            gamma = self.gamma.clone()
-            gamma[overlap] = e_step(ll, self.pi, self.eps).to(gamma.dtype)
-            self.gamma = gamma
-            self.pi = update_proportions(gamma, overlap)
+        f = appearance_model(coords[:, sample], self.gamma[sample], self.bins)
+        ll = class_log_likelihood(coords[:, overlap], f, self._weights(n, coords.dtype,
+                                                                       coords.device))
+        gamma = self.gamma.clone()
+        gamma[overlap] = e_step(ll, self.pi, self.eps).to(gamma.dtype)
+        self.gamma = gamma
+        self.pi = update_proportions(gamma, overlap)
+
+    def evaluate(self, values: Tensor, overlap: Tensor,
+                 index: Tensor | None = None) -> tuple[Tensor, float]:
+        """``-X(U[phi], Z^{t+1})`` on the sample (Eqs. 15, 17, 21), ``Gamma`` as given."""
+        n = values.shape[0]
+        gamma = self.gamma if index is None else self.gamma[index]
+        # The intensity ranges of the last update (whole overlap), else of the sample.
+        coords = bin_coordinates(values[:, overlap], None, self.levels,
+                                 ranges=self.ranges if index is not None else None)
         keep = [j for j in range(n) if j != self.reference]
-        total, per_image = x_metric(coords[keep][:, sample], self.gamma[sample], self.bins)
+        total, per_image = x_metric(coords[keep], gamma[overlap], self.bins)
         self.per_image = per_image.detach()
         return -total, float(total.detach())
 
