@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -146,6 +147,26 @@ def _load_mask(value: Image | Tensor | PathLike | None, image: Image, name: str,
     return mask
 
 
+def _check_finite(image: Image, name: str) -> None:
+    """InvalidImageError (with the count) for NaN/Inf voxels. One float64 sum decides in the
+    common case: NaN and Inf propagate into it, float32 sums cannot overflow it."""
+    data = image.data
+    if data.is_floating_point() and not math.isfinite(float(data.sum(dtype=torch.float64))):
+        image.check_finite(name)
+
+
+def _check_contrast(image: Image, name: str, mask: Tensor | None) -> None:
+    """InvalidImageError for an empty image or one without contrast (inside the mask)."""
+    values = image.data if mask is None else image.data[:, mask]
+    if values.numel() == 0:
+        raise InvalidImageError(f"{name} is empty")
+    lo, hi = torch.aminmax(values)
+    if float(hi) == float(lo):
+        raise InvalidImageError(f"{name} is constant (all voxels {float(lo):g}"
+                                f"{' inside its mask' if mask is not None else ''}); "
+                                "registration needs image contrast")
+
+
 def _working_dtype(image: Image) -> torch.dtype:
     return image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -178,11 +199,11 @@ def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
         if img.channels != 1:
             raise GeometryError(f"{name} has {img.channels} components; registration needs "
                                 "scalar images (pick one channel or convert to grey levels)")
-        img.check_finite(name)
+        _check_finite(img, name)
     fmask = _load_mask(fixed_mask, fixed_img, fname, "fixed")
     mmask = _load_mask(moving_mask, moving_img, mname, "moving")
-    fixed_img.check_not_constant(fname, fmask)
-    moving_img.check_not_constant(mname, mmask)
+    _check_contrast(fixed_img, fname, fmask)
+    _check_contrast(moving_img, mname, mmask)
     dtype = _working_dtype(fixed_img)
     device = fixed_img.device
     fixed_f = Image(fixed_img.data.detach().to(dtype), fixed_img.grid, is_label=False)

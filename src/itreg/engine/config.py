@@ -169,7 +169,8 @@ class SamplingConfig:
         strategy: ``"random"`` (a fresh seeded subset of the voxels inside the fixed mask at each
             iteration of Adam and gradient descent, one fixed subset for L-BFGS and Powell) or
             ``"full"`` (every voxel of the level inside the fixed mask).
-        count: number of random points per evaluation (capped by the voxels available).
+        count: number of random points per evaluation (capped by the voxels available); one
+            number, or one per level of the stage (coarsest first).
         fraction: fraction of the level's voxels to sample; when both ``count`` and
             ``fraction`` are given the smaller number of points is used.
         jitter: move random points uniformly within their voxel, so that sample positions are
@@ -177,7 +178,7 @@ class SamplingConfig:
     """
 
     strategy: str = "random"
-    count: int | None = 4096
+    count: int | tuple[int, ...] | None = 4096
     fraction: float | None = None
     jitter: bool = True
 
@@ -185,7 +186,8 @@ class SamplingConfig:
         p = "sampling"
         _as_choice(self.strategy, f"{p}.strategy", SAMPLING_STRATEGIES, "sampling strategy")
         if self.count is not None:
-            _set(self, "count", _as_int(self.count, f"{p}.count", low=16))
+            counts = _per_level(self.count, f"{p}.count", lambda v, q: _as_int(v, q, low=16))
+            _set(self, "count", counts[0] if len(counts) == 1 else counts)
         if self.fraction is not None:
             _set(self, "fraction", _as_float(self.fraction, f"{p}.fraction", 0.0, 1.0,
                                              low_open=True))
@@ -193,8 +195,15 @@ class SamplingConfig:
             raise _fail(p, "random sampling needs 'count' or 'fraction'")
         _as_bool(self.jitter, f"{p}.jitter")
 
+    def count_at(self, level: int) -> int | None:
+        """The sample count of level `level` (None when only a fraction is given)."""
+        if isinstance(self.count, tuple):
+            return self.count[min(level, len(self.count) - 1)]
+        return self.count
+
     def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "count": self.count, "fraction": self.fraction,
+        count = list(self.count) if isinstance(self.count, tuple) else self.count
+        return {"strategy": self.strategy, "count": count, "fraction": self.fraction,
                 "jitter": self.jitter}
 
     @classmethod
@@ -318,6 +327,8 @@ class StageConfig:
             "learning_rate": lambda v, p: _as_float(v, p, 0.0, low_open=True),
             "iterations": lambda v, p: _as_int(v, p, low=0),
         }
+        if isinstance(self.sampling.count, tuple):
+            _broadcast(self.sampling.count, n, "sampling.count")
         _set(self, "smoothing_mm", _broadcast(
             _per_level(smoothing, "smoothing_mm", lambda v, p: _as_float(v, p, 0.0)), n,
             "smoothing_mm"))
@@ -557,6 +568,16 @@ def _set_in_stage(stage: dict, parts: list[str], value: Any, key: str) -> None:
 _LEVEL_KEYS = ("learning_rate", "iterations")
 
 
+def _adapt_levels(values: Any, n: int) -> Any:
+    if not isinstance(values, list) or not values:
+        return values
+    if all(v == values[0] for v in values):
+        return values[0]
+    if len(values) > n:
+        return values[-n:]
+    return [values[0]] * (n - len(values)) + values
+
+
 def _collapse_levels(stages: list[dict], n: int) -> None:
     """Adapt per-level lists to a new number of levels `n` before the shrink factors change:
     lists of one repeated value become that value; longer lists keep their last (finest) `n`
@@ -566,15 +587,10 @@ def _collapse_levels(stages: list[dict], n: int) -> None:
         if len(stage.get("shrink", [])) == n:
             continue
         for key in _LEVEL_KEYS:
-            values = stage.get(key)
-            if not isinstance(values, list) or not values:
-                continue
-            if all(v == values[0] for v in values):
-                stage[key] = values[0]
-            elif len(values) > n:
-                stage[key] = values[-n:]
-            else:
-                stage[key] = [values[0]] * (n - len(values)) + values
+            stage[key] = _adapt_levels(stage.get(key), n)
+        sampling = stage.get("sampling")
+        if isinstance(sampling, dict) and "count" in sampling:
+            sampling["count"] = _adapt_levels(sampling["count"], n)
         stage["smoothing_mm"] = None
 
 

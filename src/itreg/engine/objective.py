@@ -130,8 +130,9 @@ class RandomSampler:
         valid = torch.nonzero(level.fixed_mask.reshape(-1).cpu(), as_tuple=False).reshape(-1)
         n_valid = int(valid.numel())
         n = n_valid
-        if config.count is not None:
-            n = min(n, config.count)
+        count = config.count_at(level.index)
+        if count is not None:
+            n = min(n, count)
         if config.fraction is not None:
             n = min(n, max(math.ceil(config.fraction * n_valid), MIN_POINTS))
         self.n = max(min(n, n_valid), 1)

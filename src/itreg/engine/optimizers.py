@@ -16,7 +16,8 @@ Optimisers (registry :data:`OPTIMIZERS`):
 
 - ``adam``: Adam with fresh random samples each iteration; options ``beta1``, ``beta2``,
   ``eps``, ``final_lr_fraction`` (exponential decay of the learning rate to this fraction of
-  it over the level's iterations; 1 = constant).
+  it over the level's iterations; 1 = constant) and ``average_fraction`` (return the mean of
+  the iterates of this last fraction of the iterations, Polyak averaging; 0 = the last one).
 - ``gd``: regular-step gradient descent (ITK's ``RegularStepGradientDescent``): steps of
   ``learning_rate`` mm along the gradient normalised by its largest component, multiplied by
   ``relaxation`` whenever the gradient direction reverses; converged below ``min_step`` mm.
@@ -102,6 +103,9 @@ class LevelContext:
         metrics: metric quantity of every recorded iteration.
         last: the last recorded good evaluation.
         stop_all: set when a callback asked to end the whole registration.
+        stationary: False when the objective itself changes while optimising (a metric that
+            trains a critic); iterate averaging is then skipped, since the early iterates
+            of the tail optimise an older objective.
     """
 
     objective: LevelObjective
@@ -121,6 +125,7 @@ class LevelContext:
     metrics: list[float] = field(default_factory=list)
     last: Evaluation | None = None
     stop_all: bool = False
+    stationary: bool = True
 
     def __post_init__(self) -> None:
         self._monitor = ConvergenceMonitor(self.convergence)
@@ -213,6 +218,26 @@ class Optimizer(abc.ABC):
         return q, reason
 
 
+class _TailAverage:
+    """Mean of the iterates of the last `fraction` of a level's `n` iterations (Polyak-Ruppert
+    averaging): it cancels much of the noise that random sampling puts into the last steps."""
+
+    def __init__(self, n: int, fraction: float) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"option 'average_fraction' must be in [0, 1), got {fraction}")
+        self.start = n - round(fraction * n) if fraction > 0 else n + 1
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, iteration: int, q: Tensor) -> None:
+        if iteration >= self.start:
+            self.total = q.clone() if self.total is None else self.total + q
+            self.count += 1
+
+    def mean(self) -> Tensor:
+        return self.total / self.count
+
+
 class Adam(Optimizer):
     """Adam (Kingma & Ba) on fresh random samples each iteration (see the module docstring).
 
@@ -224,7 +249,7 @@ class Adam(Optimizer):
     name = "adam"
     fixed_samples = False
     defaults: ClassVar[dict[str, Any]] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-                                          "final_lr_fraction": 1.0}
+                                          "final_lr_fraction": 1.0, "average_fraction": 0.0}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         o = ctx.options
@@ -237,6 +262,7 @@ class Adam(Optimizer):
         v = torch.zeros_like(q)
         n = max(ctx.max_iterations, 1)
         decay = float(o["final_lr_fraction"]) ** (1.0 / max(n - 1, 1))
+        average = _TailAverage(n, float(o["average_fraction"]) if ctx.stationary else 0.0)
         reason = "max-iterations"
         lr = ctx.learning_rate
         for it in range(ctx.max_iterations):
@@ -246,6 +272,7 @@ class Adam(Optimizer):
                 q, reason = last_good.clone(), ev.reason
                 break
             last_good = q.clone()
+            average.add(it, q)
             stop = ctx.record(it, ev, lr)
             if stop is not None:
                 reason = stop
@@ -257,6 +284,10 @@ class Adam(Optimizer):
             denom = (v / (1 - beta2 ** (it + 1))).sqrt_().add_(eps)
             q = q - step * m / denom
             lr *= decay
+        if reason in ("max-iterations", "converged") and average.count > 1:
+            # The averaged parameters were never evaluated: check them like a last step.
+            q, why = self._finish(ctx, average.mean(), last_good, "max-iterations")
+            return q, (reason if why == "max-iterations" else why)
         return self._finish(ctx, q, last_good, reason)
 
 

@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +31,8 @@ from itreg.engine.objective import (
 )
 from itreg.engine.optimizers import LevelContext, get_optimizer
 from itreg.engine.pyramid import Level, Pyramid
-from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.engine.stages import LinearStage, StageSetup, get_stage_transform
+from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
 from itreg.transforms import Affine, LinearTransform, Transform
@@ -244,7 +244,7 @@ def _generator(seed: int, stage: int, level: int) -> torch.Generator:
 
 
 #: Intensity ranges are computed on a regular subsample of at most about this many voxels.
-RANGE_VOXELS = 1 << 21
+RANGE_VOXELS = 1 << 18
 #: Levels that evaluate fewer points than this run their iterations on one thread: their
 #: tensors are too small for threads to pay, and on a busy machine waiting for a descheduled
 #: thread costs far more than the work.
@@ -463,7 +463,8 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
         learning_rate=stage.learning_rate[li], options=options,
         convergence=stage.convergence, callbacks=cbs,
         quantity=lambda v: float(quantity(v)),
-        quantity_name=getattr(metric, "quantity_name", "loss"), start_time=t0)
+        quantity_name=getattr(metric, "quantity_name", "loss"), start_time=t0,
+        stationary=not is_trainable(metric))
     objective.resample()
     stop = cbs.on_level_start(ctx.state(0, None, stage.learning_rate[li]))
     q0 = params.zeros()
