@@ -70,10 +70,16 @@ def test_neural_metrics_recover_rigid_slices(metric):
 
 
 @pytest.mark.slow
-def test_mine_recovers_3d_affine_within_1mm():
-    pair = brain_pair(spacing_mm=4.0, kind="affine", seed=0)
-    ov = {"shrink": [2, 1], "smoothing_mm": [4.0, 0.0], "iterations": [150, 100],
-          "learning_rate": [2.0, 1.0], "sampling.count": 4096}
-    res = _register(pair, "affine", "mine", ov)
-    err_mm = mean_error_vox(res.transform, pair.true_transform, pair.fixed.grid) * 4.0
-    assert err_mm < 1.0, err_mm
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mine_recovers_3d_affine_within_1mm(seed):
+    """T1 vs T2-like brains at 2 mm under the anchor benchmark's random affine (rotations up to
+    15 degrees, translations up to 20 mm, scales 0.95-1.05): mean error over the brain < 1 mm."""
+    from itreg.evaluate import warping_error
+
+    pair = brain_pair(spacing_mm=2.0, kind="anchor", seed=seed)
+    ov = {"shrink": [2, 1], "smoothing_mm": [3.0, 0.0], "iterations": [150, 150],
+          "learning_rate": [2.0, 0.5], "sampling.count": 8192}
+    res = _register(pair, "affine", "mine", ov, seed=seed)
+    mask = pair.fixed_mask.data[0]
+    err = warping_error(res.transform, pair.true_transform, pair.fixed.grid, mask)
+    assert err.mean_mm < 1.0, err.mean_mm
