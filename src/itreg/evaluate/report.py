@@ -105,13 +105,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _clean(obj):
+def jsonable(obj):
+    """A copy of a report with NaN/Inf replaced by None and keys as strings (JSON-safe)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
@@ -125,7 +126,7 @@ def _fmt(v) -> str:
 
 def report_markdown(report: dict, title: str = "Registration evaluation") -> str:
     """Render an :func:`evaluate_registration` dict as Markdown tables."""
-    r = _clean(report)
+    r = jsonable(report)
     lines = [f"# {title}", ""]
     if "dice" in r:
         surf = r.get("surface", {}).get("per_label", {})
@@ -167,7 +168,7 @@ def write_report(report: dict, path: str | os.PathLike, force: bool = False) -> 
     suffix = p.suffix.lower()
     if suffix not in (".json", ".md"):
         raise ConfigError(f"report {str(p)!r}: use a .json or .md file name")
-    text = (json.dumps(_clean(report), indent=2) + "\n" if suffix == ".json"
+    text = (json.dumps(jsonable(report), indent=2) + "\n" if suffix == ".json"
             else report_markdown(report))
     with atomic_output_file(p, force=force) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

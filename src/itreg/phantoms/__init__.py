@@ -16,6 +16,9 @@
 * :mod:`~itreg.phantoms.pairs`: :func:`brain_pair` and :func:`brain_slice_pair`, misaligned
   multimodal pairs with their true transform.
 
+* :mod:`~itreg.phantoms.write`: :func:`write_phantom`, a phantom and its ground truth on disk
+  (``itreg phantom``).
+
 Nothing is downloaded and nothing is cached between calls.
 """
 
@@ -65,6 +68,7 @@ from itreg.phantoms.pairs import (
     pair_from_tissues,
 )
 from itreg.phantoms.slices import axial_grid, axial_slice, axial_slices
+from itreg.phantoms.write import PHANTOM_KINDS, write_phantom
 
 __all__ = [
     "BOUND_MODES",
@@ -81,6 +85,7 @@ __all__ = [
     "DynamicSequence",
     "LABELS",
     "PAIR_KINDS",
+    "PHANTOM_KINDS",
     "AffineParameters",
     "PhantomGroup",
     "PhantomPair",
@@ -109,5 +114,6 @@ __all__ = [
     "sequence_from_tissues",
     "synthesize",
     "t1_edges",
+    "write_phantom",
     "zscore",
 ]
