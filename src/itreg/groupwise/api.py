@@ -240,7 +240,8 @@ def register_group(
         callbacks: engine callbacks (:class:`~itreg.engine.callbacks.History`, ...).
         progress: show the engine's progress bar on stderr.
         threads: torch CPU threads for this call (restored afterwards); default unchanged.
-        **metric_options: options of the objective (``levels``, ``sample_rate``, ...).
+        **metric_options: options of the objective (``levels``, ``sample_rate``, ...; for
+            ``xmetric``, ``segmentations=[label images]`` gives X-Reg-GT, Eq. 48).
 
     Returns:
         A :class:`GroupResult`.
@@ -274,6 +275,7 @@ def register_group(
         reference = int(reference)
     imgs = [NORMALISATIONS[normalize](img, i) for i, img in enumerate(imgs)]
     objective = get_group_metric(metric, **options)
+    objective.prepare(imgs)
     stages = list(stages) if stages is not None else default_stages(transform, iterations)
     common = grid or imgs[reference if reference is not None else 0].grid
     if common.ndim != dims[0]:

@@ -13,7 +13,7 @@ loop, the API and the CLI never branch on the metric.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from itreg.errors import ConfigError, unknown_name
 from itreg.grid import Grid
+from itreg.image import Image
 
 __all__ = [
     "GROUP_METRICS",
@@ -103,6 +104,10 @@ class GroupObjective(abc.ABC):
         self.generator = generator
         self.dtype = dtype
         self.device = device
+
+    def prepare(self, images: Sequence[Image]) -> None:
+        """Called once with the normalised input images before :meth:`reset` (for models
+        estimated from the inputs themselves, such as X-Reg-GT's appearance model)."""
 
     def start_level(self, grid: Grid) -> None:
         """Called when the common grid changes (new level); resize state to `grid`."""

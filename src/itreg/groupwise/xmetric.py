@@ -25,12 +25,13 @@ the transforms through the fractional bin positions (the derivative of the kerne
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from itreg.errors import ConfigError
+from itreg.errors import ConfigError, GeometryError
 from itreg.grid import Grid
 from itreg.groupwise.base import GroupObjective, register_group_metric, sample_mask
 from itreg.groupwise.em import (
@@ -180,11 +181,17 @@ class XMetric(GroupObjective):
     log-likelihood is weighted by ``N`` and the reference is left out of the metric, as in the
     authors' code.
 
+    With `segmentations` (one label image per input, on the input's grid, labels ``0..K-1``)
+    this is X-Reg-GT (Eq. 48): the appearance model ``f_jk`` is built once from each image's
+    own intensities and labels (all voxels, sample rate 1) and kept for every step; only
+    ``Gamma`` and ``pi`` are updated.
+
     Args:
         k: number of classes ``K`` (>= 2).
         levels: number of intensity levels ``L``.
         sample_rate: Bernoulli rate of the density sample ``Omega_S``.
         eps: posterior clamp (see :func:`itreg.groupwise.em.e_step`).
+        segmentations: optional label images for X-Reg-GT.
     """
 
     name = "xmetric"
@@ -192,8 +199,12 @@ class XMetric(GroupObjective):
     needs_all_voxels = True
 
     def __init__(self, k: int = 4, levels: int = 64, sample_rate: float = 0.1,
-                 eps: float = POSTERIOR_EPS) -> None:
+                 eps: float = POSTERIOR_EPS, segmentations: Sequence[Image] | None = None
+                 ) -> None:
         super().__init__(sample_rate)
+        self.segmentations = None if segmentations is None else list(segmentations)
+        self.fixed_appearance: Tensor | None = None
+        self.fixed_ranges: list[tuple[float, float]] | None = None
         self.k = check_classes(k)
         self.levels = _check_levels(levels)
         self.bins = self.levels + 2 * PADDING
@@ -226,6 +237,28 @@ class XMetric(GroupObjective):
             self.gamma = flat / flat.sum(dim=1, keepdim=True).clamp_min(1e-12)
         self.grid = grid
 
+    def prepare(self, images: Sequence[Image]) -> None:
+        """X-Reg-GT: the appearance model of Eq. 48 from each image's own segmentation."""
+        if self.segmentations is None:
+            return
+        if len(self.segmentations) != len(images):
+            raise ConfigError(f"X-Reg-GT needs one segmentation per image: got "
+                              f"{len(self.segmentations)} for {len(images)} images")
+        tables, ranges = [], []
+        for j, (img, seg) in enumerate(zip(images, self.segmentations)):
+            if not seg.grid.same_as(img.grid):
+                raise GeometryError(f"segmentation {j} is not on image {j}'s grid")
+            labels = seg.data.reshape(-1).long().to(img.device)
+            if int(labels.min()) < 0 or int(labels.max()) >= self.k:
+                raise ConfigError(f"segmentation {j} has labels outside 0..{self.k - 1}")
+            values = img.data.reshape(1, -1).detach()
+            ranges.append(intensity_ranges(values, None)[0])
+            coords = bin_coordinates(values, None, self.levels, ranges=ranges[-1:])
+            y = torch.nn.functional.one_hot(labels, self.k).to(values.dtype)
+            tables.append(appearance_model(coords, y, self.bins)[0])
+        self.fixed_appearance = torch.stack(tables)
+        self.fixed_ranges = ranges
+
     def _weights(self, n: int, dtype, device) -> Tensor:
         w = torch.ones(n, dtype=dtype, device=device)
         if self.reference is not None:
@@ -237,10 +270,13 @@ class XMetric(GroupObjective):
         """Steps 3-4 of Algorithm 1 on every overlap voxel: ``f^t`` (Eq. 20) from the previous
         ``Gamma`` on a fresh Bernoulli sample, the E-step (Eq. 12), ``pi`` (Eq. 14)."""
         n = values.shape[0]
-        self.ranges = intensity_ranges(values, overlap)
+        self.ranges = self.fixed_ranges or intensity_ranges(values, overlap)
         coords = bin_coordinates(values, overlap, self.levels, ranges=self.ranges)
-        sample = sample_mask(overlap, self.sample_rate, self.generator)
-        f = appearance_model(coords[:, sample], self.gamma[sample], self.bins)
+        if self.fixed_appearance is not None:  # X-Reg-GT (Eq. 48)
+            f = self.fixed_appearance.to(coords.dtype)
+        else:  # Eq. 20
+            sample = sample_mask(overlap, self.sample_rate, self.generator)
+            f = appearance_model(coords[:, sample], self.gamma[sample], self.bins)
         ll = class_log_likelihood(coords[:, overlap], f, self._weights(n, coords.dtype,
                                                                        coords.device))
         gamma = self.gamma.clone()
@@ -271,7 +307,9 @@ class XMetric(GroupObjective):
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "k": self.k, "levels": self.levels,
-                "sample_rate": self.sample_rate, "posterior_clamp": self.eps}
+                "sample_rate": self.sample_rate, "posterior_clamp": self.eps,
+                "appearance": "ground-truth (Eq. 48)" if self.segmentations is not None
+                else "estimated (Eq. 20)"}
 
 
 register_group_metric("xmetric", XMetric)
