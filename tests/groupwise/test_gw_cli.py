@@ -38,7 +38,7 @@ def group_files(tmp_path_factory):
 
 def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = run(["groupwise", *map(str, group_files), "-o", str(out),
+    code, _stdout, err = run(["groupwise", *map(str, group_files), "-o", str(out),
                              "--transform", "translation", "--iterations", "15", "--quiet"],
                             capsys)
     assert code == 0, err

@@ -37,7 +37,7 @@ from itreg.groupwise.base import GroupObjective, register_group_metric
 from itreg.groupwise.em import check_classes
 from itreg.groupwise.xmetric import PADDING, _check_levels, bin_coordinates
 from itreg.metrics.histogram import entropy, joint_histogram, mutual_information_from_joint
-from itreg.metrics.intensity import robust_range, rescale
+from itreg.metrics.intensity import rescale, robust_range
 
 __all__ = ["APE", "CTE", "GMM", "Congealing", "VarianceOfIntensities", "kmeans"]
 

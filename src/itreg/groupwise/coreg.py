@@ -492,10 +492,10 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
             losses, metrics = [], []
             reason = "max-iterations"
             overlap_frac = float("nan")
-            base = dict(stage=s_idx, transform=stage.transform, level=lvl,
-                        levels=len(stage.shrink), max_iterations=stage.iterations[lvl],
-                        quantity_name=objective.quantity_name,
-                        learning_rate=stage.learning_rate)
+            base = {"stage": s_idx, "transform": stage.transform, "level": lvl,
+                        "levels": len(stage.shrink), "max_iterations": stage.iterations[lvl],
+                        "quantity_name": objective.quantity_name,
+                        "learning_rate": stage.learning_rate}
             stop = callbacks.on_level_start(StepState(iteration=0, loss=float("nan"),
                                                       metric=float("nan"), overlap=float("nan"),
                                                       elapsed_s=time.perf_counter() - t_start,
