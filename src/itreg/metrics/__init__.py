@@ -67,6 +67,7 @@ del _name, _factory
 
 # Learned metrics register their "prefix:model-file" factories when imported.
 from itreg.metrics import ditr as _ditr  # noqa: E402,F401
+from itreg.metrics import deepsim as _deepsim  # noqa: E402,F401
 
 __all__ = [
     "DEFAULT_PERCENTILES",
