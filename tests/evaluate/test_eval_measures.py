@@ -48,7 +48,7 @@ def test_dice_of_shifted_boxes():
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 1.0, 1.5)])
 def test_hd95_asd_of_concentric_spheres(spacing):
-    size = tuple(int(round(64 / s)) for s in spacing)
+    size = tuple(round(64 / s) for s in spacing)
     g = Grid(size, spacing, (0, 0, 0))
     pts = g.points(dtype=torch.float64)
     c = torch.tensor(g.center, dtype=torch.float64)

@@ -34,7 +34,7 @@ def test_disc_edges_thin_and_on_the_circle(spacing):
     length = 2 * math.pi * 20.0 / (sum(spacing) / 2)
     assert 0.7 * length < int(on.sum()) < 1.5 * length
     # Closed: it separates inside from outside.
-    lab, n = ndimage.label(~on.numpy())
+    _lab, n = ndimage.label(~on.numpy())
     assert n >= 2
 
 

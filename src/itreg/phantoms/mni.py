@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from itreg.engine.pyramid import smooth_image
 from itreg.errors import ConfigError, ImageReadError
 from itreg.image import Image
 from itreg.io import read_image
-from itreg.engine.pyramid import smooth_image
 
 #: File names of the template maps inside ``nilearn/datasets/data/``.
 MNI_FILES = {
