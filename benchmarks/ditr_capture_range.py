@@ -48,7 +48,10 @@ from itreg.train.ditr import DITRTrainConfig, TrainingPair, train_ditr
 from itreg.transforms import Rigid
 from itreg.warp import resample
 
-SIZES = (2.0, 5.0, 10.0, 15.0, 20.0, 25.0)
+SIZES = (3.0, 8.0, 15.0, 25.0)
+#: Classifier widths of this benchmark: half the methods.md widths (32-64-128-256), to fit the
+#: CPU time of a shared two-core machine.
+CHANNELS = (16, 32, 64, 128)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -136,7 +139,7 @@ MODELS = {
 
 def train_model(kind: str, out: Path, spacing: float, shift: float, quick: bool) -> Path:
     path = out / f"ditr-{kind}.pt"
-    if path.exists():
+    if (out / f"ditr-{kind}.json").exists():
         return path
     tissues, train, _ = slices(spacing)
     fixed_kind, schedule = MODELS[kind]
@@ -149,8 +152,10 @@ def train_model(kind: str, out: Path, spacing: float, shift: float, quick: bool)
         a = float((torch.rand(1, generator=g) * 2 - 1) * 0.05)
         fixed, moving, mask = moved_pair(sl, rigid(c, t.tolist(), a), 1000 + i, fixed_kind)
         pairs.append(TrainingPair(fixed, moving, mask))
-    extra = {"patches_per_epoch": 4096, "epochs": 2, "val_patches": 1024} if quick else {}
-    cfg = DITRTrainConfig.small(schedule=schedule, seed=1, threads=1, progress=False, **extra)
+    extra = {"patches_per_epoch": 4096, "epochs": 2, "val_patches": 1024} if quick else {
+        "patches_per_epoch": 8192, "epochs": 5, "val_patches": 2048}
+    cfg = DITRTrainConfig.small(schedule=schedule, seed=1, threads=1, progress=False,
+                                channels=CHANNELS, **extra)
     t0 = time.time()
     res = train_ditr(pairs, cfg, output=path, force=True)
     info = {"kind": kind, "time_s": time.time() - t0, "pairs": len(pairs),
@@ -208,7 +213,7 @@ def fwhm(offsets, v) -> tuple[float, float]:
     return float(offsets[hi] - offsets[lo]), peak
 
 
-def evaluate(out: Path, spacing: float, cases: int, sizes) -> dict:
+def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")) -> dict:
     tissues, _, test = slices(spacing)
     g = torch.Generator().manual_seed(11)
     models = {k: out / f"ditr-{k}.pt" for k in MODELS}
@@ -223,6 +228,7 @@ def evaluate(out: Path, spacing: float, cases: int, sizes) -> dict:
     }
     results: dict = {"spacing_mm": spacing, "sizes_mm": list(sizes), "cases": cases,
                      "tables": {}, "response": {}}
+    methods = {k: v for k, v in methods.items() if k in tasks}
     for task, rows in methods.items():
         table = {name: {"success": [], "median_error": [], "initial": []} for name, _, _ in rows}
         for size in sizes:
@@ -243,8 +249,8 @@ def evaluate(out: Path, spacing: float, cases: int, sizes) -> dict:
                 for name, metric, preset in rows:
                     res = run_case(metric, fixed, moving, mask, spacing, preset)
                     errs[name].append(mean_error(res.transform, true, pts))
-            for name in errs:
-                e = torch.tensor(errs[name])
+            for name, values in errs.items():
+                e = torch.tensor(values)
                 table[name]["success"].append(float((e < spacing).float().mean()))
                 table[name]["median_error"].append(float(e.median()))
                 table[name]["initial"].append(float(torch.tensor(inits).mean()))
@@ -283,7 +289,7 @@ def print_tables(results: dict) -> None:
         title = "T1 -> T2-like" if task == "t1" else "T1 Canny edges -> T2-like"
         print(f"\n{title}: success rate (mean error < {sp:g} mm = 1 voxel), "
               f"{results['cases']} held-out cases per size; median error mm in brackets")
-        print(f"| method | " + " | ".join(f"|t|={s:g} mm" for s in sizes) + " |")
+        print("| method | " + " | ".join(f"|t|={s:g} mm" for s in sizes) + " |")
         print("|---|" + "---|" * len(sizes))
         first = next(iter(table.values()))
         print("| initial mean error (mm) | " + " | ".join(f"{x:.1f}" for x in first["initial"])
@@ -304,24 +310,40 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-ditr"))
     ap.add_argument("--spacing", type=float, default=3.0)
     ap.add_argument("--train-shift", type=float, default=4.0)
-    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--cases", type=int, default=5)
     ap.add_argument("--sizes", type=float, nargs="+", default=list(SIZES))
     ap.add_argument("--train-only", choices=sorted(MODELS))
     ap.add_argument("--quick", action="store_true", help="tiny training (smoke test)")
+    ap.add_argument("--task", choices=["t1", "edges"], help="evaluate one task only")
+    ap.add_argument("--report", action="store_true", help="print the tables of saved results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.train_only:
         train_model(args.train_only, args.out, args.spacing, args.train_shift, args.quick)
         return
-    for kind in MODELS:
-        train_model(kind, args.out, args.spacing, args.train_shift, args.quick)
-    for kind in MODELS:
+    if args.report:
+        merged: dict = {}
+        for f in sorted(args.out.glob("results-*.json")):
+            r = json.loads(f.read_text())
+            if not merged:
+                merged = r
+            else:
+                merged["tables"].update(r["tables"])
+                merged["response"].update(r["response"])
+        print_tables(merged)
+        return
+    tasks = (args.task,) if args.task else ("t1", "edges")
+    needed = [k for k in MODELS if MODELS[k][0] in tasks]
+    for kind in needed:
+        if not (args.out / f"ditr-{kind}.json").exists():
+            train_model(kind, args.out, args.spacing, args.train_shift, args.quick)
+    for kind in needed:
         info = args.out / f"ditr-{kind}.json"
         if info.exists():
             print(f"model {kind}: {info.read_text()}", file=sys.stderr)
-    results = evaluate(args.out, args.spacing, args.cases, args.sizes)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results = evaluate(args.out, args.spacing, args.cases, args.sizes, tasks)
+    (args.out / f"results-{'-'.join(tasks)}.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
 
 

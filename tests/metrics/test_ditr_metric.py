@@ -66,7 +66,7 @@ def test_equals_sum_of_logits_computed_independently(model_file):
 
 
 def test_reload_gives_identical_values(model_file, tmp_path):
-    path, net = model_file
+    path, _ = model_file
     fixed, moving, mask = _images(1)
     a = get_metric(f"ditr:{path}")(fixed, moving, mask)
     copy = tmp_path / "copy.pt"
@@ -123,7 +123,7 @@ def test_engine_registers_with_ditr_and_powell(model_file):
     from itreg.metrics.ditr import ditr_overrides
 
     path, _ = model_file
-    fixed, moving, mask = _images(4)
+    fixed, moving, _ = _images(4)
     f = Image.from_tensor(fixed[0], spacing=(2.0, 2.0))
     m = Image.from_tensor(moving[0], spacing=(2.0, 2.0))
     res = itreg.register(f, m, "rigid", metric=f"ditr:{path}", init="none", progress=False,

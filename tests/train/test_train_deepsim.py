@@ -27,10 +27,9 @@ def slices():
 
 
 def _cfg(mode, **kw):
-    base = dict(mode=mode, channels=(4, 8, 8), crop_size=32, batch_size=4, steps_per_epoch=8,
-                val_crops=8, epochs=4, patience=0, learning_rate=3e-3, seed=0, progress=False,
-                dropout=0.1,
-                threads=1)
+    base = {"mode": mode, "channels": (4, 8, 8), "crop_size": 32, "batch_size": 4,
+            "steps_per_epoch": 8, "val_crops": 8, "epochs": 4, "patience": 0,
+            "learning_rate": 3e-3, "seed": 0, "progress": False, "dropout": 0.1, "threads": 1}
     base.update(kw)
     return DeepSimTrainConfig(**base)
 

@@ -132,7 +132,7 @@ def test_saved_model_reloads_with_identical_metric(tiny_iml):
 
     res, pairs = tiny_iml
     p, _ = pairs[0]
-    net, extra = build_model(res.path, "ditr")
+    _, extra = build_model(res.path, "ditr")
     assert extra["training"]["schedule"][0] == [2, 16.0] and len(extra["stages"]) == 2
     a = DITRMetric(res.network)(p.fixed.data, p.fixed.data)
     b = get_metric(f"ditr:{res.path}")(p.fixed.data, p.fixed.data)

@@ -17,6 +17,7 @@ from the stored config.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,7 +72,7 @@ class DITRNet(nn.Module):
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         layers: list[nn.Module] = []
         widths = (2, *channels)
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             layers += [conv(c_in, c_out, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
         layers.append(conv(widths[-1], 1, 3, stride=2, padding=1))
         self.features = nn.Sequential(*layers)

@@ -487,7 +487,7 @@ def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[list[in
     if n < 5 or fraction <= 0:
         return list(range(n)), []
     perm = torch.randperm(n, generator=generator).tolist()
-    n_val = max(1, int(round(fraction * n)))
+    n_val = max(1, round(fraction * n))
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
@@ -559,7 +559,7 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
             val_pairs, val_labels = val_sampler.draw(cfg.val_patches)
             steps = max(1, cfg.patches_per_epoch // cfg.batch_size)
 
-            def batches(epoch: int):
+            def batches(epoch: int, steps: int = steps, sampler: PatchSampler = sampler):
                 for _ in range(steps):
                     yield sampler.draw(cfg.batch_size, augment=cfg.augment)
 
@@ -567,11 +567,11 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
                 x, y = batch
                 return nn.functional.binary_cross_entropy_with_logits(net(x), y)
 
-            def validate():
+            def validate(val_pairs: Tensor = val_pairs, val_labels: Tensor = val_labels):
                 loss, acc = classifier_accuracy(net, val_pairs, val_labels)
                 return {"val_loss": loss, "val_accuracy": acc}
 
-            def checkpoint(model, info):
+            def checkpoint(model, info, si: int = si):
                 if output is not None:
                     write(output, {"checkpoint": {"stage": si, **{
                         k: v for k, v in info.items() if isinstance(v, (int, float, str))}}})
