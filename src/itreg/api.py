@@ -179,7 +179,9 @@ def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
     Returns:
         ``(fixed, moving, fixed_mask, moving_mask, names)``: floating-point images on the
         fixed image's device and dtype (labels become intensities), a bool fixed mask tensor,
-        a float 0/1 moving mask image, and how each image is named in messages.
+        a float 0/1 moving mask image, and a dict with how each image is named in messages
+        (``"fixed"``, ``"moving"``) and, under ``"moving_labels"``, the moving image itself if
+        it is a label map (None otherwise).
 
     Raises:
         ImageReadError: a path that cannot be read.
@@ -212,7 +214,9 @@ def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
     mmask_img = None
     if mmask is not None:
         mmask_img = Image(mmask.to(device=device, dtype=dtype), moving_img.grid, is_label=False)
-    return fixed_f, moving_f, fmask, mmask_img, {"fixed": fname, "moving": mname}
+    names = {"fixed": fname, "moving": mname,
+             "moving_labels": moving_img if moving_img.is_label else None}
+    return fixed_f, moving_f, fmask, mmask_img, names
 
 
 @contextlib.contextmanager
@@ -299,8 +303,11 @@ def register(
         "dtype": str(fixed_f.dtype).replace("torch.", ""),
     }
     with _threads(threads), _seeded(seed, fixed_f.device):
-        return run(fixed_f, moving_f, config, fixed_mask=fmask, moving_mask=mmask, init=init,
-                   seed=seed, callbacks=cbs, settings=settings)
+        result = run(fixed_f, moving_f, config, fixed_mask=fmask, moving_mask=mmask, init=init,
+                     seed=seed, callbacks=cbs, settings=settings)
+    if names["moving_labels"] is not None:
+        result.moving = names["moving_labels"]  # registered as intensities, warped as labels
+    return result
 
 
 __all__ = ["LevelRecord", "RegistrationConfig", "RegistrationResult", "available_presets",

@@ -120,7 +120,8 @@ def test_label_images_are_registered_as_intensities(pair):
     assert labels.is_label
     result = _reg(fixed, labels, overrides=quick())
     assert mean_error_vox(result.transform, true, fixed.grid) < 0.5
-    assert not result.warped.is_label and result.warped.data.is_floating_point()
+    assert result.warped.is_label and result.warped.dtype == torch.int16  # labels stay labels
+    assert set(result.warped.data.unique().tolist()) <= set(labels.data.unique().tolist()) | {0}
 
 
 # ---------------------------------------------------------------------------------- stopping

@@ -310,8 +310,9 @@ class LevelObjective:
             valid = valid & (mvals[0] > 0.5)
         return valid
 
-    def _metric_terms(self) -> tuple[Tensor, Tensor, float]:
-        """``(metric loss, valid mask, overlap)``; the loss is None-like when no overlap."""
+    def _metric_terms(self) -> tuple[Tensor | None, Tensor, float]:
+        """``(metric loss, valid mask, overlap)``; the loss is None when too few points
+        overlap (the metric is then not evaluated at all)."""
         from itreg.warp import resample, resample_with_mask, sample
 
         s = self.samples
@@ -345,7 +346,7 @@ class LevelObjective:
         field, grid = self.field_fn(self.current)
         total = None
         for reg in self.regularisers:
-            term = reg.weight * _call_regulariser(reg.module, field, grid)
+            term = reg.weight * reg.module(field, grid)  # (D, *S) world-mm field and its grid
             total = term if total is None else total + term
         return total
 
@@ -378,11 +379,6 @@ class LevelObjective:
             if not bool(torch.isfinite(g).all()):
                 return Evaluation(loss, mloss, overlap, False, "non-finite")
         return Evaluation(loss, mloss, overlap, True, None, g)
-
-
-def _call_regulariser(module, field: Tensor, grid) -> Tensor:
-    """Call a regulariser on a ``(D, *S)`` field in world mm living on `grid`."""
-    return module(field, grid)
 
 
 def overlap_fraction(transform: Transform, fixed_grid, fixed_mask: Tensor | None,

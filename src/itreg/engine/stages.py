@@ -139,11 +139,11 @@ class BSplineStage(StageTransform):
 
     def field(self, transform: Transform, level: Level, setup: StageSetup
               ) -> tuple[Tensor, Grid]:
-        """The displacement on the level grid, or on a grid of a quarter of the control
-        spacing when that is coarser (a cubic B-spline needs no finer sampling for its
-        smoothness terms, and full-resolution Hessians would dominate the cost)."""
+        """The displacement on the level grid, or on a grid of half the control spacing when
+        that is coarser: finite differences there follow a cubic B-spline's smooth curvature
+        closely enough for a penalty, and full-resolution Hessians would dominate the cost."""
         grid = level.grid
-        target = setup.stage.control_spacing_mm / 4.0
+        target = setup.stage.control_spacing_mm / 2.0
         if max(grid.spacing) < target:
             grid = setup.fixed_grid.with_spacing(target)
         disp = transform.displacement(grid)
