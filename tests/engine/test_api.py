@@ -11,7 +11,7 @@ from engine_data import blob_image, make_pair, mean_error_vox, quick
 
 from itreg.api import register
 from itreg.engine.callbacks import Callback, EarlyStopping, History, Progress, StepState, Stop
-from itreg.errors import ConfigError, GeometryError, InvalidImageError, MaskError
+from itreg.errors import ConfigError, GeometryError, ImageReadError, InvalidImageError, MaskError
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.metrics import register_metric
@@ -328,3 +328,19 @@ def test_rigid_result_keeps_its_class(pair):
     result = _reg(fixed, moving, transform="rigid")
     assert isinstance(result.transform, Rigid)
     assert result.transform.translation.requires_grad
+
+
+def test_paths_are_read(pair, tmp_path):
+    from itreg import io
+
+    fixed, moving, true = pair
+    io.write_image(fixed, tmp_path / "f.nii.gz")
+    io.write_image(moving, tmp_path / "m.nii.gz")
+    mask = Image(torch.ones(fixed.grid.shape, dtype=torch.uint8), fixed.grid)
+    io.write_image(mask, tmp_path / "mask.nii.gz")
+    result = _reg(str(tmp_path / "f.nii.gz"), tmp_path / "m.nii.gz",
+                  fixed_mask=tmp_path / "mask.nii.gz", overrides=quick())
+    assert mean_error_vox(result.transform, true, fixed.grid) < 0.2
+    assert "f.nii.gz" in result.report()["settings"]["fixed"]
+    with pytest.raises(ImageReadError, match="nope.nii.gz"):
+        _reg(tmp_path / "nope.nii.gz", moving)

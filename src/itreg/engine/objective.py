@@ -139,7 +139,9 @@ class RandomSampler:
         data = level.fixed.data
         self.dtype, self.device = data.dtype, data.device
         pool = min(POOL_FACTOR * self.n, max(MAX_POOL, self.n))
-        flat = valid[torch.randint(n_valid, (pool,), generator=generator)]
+        # Sorted in memory order, as every draw is: interpolation then walks the images
+        # nearly sequentially, which is markedly faster on large volumes.
+        flat = valid[torch.randint(n_valid, (pool,), generator=generator)].sort().values
         strides = [math.prod(level.grid.shape[a + 1:]) for a in range(level.grid.ndim)]
         # Tensor-order multi-index (z, y, x) -> ITK index (x, y, z).
         idx = torch.stack([(flat // st) % sz for st, sz in zip(strides, level.grid.shape)], -1)
@@ -157,7 +159,7 @@ class RandomSampler:
 
     def draw(self) -> Samples:
         pick = torch.randint(self.points.shape[0], (self.n,), generator=self.generator)
-        pick = pick.to(self.device)
+        pick = pick.sort().values.to(self.device)
         return Samples(self.points[pick], self.values[:, pick])
 
 
