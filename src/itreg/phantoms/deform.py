@@ -258,25 +258,31 @@ def invert_ffd(
 
     y = grid.points(dtype=torch.float32, device=device).reshape(-1, grid.ndim)
     x = y.clone()
-    r = disp_at(x)  # x + d(x) - y at x = y
-    err = r.norm(dim=-1)
-    step = torch.ones_like(err)
-    active = torch.nonzero(err >= tol_mm).squeeze(1)
+    # Work on compacted copies of the unconverged points; write each point back once done.
+    idx = torch.arange(y.shape[0], device=device)
+    ya, xa = y, y.clone()
+    ra = disp_at(xa)  # x + d(x) - y at x = y
+    ea = ra.norm(dim=-1)
+    sa = torch.ones_like(ea)
     done = 0
     for done in range(1, iterations + 1):
-        if active.numel() == 0:
+        live = (ea >= tol_mm) & (sa > 0.05)
+        n_live = int(live.sum())
+        if n_live == 0:
             break
-        xa, ra, ya = x[active], r[active], y[active]
-        cand = xa - step[active, None] * ra
+        if n_live < 0.7 * live.numel():  # compact now and then (masking is not free)
+            finished = ~live
+            x[idx[finished]] = xa[finished]
+            idx, ya, xa, ra, ea, sa = (v[live] for v in (idx, ya, xa, ra, ea, sa))
+        cand = xa - sa[:, None] * ra
         rc = cand + disp_at(cand) - ya
         ec = rc.norm(dim=-1)
-        better = ec <= err[active]
-        x[active] = torch.where(better[:, None], cand, xa)
-        r[active] = torch.where(better[:, None], rc, ra)
-        err[active] = torch.where(better, ec, err[active])
-        step[active] = torch.where(better, torch.clamp(step[active] * 2.0, max=1.0),
-                                   step[active] * 0.5)
-        active = active[(err[active] >= tol_mm) & (step[active] > 0.05)]
+        better = ec <= ea
+        xa = torch.where(better[:, None], cand, xa)
+        ra = torch.where(better[:, None], rc, ra)
+        ea = torch.where(better, ec, ea)
+        sa = torch.where(better, torch.clamp(sa * 2.0, max=1.0), sa * 0.5)
+    x[idx] = xa
     disp = (x - y).to(dtype).T.reshape(grid.ndim, *grid.shape)
     inverse = DisplacementField(disp, grid, learnable=False)
 
