@@ -358,7 +358,8 @@ class LBFGS(Optimizer):
 
     name = "lbfgs"
     fixed_samples = True
-    defaults: ClassVar[dict[str, Any]] = {"history_size": 10, "tolerance_grad": 1e-7, "tolerance_change": 1e-9}
+    defaults: ClassVar[dict[str, Any]] = {"history_size": 10, "tolerance_grad": 1e-7,
+                                          "tolerance_change": 1e-9}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         o = ctx.options
@@ -370,12 +371,10 @@ class LBFGS(Optimizer):
                                 max_eval=25, line_search_fn="strong_wolfe")
         cache = _Cache(ctx.objective)
         last_good = q.detach().clone()
-        state = {"bad": None}
 
         def closure():
             ev = cache(q.detach(), grad=True)
-            if not ev.ok:
-                state["bad"] = ev.reason
+            if not ev.ok:  # a finite, worse value makes the line search step back
                 q.grad = torch.zeros_like(q)
                 return torch.tensor(ctx.penalty(), dtype=q.dtype)
             q.grad = ev.grad.detach().clone()
@@ -414,7 +413,10 @@ class Powell(Optimizer):
     fixed_samples = True
     defaults: ClassVar[dict[str, Any]] = {"xtol": 1e-3, "ftol": 1e-6, "maxfev": None}
 
-    _STATUS: ClassVar[dict[int, str]] = {0: "converged", 1: "max-iterations", 2: "max-iterations", 3: "non-finite"}
+    #: SciPy's status codes: 0 success, 1 too many evaluations, 2 too many iterations,
+    #: 3 NaN met.
+    _STATUS: ClassVar[dict[int, str]] = {0: "converged", 1: "max-iterations",
+                                         2: "max-iterations", 3: "non-finite"}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         from scipy.optimize import minimize
