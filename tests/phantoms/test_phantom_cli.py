@@ -126,6 +126,13 @@ def test_group_and_dynamic_cli(tmp_path):
     man = json.loads((g / "phantom.json").read_text())
     assert man["contrasts"] == ["t1", "t2", "t1"]
     assert (g / "misalignment_02.tfm").exists() and (g / "image_02.nii.gz").exists()
+    args = ["evaluate", "--reference", str(g / "common_mask.nii.gz"),
+            "--mask", str(g / "common_mask.nii.gz")]
+    for j in range(3):
+        args += ["--estimated", str(g / f"transform_{j:02d}.tfm"),
+                 "--misalignment", str(g / f"misalignment_{j:02d}.tfm")]
+    r = json.loads(_run(args))
+    assert r["gwi"]["value_mm"] < 1e-3 and r["gre"]["value_mm"] < 1e-3
     d = tmp_path / "d"
     _run(["phantom", str(d), "--kind", "dynamic", "--ndim", "2", "--spacing", "4",
           "--frames", "3"])

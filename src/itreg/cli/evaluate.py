@@ -30,19 +30,25 @@ from itreg.cli.app import app
 @click.option("--mask", type=_PATH, default=None, help="Mask on the reference grid.")
 @click.option("--displacement", type=_PATH, default=None,
               help="Displacement field image for Jacobian statistics (on its own grid).")
+@click.option("--estimated", "estimated", type=_PATH, multiple=True,
+              help="Groupwise: estimated transform common -> image j (repeat, in image order).")
+@click.option("--misalignment", "misalignments", type=_PATH, multiple=True,
+              help="Groupwise: true misalignment image j -> common (repeat; a phantom's "
+                   "misalignment_XX files). With --estimated and --reference: gWI, gRE.")
 @click.option("-o", "--output", type=_PATH, default=None,
               help="Report file: .json or .md (default: JSON on stdout).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 def evaluate(fixed_labels, warped_labels, label_list, no_surface, landmarks_fixed,
-             landmarks_moving, transform, true_transform, reference, mask, displacement, output,
-             force) -> None:
+             landmarks_moving, transform, true_transform, reference, mask, displacement,
+             estimated, misalignments, output, force) -> None:
     """Evaluate a registration and write a JSON or Markdown report.
 
     Each group of options adds measures: label maps give Dice per label and mean, HD95 and
     ASD (mm); landmarks give TRE (through --transform) and the initial error; --transform with
     --true-transform and --reference gives the warping error (mean, p90, max mm over --mask);
     --transform with --reference, or --displacement, gives Jacobian statistics (fraction of
-    det J <= 0, std det J, SDlogJ).
+    det J <= 0, std det J, SDlogJ). Repeated --estimated and --misalignment with --reference
+    (the common grid) and --mask (the foreground) give paper 002's gWI and gRE.
     """
     from itreg import io
     from itreg.errors import ConfigError
@@ -78,11 +84,21 @@ def evaluate(fixed_labels, warped_labels, label_list, no_surface, landmarks_fixe
         mask=mask_img,
     ) if any(v is not None for v in (fixed_labels, warped_labels, landmarks_fixed,
                                      landmarks_moving, transform, true_transform)) else {}
+    # evaluate_registration adds Jacobian statistics of --transform on --reference.
     if displacement is not None:
         field = io.read_displacement_field(displacement)
         report["jacobian_displacement"] = jacobian_statistics(
             field, field.grid, mask_img if mask_img is not None and mask_img.grid.same_as(
                 field.grid) else None).as_dict()
+    if estimated or misalignments:
+        from itreg.evaluate import groupwise_registration_error, groupwise_warping_index
+
+        if ref_grid is None:
+            raise ConfigError("gWI/gRE need --reference (an image on the common grid)")
+        est = [_transform(p) for p in estimated]
+        mis = [_transform(p) for p in misalignments]
+        report["gwi"] = groupwise_warping_index(est, mis, ref_grid, mask_img).as_dict()
+        report["gre"] = groupwise_registration_error(est, mis, ref_grid).as_dict()
     if not report:
         raise ConfigError("nothing to evaluate: give --fixed-labels/--warped-labels, "
                           "landmarks, --transform with --reference, or --displacement")

@@ -121,6 +121,8 @@ def _fmt(v) -> str:
         return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
     return str(v)
 
 
@@ -143,14 +145,17 @@ def report_markdown(report: dict, title: str = "Registration evaluation") -> str
     for key, name in (("landmarks_initial", "Landmark error before registration"),
                       ("tre", "Target registration error"),
                       ("warping_error", "Warping error against the ground truth"),
-                      ("jacobian", "Jacobian determinant")):
+                      ("jacobian", "Jacobian determinant"),
+                      ("jacobian_displacement", "Jacobian determinant of the displacement"),
+                      ("gwi", "Groupwise warping index (paper 002, Eq. 49)"),
+                      ("gre", "Groupwise registration error (paper 002, Eq. 51)")):
         if key in r:
             lines += [f"## {name}", "", "| measure | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in r[key].items()]
             lines.append("")
     for key in r:
         if key not in ("dice", "surface", "landmarks_initial", "tre", "warping_error",
-                       "jacobian"):
+                       "jacobian", "jacobian_displacement", "gwi", "gre"):
             lines += [f"## {key}", "", "```json", json.dumps(r[key], indent=2), "```", ""]
     return "\n".join(lines)
 
