@@ -20,8 +20,8 @@ from itreg.cli.app import app
               default="affine", show_default=True,
               help="Misalignment of a pair or group: paper 000's rigid/affine ranges, the "
                    "anchor benchmark's affine, or paper 003's random B-spline FFD.")
-@click.option("--spacing", type=float, default=2.0, show_default=True,
-              help="Isotropic spacing in mm (1 = the template's).")
+@click.option("--spacing", type=float, default=1.0, show_default=True,
+              help="Isotropic spacing in mm (1 = the template's; 2-4 for quick tests).")
 @click.option("--ndim", type=click.Choice(["2", "3"]), default="3", show_default=True,
               help="3D volumes, or 2D middle axial slices.")
 @click.option("--n", "n", type=click.IntRange(min=2), default=3, show_default=True,

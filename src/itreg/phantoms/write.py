@@ -156,7 +156,7 @@ def write_phantom(
     kind: str = "pair",
     contrast: str | list[str] | tuple[str, ...] | None = None,
     misalign: str = "affine",
-    spacing_mm: float = 2.0,
+    spacing_mm: float = 1.0,
     ndim: int = 3,
     n: int = 3,
     frames: int = 20,
@@ -175,7 +175,7 @@ def write_phantom(
             over the images (default ``("t1", "t2", "pd")``); ignored for ``"dynamic"``.
         misalign: ``"rigid"``, ``"affine"``, ``"anchor"`` or ``"ffd"`` (pair and group; a
             sequence always has small rigid motion).
-        spacing_mm: isotropic spacing in mm.
+        spacing_mm: isotropic spacing in mm (1 = the template's; 2-4 for fast tests).
         ndim: 3, or 2 for the middle axial slice.
         n: number of images of a group.
         frames: number of frames of a sequence.
