@@ -213,7 +213,8 @@ def fwhm(offsets, v) -> tuple[float, float]:
     return float(offsets[hi] - offsets[lo]), peak
 
 
-def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")) -> dict:
+def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges"),
+             ditr_only: bool = False) -> dict:
     tissues, _, test = slices(spacing)
     g = torch.Generator().manual_seed(11)
     models = {k: out / f"ditr-{k}.pt" for k in MODELS}
@@ -228,7 +229,8 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
     }
     results: dict = {"spacing_mm": spacing, "sizes_mm": list(sizes), "cases": cases,
                      "tables": {}, "response": {}}
-    methods = {k: v for k, v in methods.items() if k in tasks}
+    methods = {k: [r for r in v if not ditr_only or r[1].startswith("ditr:")]
+               for k, v in methods.items() if k in tasks}
     for task, rows in methods.items():
         table = {name: {"success": [], "median_error": [], "initial": []} for name, _, _ in rows}
         for size in sizes:
@@ -316,6 +318,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny training (smoke test)")
     ap.add_argument("--task", choices=["t1", "edges"], help="evaluate one task only")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results")
+    ap.add_argument("--ditr-only", action="store_true", help="skip the MI rows")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +345,7 @@ def main() -> None:
         info = args.out / f"ditr-{kind}.json"
         if info.exists():
             print(f"model {kind}: {info.read_text()}", file=sys.stderr)
-    results = evaluate(args.out, args.spacing, args.cases, args.sizes, tasks)
+    results = evaluate(args.out, args.spacing, args.cases, args.sizes, tasks, args.ditr_only)
     (args.out / f"results-{'-'.join(tasks)}.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
 
