@@ -66,6 +66,8 @@ def part1(args) -> dict:
         table["none"].append(gwi(mis, [None] * 3, grid, mask))
         for method in args.methods:
             opts = {"k": 4} if method in ("xmetric", "gmm") else {}
+            if method == "xmetric" and args.warmup:
+                opts["warmup"] = args.warmup
             res = register_group(images, metric=method, stages=stages, seed=g,
                                  threads=args.threads, **opts)
             table.setdefault(method, []).append(gwi(mis, res.transforms, grid, mask))
@@ -131,6 +133,8 @@ def main() -> None:
     ap.add_argument("--timing-iterations", type=int, default=10)
     ap.add_argument("--gre-iterations", type=int, default=100)
     ap.add_argument("--skip", choices=["part1", "part2"], nargs="*", default=[])
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="X-CoReg EM warm-up updates before the first step (0: the paper's).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="Write the numbers here.")

@@ -158,3 +158,19 @@ def test_x_metric_gradient_flows_to_intensities():
     total, _ = x_metric(coords, gamma, 36)
     total.backward()
     assert values.grad is not None and float(values.grad.abs().sum()) > 0
+
+
+def test_warmup_runs_extra_em_updates_only_at_the_first_step():
+    from itreg.grid import Grid
+
+    values, _ = _piecewise_group()
+    overlap = torch.ones(values.shape[1], dtype=torch.bool)
+    obj = XMetric(k=4, levels=60, warmup=3)
+    obj.reset(3, None, torch.Generator().manual_seed(0), torch.float64, None)
+    obj.start_level(Grid((3000, 1)))
+    obj.update(values, overlap)
+    assert obj._updates == 4
+    obj.update(values, overlap)
+    assert obj._updates == 5
+    with pytest.raises(ConfigError):
+        XMetric(warmup=-1)

@@ -192,6 +192,10 @@ class XMetric(GroupObjective):
         sample_rate: Bernoulli rate of the density sample ``Omega_S``.
         eps: posterior clamp (see :func:`itreg.groupwise.em.e_step`).
         segmentations: optional label images for X-Reg-GT.
+        warmup: extra EM updates (Eqs. 12, 14) at the very first step, before any transform
+            moves. Not in the paper or the authors' code (0 reproduces them): from the random
+            start of Eq. 22 the first Adam steps otherwise move every image by a full step
+            in directions set by a meaningless ``Gamma``.
     """
 
     name = "xmetric"
@@ -199,9 +203,13 @@ class XMetric(GroupObjective):
     needs_all_voxels = True
 
     def __init__(self, k: int = 4, levels: int = 64, sample_rate: float = 0.1,
-                 eps: float = POSTERIOR_EPS, segmentations: Sequence[Image] | None = None
-                 ) -> None:
+                 eps: float = POSTERIOR_EPS, segmentations: Sequence[Image] | None = None,
+                 warmup: int = 0) -> None:
         super().__init__(sample_rate)
+        if isinstance(warmup, bool) or int(warmup) != warmup or int(warmup) < 0:
+            raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+        self.warmup = int(warmup)
+        self._updates = 0
         self.segmentations = None if segmentations is None else list(segmentations)
         self.fixed_appearance: Tensor | None = None
         self.fixed_ranges: list[tuple[float, float]] | None = None
@@ -219,6 +227,7 @@ class XMetric(GroupObjective):
         self.pi = None
         self.grid = None
         self.ranges = None
+        self._updates = 0
 
     def start_level(self, grid: Grid) -> None:
         """Initialise ``Gamma`` (Eq. 22) or carry it to the new grid by linear interpolation."""
@@ -283,6 +292,10 @@ class XMetric(GroupObjective):
         gamma[overlap] = e_step(ll, self.pi, self.eps).to(gamma.dtype)
         self.gamma = gamma
         self.pi = update_proportions(gamma, overlap)
+        self._updates += 1
+        if self._updates == 1:
+            for _ in range(self.warmup):
+                self.update(values, overlap)
 
     def evaluate(self, values: Tensor, overlap: Tensor,
                  index: Tensor | None = None) -> tuple[Tensor, float]:
@@ -308,6 +321,7 @@ class XMetric(GroupObjective):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "k": self.k, "levels": self.levels,
                 "sample_rate": self.sample_rate, "posterior_clamp": self.eps,
+                "warmup": self.warmup,
                 "appearance": "ground-truth (Eq. 48)" if self.segmentations is not None
                 else "estimated (Eq. 20)"}
 
