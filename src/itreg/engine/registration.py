@@ -245,9 +245,9 @@ def _generator(seed: int, stage: int, level: int) -> torch.Generator:
 
 #: Intensity ranges are computed on a regular subsample of at most about this many voxels.
 RANGE_VOXELS = 1 << 18
-#: Levels that evaluate fewer points than this run their iterations on one thread: their
-#: tensors are too small for threads to pay, and on a busy machine waiting for a descheduled
-#: thread costs far more than the work.
+#: Levels that evaluate fewer points than this run on one thread (set-up and iterations):
+#: their tensors are too small for threads to pay, and on a busy machine waiting for a
+#: descheduled thread costs far more than the work.
 SINGLE_THREAD_POINTS = 1 << 16
 
 
@@ -306,6 +306,14 @@ def _level_threads(points: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _points_per_evaluation(stage: StageConfig, li: int, level: Level, metric) -> int:
+    """How many points one evaluation of the level touches (for the thread heuristic)."""
+    if stage.sampling.strategy == "full" or getattr(metric, "requires_spatial", False):
+        return level.grid.numel
+    count = stage.sampling.count_at(li)
+    return level.grid.numel if count is None else min(count, level.grid.numel)
+
+
 def _freeze(t: Transform) -> Transform:
     t.requires_grad_(False)
     return t
@@ -349,6 +357,9 @@ def run(
     dtype, device = fixed.dtype, fixed.device
     cbs = CallbackList(callbacks)
     pyramid = Pyramid(fixed, moving, fixed_mask, moving_mask)
+    # Every level of every stage at once, so that each is smoothed from the next finer one.
+    pyramid.levels([f for st in config.stages for f in st.shrink],
+                   [s for st in config.stages for s in st.smoothing_mm])
 
     linear, outer_init = initial_transforms(init, fixed, moving, fixed_mask, moving_mask,
                                             dtype, device)
@@ -395,9 +406,10 @@ def run(
             for li, level in enumerate(levels):
                 current = builder.for_level(current, level, setup)
                 current.requires_grad_(True)
-                record, ctx = _run_level(
-                    si, stage, li, level, current, outer, metric, regs, builder, setup, optimizer,
-                    options, cbs, seed, radius, min_overlap, t0, range_cache)
+                with _level_threads(_points_per_evaluation(stage, li, level, metric)):
+                    record, ctx = _run_level(
+                        si, stage, li, level, current, outer, metric, regs, builder, setup,
+                        optimizer, options, cbs, seed, radius, min_overlap, t0, range_cache)
                 records.append(record)
                 last_state = ctx.state(record.iterations, ctx.last, None, record.stop_reason)
                 stop = cbs.on_level_end(last_state)
@@ -474,8 +486,7 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
     elif stage.iterations[li] == 0:
         reason, q = "max-iterations", q0
     else:
-        with _level_threads(objective.samples.count):
-            q, reason = optimizer.run(ctx, q0)
+        q, reason = optimizer.run(ctx, q0)
     params.load(q)
     if ctx.last is None:  # nothing recorded (zero iterations, or stopped at once)
         ev = objective.evaluate(q, grad=False)
