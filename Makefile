@@ -26,5 +26,24 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests
 
+# The side-by-side benchmark (never run by CI): itk-elastix goes into the main venv (it works
+# with its numpy), ANTsPy into its own venv (antspyx pins numpy<2.4, scipy<1.16).
+# Results in bench-out/ (results.md, results.json, results.png); BENCH_ARGS passes options.
+ANTS_VENV ?= .venv-ants
+BENCH_ARGS ?= --kinds affine,ffd --cases 3 --ffd-cases 1 --spacing 1
+
+$(ANTS_VENV)/.bench-installed:
+	test -x $(ANTS_VENV)/bin/python || $(PYTHON) -m venv $(ANTS_VENV)
+	$(ANTS_VENV)/bin/python -m pip install antspyx SimpleITK
+	touch $@
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(PY) -m pip install itk-elastix
+	touch $@
+
+bench: $(VENV)/.bench-installed $(ANTS_VENV)/.bench-installed
+	uptime
+	$(PY) benchmarks/run.py --ants-python $(ANTS_VENV)/bin/python $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(ANTS_VENV) demo-out bench-out .pytest_cache

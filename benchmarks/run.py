@@ -1,0 +1,422 @@
+"""Side-by-side benchmark: itreg, SimpleITK, itk-elastix and ANTsPy on the same brain phantoms.
+
+Cases are built with :func:`itreg.phantoms.brain_pair` (fixed: the MNI T1; moving: a T2-like
+image under a known transform) and written to a work folder. Each tool then runs in its own
+subprocess, in its own virtual environment, through its own resampler:
+
+* itreg: the ``itreg register`` command (``--transform affine`` / ``bspline``, ``--metric mi``);
+  labels warped by ``itreg apply --labels``;
+* SimpleITK ImageRegistrationMethod, the common Mattes-MI affine recipe (1% random sampling
+  with a fixed seed, gradient descent, 3 levels): ``tools/sitk_runner.py``;
+* itk-elastix, default ``affine`` and ``bspline`` parameter maps (``bspline`` on ONE thread:
+  itk-elastix 0.25.4 segfaults in the bending-energy term on two): ``tools/elastix_runner.py``;
+* ANTsPy ``Affine`` and ``SyNOnly`` (``random_seed`` set): ``tools/ants_runner.py`` in
+  ``.venv-ants`` (antspyx pins numpy<2.4 and scipy<1.16).
+
+Every tool writes its forward transform (fixed -> moving points, LPS, ITK convention) as ITK
+transform files or displacement fields, and the moving labels warped onto the fixed grid with
+nearest-neighbour interpolation. Evaluation is uniform, here in the main venv: mean/p90
+warping error over brain voxels against the true transform, Dice over CSF/GM/WM, fraction of
+det J <= 0 in the brain, the registration call's wall time (measured inside the tool's
+process, file IO excluded) and the process's peak memory (ru_maxrss from wait4, MB).
+
+    make bench                                    # default: affine 3 cases + ffd 1 case
+    .venv/bin/python benchmarks/run.py --kinds affine --cases 10 --spacing 1
+
+Outputs in ``bench-out/``: ``results.json``, ``results.md``, ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = Path(__file__).resolve().parent / "tools"
+
+#: tool name -> (kind it applies to, runner)
+TOOL_KINDS = {
+    "itreg-affine": "affine",
+    "sitk-mattes": "affine",
+    "elastix-affine": "affine",
+    "ants-Affine": "affine",
+    "itreg-bspline": "ffd",
+    "elastix-bspline": "ffd",
+    "ants-SyNOnly": "ffd",
+}
+#: brain_pair kind used for each benchmark kind ("affine": the anchor benchmark's ranges).
+PHANTOM_KIND = {"affine": "anchor", "ffd": "ffd"}
+LABELS = (1, 2, 3)  # CSF, GM, WM
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# ------------------------------------------------------------------------------- cases
+def build_case(folder: Path, kind: str, seed: int, spacing: float) -> Path:
+    """Write fixed/moving images, masks, labels and the true transform (kept if present)."""
+    from itreg import io
+    from itreg.phantoms import brain_pair
+
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    pair = brain_pair(spacing_mm=spacing, contrast="t2", kind=PHANTOM_KIND[kind], seed=seed)
+    io.write_image(pair.fixed, folder / "fixed.nii.gz")
+    io.write_image(pair.moving, folder / "moving.nii.gz")
+    io.write_image(pair.fixed_mask, folder / "fixed_mask.nii.gz")
+    io.write_image(pair.fixed_labels, folder / "fixed_labels.nii.gz")
+    io.write_image(pair.moving_labels, folder / "moving_labels.nii.gz")
+    io.write_transform(pair.true_transform, folder / "true.tfm")
+    (folder / "done").write_text(json.dumps({"kind": kind, "seed": seed, "spacing_mm": spacing}))
+    return folder
+
+
+# ------------------------------------------------------------------------------- running
+def run_measured(cmd: list[str], log_path: Path, timeout: float | None = None) -> tuple[int, float]:
+    """Run `cmd` through tools/measure.py; return (exit status, its peak resident memory, MB)."""
+    peak_file = log_path.with_name("peak.json")
+    peak_file.unlink(missing_ok=True)
+    launcher = [sys.executable, "-S", str(TOOLS / "measure.py"), str(peak_file), "--", *cmd]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(launcher, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the tool, nothing else
+            proc.wait()
+            return 124, float("nan")
+    if not peak_file.exists():
+        return rc or 1, float("nan")
+    info = json.loads(peak_file.read_text())
+    return info["rc"], info["peak_mb"]
+
+
+def tool_command(tool: str, case: Path, out: Path, threads: int, seed: int,
+                 python: dict[str, str]) -> tuple[list[str], str]:
+    """The command and a note on settings for `tool`."""
+    # SimpleITK reads seed 0 as "seed from the clock" (ANTs too, for a missing seed): the
+    # external tools get seed + 1.
+    common = [str(case), str(out), "--threads", str(threads), "--seed", str(seed + 1)]
+    if tool.startswith("itreg-"):
+        exe = Path(python["main"]).with_name("itreg")
+        transform = tool.split("-", 1)[1]
+        return ([str(exe), "register", str(case / "fixed.nii.gz"), str(case / "moving.nii.gz"),
+                 "-o", str(out), "--transform", transform, "--metric", "mi", "--seed",
+                 str(seed), "--threads", str(threads), "--quiet", "--force"],
+                f"preset {transform}, {threads} threads")
+    if tool == "sitk-mattes":
+        return [python["main"], str(TOOLS / "sitk_runner.py"), *common, "--method", "affine"], (
+            f"Mattes MI, 1% sampling (seed {seed}), GD, 3 levels, {threads} threads")
+    if tool.startswith("elastix-"):
+        method = tool.split("-", 1)[1]
+        t = 1 if method == "bspline" else threads
+        cmd = [python["elastix"], str(TOOLS / "elastix_runner.py"), str(case), str(out),
+               "--threads", str(t), "--seed", str(seed), "--method", method]
+        note = f"default {method} map, {t} thread" + ("s" if t > 1 else "")
+        if method == "bspline" and threads > 1:
+            note += " (segfaults on 2)"
+        return cmd, note
+    if tool.startswith("ants-"):
+        method = tool.split("-", 1)[1]
+        return [python["ants"], str(TOOLS / "ants_runner.py"), *common, "--method", method], (
+            f"{method}, random_seed={seed + 1}, {threads} threads")
+    raise ValueError(f"unknown tool {tool!r}")
+
+
+def itreg_labels(case: Path, out: Path, python: dict[str, str]) -> dict:
+    """After `itreg register`: its report's wall time, and labels warped by `itreg apply`."""
+    report = json.loads((out / "report.json").read_text())
+    transform = "displacement.nii.gz" if (out / "displacement.nii.gz").exists() else "transform.tfm"
+    exe = Path(python["main"]).with_name("itreg")
+    subprocess.run([str(exe), "apply", str(case / "moving_labels.nii.gz"), "-r",
+                    str(case / "fixed.nii.gz"), "-t", str(out / transform), "-o",
+                    str(out / "warped_labels.nii.gz"), "--labels", "--force"], check=True)
+    result = {"wall_s": report["wall_time_s"], "transforms": [transform],
+              "warped_labels": "warped_labels.nii.gz",
+              "note": f"stop: {sorted(set(report.get('stop_reasons', [])))}"}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ------------------------------------------------------------------------------- evaluation
+def read_any(path: Path):
+    from itreg import io
+
+    if path.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+        return io.read_displacement_field(path, dtype=torch.float64)
+    return io.read_transform(path, dtype=torch.float64)
+
+
+def evaluate(case: Path, out: Path, result: dict, deformable: bool) -> dict:
+    from itreg import io
+    from itreg.evaluate import dice, jacobian_statistics, warping_error
+    from itreg.transforms import Compose
+
+    fixed_mask = io.read_image(case / "fixed_mask.nii.gz", is_label=True)
+    fixed_labels = io.read_image(case / "fixed_labels.nii.gz", is_label=True)
+    grid = fixed_mask.grid
+    mask = fixed_mask.data[0] != 0
+    true = io.read_transform(case / "true.tfm", dtype=torch.float64)
+    parts = [read_any(out / p) for p in result["transforms"]]
+    # Listed in the order a fixed point goes through them; Compose applies its last first.
+    found = parts[0] if len(parts) == 1 else Compose(*reversed(parts))
+    err = warping_error(found, true, grid, mask)
+    warped = io.read_image(out / result["warped_labels"], is_label=True)
+    d = dice(fixed_labels.data[0].long(), warped.data[0].long().to(fixed_labels.data.device),
+             labels=LABELS)
+    row = {"mean_mm": err.mean_mm, "p90_mm": err.p90_mm, "dice": d.mean,
+           "dice_per_label": {str(k): v for k, v in d.per_label.items()}}
+    row["folding"] = jacobian_statistics(found, grid, mask).folding_fraction if deformable else None
+    return row
+
+
+def baseline(case: Path, deformable: bool) -> dict:
+    """Before registration (identity) and with the true transform, for reference."""
+    from itreg import io
+    from itreg.evaluate import dice, warping_error
+    from itreg.transforms import Identity
+    from itreg.warp import resample
+
+    fixed_mask = io.read_image(case / "fixed_mask.nii.gz", is_label=True)
+    fixed_labels = io.read_image(case / "fixed_labels.nii.gz", is_label=True)
+    moving_labels = io.read_image(case / "moving_labels.nii.gz", is_label=True)
+    true = io.read_transform(case / "true.tfm", dtype=torch.float64)
+    grid = fixed_mask.grid
+    err = warping_error(Identity(3), true, grid, fixed_mask.data[0])
+    rows = {"identity_mean_mm": err.mean_mm}
+    for name, t in (("identity", None), ("true", true)):
+        w = resample(moving_labels, t, grid, mode="label")
+        rows[f"{name}_dice"] = dice(fixed_labels.data[0].long(), w.data[0].long(), LABELS).mean
+    return rows
+
+
+# ------------------------------------------------------------------------------- reporting
+def fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{digits}g}" if abs(v) < 1e-2 and v != 0 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def median(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def tables(rows: list[dict], kinds: list[str]) -> tuple[str, dict]:
+    lines, summary = [], {}
+    for kind in kinds:
+        krows = [r for r in rows if r["kind"] == kind]
+        if not krows:
+            continue
+        lines += [f"### {kind}", "",
+                  "| tool | case | mean mm | p90 mm | Dice | wall s | peak MB | det J<=0 | load | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in krows:
+            if r.get("error"):
+                lines.append(f"| {r['tool']} | {r['case']} | failed | | | | | | {r['load']} |"
+                             f" {r['error']} |")
+                continue
+            lines.append(
+                f"| {r['tool']} | {r['case']} | {fmt(r['mean_mm'])} | {fmt(r['p90_mm'])} | "
+                f"{fmt(r['dice'])} | {fmt(r['wall_s'], 1)} | {fmt(r['peak_mb'], 0)} | "
+                f"{fmt(r['folding'])} | {r['load']} | {r['setting']} |")
+        lines += ["", "Medians over cases:", "",
+                  ("| tool | cases | mean mm (median) | max of mean mm | p90 mm | Dice | wall s |"
+                  " peak MB | det J<=0 (max) |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        ksum = {}
+        for tool in dict.fromkeys(r["tool"] for r in krows):
+            tr = [r for r in krows if r["tool"] == tool and not r.get("error")]
+            if not tr:
+                continue
+            folds = [r["folding"] for r in tr if r["folding"] is not None]
+            s = {"cases": len(tr), "mean_mm": median(tr, "mean_mm"),
+                 "max_mean_mm": max(r["mean_mm"] for r in tr), "p90_mm": median(tr, "p90_mm"),
+                 "dice": median(tr, "dice"), "wall_s": median(tr, "wall_s"),
+                 "peak_mb": median(tr, "peak_mb"), "folding_max": max(folds) if folds else None}
+            ksum[tool] = s
+            lines.append(f"| {tool} | {s['cases']} | {fmt(s['mean_mm'])} | {fmt(s['max_mean_mm'])}"
+                         f" | {fmt(s['p90_mm'])} | {fmt(s['dice'])} | {fmt(s['wall_s'], 1)} | "
+                         f"{fmt(s['peak_mb'], 0)} | {fmt(s['folding_max'])} |")
+        mine = next((t for t in ksum if t.startswith("itreg")), None)
+        ratios = {}
+        if mine:
+            for other in ksum:
+                if other.startswith(("elastix", "ants")) and ksum[other]["wall_s"]:
+                    ratios[f"{mine}/{other}"] = ksum[mine]["wall_s"] / ksum[other]["wall_s"]
+        if ratios:
+            lines += ["", "Median wall-time ratios: " + ", ".join(
+                f"{k} = {v:.2f}" for k, v in ratios.items())]
+        lines.append("")
+        summary[kind] = {"tools": ksum, "time_ratios": ratios}
+    return "\n".join(lines), summary
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("error")]
+    tools = list(dict.fromkeys(r["tool"] for r in ok))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, label, logy in ((axes[0], "mean_mm", "mean warping error (mm)", True),
+                                 (axes[1], "dice", "mean Dice CSF/GM/WM", False),
+                                 (axes[2], "wall_s", "registration wall time (s)", True)):
+        for i, tool in enumerate(tools):
+            vals = [r[key] for r in ok if r["tool"] == tool]
+            ax.scatter([i] * len(vals), vals, s=25, alpha=0.7)
+            if vals:
+                ax.hlines(statistics.median(vals), i - 0.3, i + 0.3, color="k")
+        ax.set_xticks(range(len(tools)))
+        ax.set_xticklabels(tools, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle("itreg vs SimpleITK, elastix, ANTsPy (dots: cases; bars: medians)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=int, default=3, help="cases per kind (seeds FIRST..N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="first case seed (with --append)")
+    p.add_argument("--ffd-cases", type=int, default=None, help="cases for ffd (default --cases)")
+    p.add_argument("--spacing", type=float, default=1.0, help="voxel spacing in mm")
+    p.add_argument("--kinds", default="affine,ffd", help="affine,ffd")
+    p.add_argument("--tools", default=",".join(TOOL_KINDS),
+                   help="comma list of: " + ", ".join(TOOL_KINDS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=ROOT / "bench-out" / "work")
+    p.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    p.add_argument("--ants-python", default=str(ROOT / ".venv-ants" / "bin" / "python"))
+    p.add_argument("--elastix-python", default=sys.executable)
+    p.add_argument("--timeout", type=float, default=900.0, help="per tool run, seconds")
+    p.add_argument("--append", action="store_true",
+                   help="merge with rows already in OUT/results.json (other kinds/tools kept)")
+    args = p.parse_args()
+
+    args.work, args.out = args.work.resolve(), args.out.resolve()
+    kinds = [k for k in args.kinds.split(",") if k]
+    tools = [t for t in args.tools.split(",") if t]
+    for t in tools:
+        if t not in TOOL_KINDS:
+            p.error(f"unknown tool {t!r}; choose from {', '.join(TOOL_KINDS)}")
+    python = {"main": sys.executable, "elastix": args.elastix_python, "ants": args.ants_python}
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    rows: list[dict] = []
+    baselines: dict = {}
+    for kind in kinds:
+        n = args.cases if kind != "ffd" or args.ffd_cases is None else args.ffd_cases
+        for seed in range(args.first_seed, n):
+            name = f"{kind}-s{seed}-{args.spacing:g}mm"
+            log(f"case {name}: building")
+            case = build_case(args.work / name, kind, seed, args.spacing)
+            baselines[name] = baseline(case, kind == "ffd")
+            log(f"case {name}: before registration {baselines[name]}")
+            for tool in tools:
+                if TOOL_KINDS[tool] != kind:
+                    continue
+                out = case / "out" / tool
+                out.mkdir(parents=True, exist_ok=True)
+                cmd, setting = tool_command(tool, case, out, args.threads, seed, python)
+                load = load_average()
+                row = {"kind": kind, "case": name, "seed": seed, "tool": tool,
+                       "setting": setting, "load": load}
+                if not Path(cmd[0]).exists():
+                    row["error"] = f"missing {cmd[0]} (run make bench)"
+                    rows.append(row)
+                    log(f"{tool} on {name}: {row['error']}")
+                    continue
+                rc, peak = run_measured(cmd, out / "log.txt", timeout=args.timeout)
+                if rc != 0:
+                    tail = (out / "log.txt").read_text(errors="replace")[-300:].replace("\n", " ")
+                    row["error"] = f"exit {rc}: {tail}"
+                    rows.append(row)
+                    log(f"{tool} on {name}: FAILED {row['error']}")
+                    continue
+                try:
+                    if tool.startswith("itreg-"):
+                        result = itreg_labels(case, out, python)
+                    else:
+                        result = json.loads((out / "result.json").read_text())
+                    row.update(evaluate(case, out, result, kind == "ffd"))
+                    row.update(wall_s=result["wall_s"], peak_mb=peak, tool_note=result.get("note"))
+                except Exception as exc:  # noqa: BLE001 - report and go on with the other tools
+                    row["error"] = f"evaluation failed: {type(exc).__name__}: {exc}"
+                rows.append(row)
+                log(f"{tool} on {name}: " + (row.get("error") or
+                    f"mean {row['mean_mm']:.3f} mm, p90 {row['p90_mm']:.3f} mm, Dice "
+                    f"{row['dice']:.3f}, {row['wall_s']:.1f} s, {peak:.0f} MB, fold "
+                    f"{fmt(row['folding'])}, load {load}"))
+
+    json_path = args.out / "results.json"
+    if args.append and json_path.exists():
+        old = json.loads(json_path.read_text())
+        keep = [r for r in old["rows"] if (r["case"], r["tool"]) not in
+                {(r2["case"], r2["tool"]) for r2 in rows}]
+        rows = keep + rows
+        baselines = {**old.get("baselines", {}), **baselines}
+    all_kinds = list(dict.fromkeys([*(r["kind"] for r in rows)]))
+    table, summary = tables(rows, all_kinds)
+    meta = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "load_at_end": load_average(), "spacing_mm": args.spacing, "threads": args.threads,
+            "command": " ".join(sys.argv)}
+    head = [(f"# itreg benchmark ({meta['date_utc']} UTC, {meta['machine']}, "
+            f"load average at end {meta['load_at_end']})"), "",
+            ("Fixed: MNI T1; moving: T2-like under a known transform. Errors over brain voxels "
+            "(mm); Dice over CSF/GM/WM of moving labels warped by each tool's own resampler "
+            "(nearest); wall: the registration call inside the tool's process; peak: ru_maxrss "
+            "of that process. Load: 1/5/15-min load average when the run started (2 cores)."),
+            "", "Before registration / with the true transform:", "",
+            "| case | error before mm | Dice before | Dice with true transform |",
+            "|---|---|---|---|"]
+    for name, b in baselines.items():
+        head.append(f"| {name} | {fmt(b['identity_mean_mm'])} | {fmt(b['identity_dice'])} | "
+                    f"{fmt(b['true_dice'])} |")
+    markdown = "\n".join(head) + "\n\n" + table
+    (args.out / "results.md").write_text(markdown + "\n")
+    json_path.write_text(json.dumps({"meta": meta, "baselines": baselines, "rows": rows,
+                                     "summary": summary}, indent=1, default=str))
+    try:
+        plot(rows, args.out / "results.png")
+    except Exception as exc:  # noqa: BLE001 - the table matters more than the figure
+        log(f"plot failed: {exc}")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
