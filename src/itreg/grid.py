@@ -15,9 +15,10 @@ conversions run in the dtype of the points they are given.
 from __future__ import annotations
 
 import enum
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -102,7 +103,8 @@ class Grid:
     def direction_matrix(self) -> np.ndarray:
         return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
 
-    def index_to_world_matrix(self) -> np.ndarray:
+    @functools.cached_property
+    def _index_to_world_matrix(self) -> np.ndarray:
         """Homogeneous (D+1) x (D+1) float64 matrix mapping ITK indices to world points."""
         d = self.ndim
         m = np.eye(d + 1)
@@ -110,10 +112,12 @@ class Grid:
         m[:d, d] = self.origin
         return m
 
-    def world_to_index_matrix(self) -> np.ndarray:
+    @functools.cached_property
+    def _world_to_index_matrix(self) -> np.ndarray:
         return np.linalg.inv(self.index_to_world_matrix())
 
-    def index_to_normalized_matrix(self) -> np.ndarray:
+    @functools.cached_property
+    def _index_to_normalized_matrix(self) -> np.ndarray:
         """Homogeneous matrix from ITK indices to ``grid_sample`` coordinates (align_corners)."""
         d = self.ndim
         m = np.eye(d + 1)
@@ -123,8 +127,24 @@ class Grid:
             m[a, d] = -1.0 if n > 1 else 0.0
         return m
 
-    def world_to_normalized_matrix(self) -> np.ndarray:
+    @functools.cached_property
+    def _world_to_normalized_matrix(self) -> np.ndarray:
         return self.index_to_normalized_matrix() @ self.world_to_index_matrix()
+
+    # The matrices are computed once per grid (it is immutable); callers get copies.
+    def index_to_world_matrix(self) -> np.ndarray:
+        """Homogeneous (D+1) x (D+1) float64 matrix mapping ITK indices to world points."""
+        return self._index_to_world_matrix.copy()
+
+    def world_to_index_matrix(self) -> np.ndarray:
+        return self._world_to_index_matrix.copy()
+
+    def index_to_normalized_matrix(self) -> np.ndarray:
+        """Homogeneous matrix from ITK indices to ``grid_sample`` coordinates (align_corners)."""
+        return self._index_to_normalized_matrix.copy()
+
+    def world_to_normalized_matrix(self) -> np.ndarray:
+        return self._world_to_normalized_matrix.copy()
 
     # ------------------------------------------------------------------ conversions
     @staticmethod
@@ -137,13 +157,13 @@ class Grid:
         return points.to(dtype) @ m[:d, :d].T + m[:d, d]
 
     def index_to_world(self, index: Tensor) -> Tensor:
-        return self._apply(self.index_to_world_matrix(), index)
+        return self._apply(self._index_to_world_matrix, index)
 
     def world_to_index(self, points: Tensor) -> Tensor:
-        return self._apply(self.world_to_index_matrix(), points)
+        return self._apply(self._world_to_index_matrix, points)
 
     def world_to_normalized(self, points: Tensor) -> Tensor:
-        return self._apply(self.world_to_normalized_matrix(), points)
+        return self._apply(self._world_to_normalized_matrix, points)
 
     def normalized_to_world(self, coords: Tensor) -> Tensor:
         # Axes of size 1 have no normalised extent: they map to index 0.
@@ -215,7 +235,7 @@ class Grid:
         """Half the diagonal of the physical extent (used to scale rotations to mm)."""
         return 0.5 * math.sqrt(sum(e * e for e in self.extent()))
 
-    def shrink(self, factors: int | Sequence[int]) -> "Grid":
+    def shrink(self, factors: int | Sequence[int]) -> Grid:
         """Coarser grid as ITK's ShrinkImageFilter makes it: size // f, spacing * f, same centre."""
         if isinstance(factors, (int, np.integer)):
             factors = (int(factors),) * self.ndim
@@ -226,7 +246,7 @@ class Grid:
         spacing = tuple(s * f for s, f in zip(self.spacing, factors))
         return self.resized(size, spacing)
 
-    def resized(self, size: Sequence[int], spacing: Sequence[float]) -> "Grid":
+    def resized(self, size: Sequence[int], spacing: Sequence[float]) -> Grid:
         """Grid with the same centre and direction but another size and spacing."""
         shifted = Grid(tuple(size), tuple(spacing), (0.0,) * self.ndim, self.direction)
         c_old = np.asarray(self.center)
@@ -234,14 +254,14 @@ class Grid:
         origin = c_old - c_new
         return Grid(tuple(size), tuple(spacing), tuple(origin), self.direction)
 
-    def with_spacing(self, spacing: float | Sequence[float]) -> "Grid":
+    def with_spacing(self, spacing: float | Sequence[float]) -> Grid:
         """Grid covering the same extent at another spacing (same centre and direction)."""
         if isinstance(spacing, (int, float)):
             spacing = (float(spacing),) * self.ndim
-        size = tuple(max(int(round(e / s)), 1) for e, s in zip(self.extent(), spacing))
+        size = tuple(max(round(e / s), 1) for e, s in zip(self.extent(), spacing))
         return self.resized(size, spacing)
 
-    def same_as(self, other: "Grid", tol: float = 1e-4) -> bool:
+    def same_as(self, other: Grid, tol: float = 1e-4) -> bool:
         """Whether two grids sample the same points (within `tol` mm / relative)."""
         if self.size != other.size:
             return False
@@ -252,7 +272,7 @@ class Grid:
         )
 
     def __repr__(self) -> str:
-        f = lambda v: "(" + ", ".join(f"{x:g}" for x in v) + ")"  # noqa: E731
+        f = lambda v: "(" + ", ".join(f"{x:g}" for x in v) + ")"
         return (
             f"Grid(size={self.size}, spacing={f(self.spacing)}, origin={f(self.origin)}, "
             f"direction={f(self.direction)})"

@@ -7,8 +7,8 @@ tensors are label maps: they keep their dtype and are resampled label-preserving
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ class Image:
         direction: Sequence[float] | None = None,
         channels: bool = False,
         is_label: bool | None = None,
-    ) -> "Image":
+    ) -> Image:
         """Wrap a tensor ``(*shape)`` (or ``(C, *shape)`` with ``channels=True``)."""
         data = torch.as_tensor(data)
         shape = tuple(data.shape[1:] if channels else data.shape)
@@ -79,14 +79,14 @@ class Image:
         return self.data.dtype
 
     # ------------------------------------------------------------------ copies
-    def with_data(self, data: Tensor, is_label: bool | None = None) -> "Image":
+    def with_data(self, data: Tensor, is_label: bool | None = None) -> Image:
         """Same grid, new voxels (label flag re-derived from the dtype unless given)."""
         return Image(data, self.grid, is_label)
 
-    def to(self, *args, **kwargs) -> "Image":
+    def to(self, *args, **kwargs) -> Image:
         return replace(self, data=self.data.to(*args, **kwargs))
 
-    def float(self, dtype: torch.dtype = torch.float32) -> "Image":
+    def float(self, dtype: torch.dtype = torch.float32) -> Image:
         """Floating-point copy (keeps the label flag: values are still labels)."""
         return Image(self.data.to(dtype), self.grid, self.is_label)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
@@ -9,10 +10,24 @@ from pathlib import Path
 
 import click
 
-from itreg.errors import ItregError
+from itreg.errors import ConfigError, ItregError
 
 #: Path parameter type shared by every command.
 PATH = click.Path(path_type=Path)
+
+
+def parse_sets(values) -> dict:
+    """``--set KEY=VALUE`` pairs; values are parsed as JSON where possible (numbers, lists)."""
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app
-from itreg.errors import ConfigError
-
-
-def _parse_kwargs(values) -> dict:
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
+from itreg.cli.app import app, parse_sets
 
 
 @app.command()
@@ -66,7 +50,7 @@ def landscape(fixed, moving, output, metric, axes, ranges, fixed_mask, plateau_t
         land = metric_landscape(fixed_img, moving_img, metric, axes=axis_list, ranges=range_list,
                                 fixed_mask=fmask, plateau_tol=plateau_tol,
                                 warmup_steps=warmup_steps, fit_steps=fit_steps, seed=seed,
-                                **_parse_kwargs(sets))
+                                **parse_sets(sets))
         save_landscape(land, tmp)
     widths = ", ".join(f"{a} {'>' if c else ''}{w:.3g} {'deg' if a.startswith('r') else 'mm'}"
                        for a, w, c in zip(land.axes, land.fwhm, land.fwhm_censored))

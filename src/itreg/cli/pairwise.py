@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app
-from itreg.errors import ConfigError, OutputExistsError
-
-
-def _parse_sets(values) -> dict:
-    """``--set key=value`` pairs; values are parsed as JSON where possible (numbers, lists)."""
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
+from itreg.cli.app import app, parse_sets
+from itreg.errors import OutputExistsError
 
 
 @app.command()
@@ -73,7 +57,7 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
     result = run_registration(
         fixed_img, moving_img, transform=transform, metric=metric, fixed_mask=fmask,
         moving_mask=mmask, init=init_arg, seed=seed, threads=threads,
-        progress=not quiet, overrides=_parse_sets(sets) or None,
+        progress=not quiet, overrides=parse_sets(sets) or None,
     )
     save_registration(result, output, force=force, inputs={
         "fixed": fixed, "moving": moving, "fixed_mask": fixed_mask, "moving_mask": moving_mask,

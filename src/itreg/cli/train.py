@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app
+from itreg.cli.app import app, parse_sets
 from itreg.errors import ConfigError, OutputExistsError
 
 #: Kinds ``train-metric`` accepts.
@@ -114,9 +114,8 @@ def train_metric(kind, images, labels, masks, output, spacing, small, schedule, 
     """
     import torch
 
-    from itreg.cli.pairwise import _parse_sets
 
-    extra = _parse_sets(sets)
+    extra = parse_sets(sets)
 
     if output.exists() and not force:
         raise OutputExistsError(f"model file '{output}' exists; use --force to overwrite it")

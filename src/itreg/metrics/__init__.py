@@ -66,8 +66,8 @@ for _name, _factory in (
 del _name, _factory
 
 # Learned metrics register their "prefix:model-file" factories when imported.
-from itreg.metrics import ditr as _ditr  # noqa: E402,F401
-from itreg.metrics import deepsim as _deepsim  # noqa: E402,F401
+from itreg.metrics import deepsim as _deepsim  # noqa: F401
+from itreg.metrics import ditr as _ditr  # noqa: F401
 
 __all__ = [
     "DEFAULT_PERCENTILES",

@@ -13,7 +13,7 @@ All follow ``T(x) = A (x - c) + c + t`` with a fixed centre of rotation ``c`` (a
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class LinearTransform(Transform):
             self.translation.add_(delta - a @ delta)
             self.center.copy_(new_c)
 
-    def to_affine(self) -> "Affine":
+    def to_affine(self) -> Affine:
         """The same map as an :class:`Affine` (same centre), for staged registration."""
         with torch.no_grad():
             return Affine(
@@ -112,7 +112,7 @@ class LinearTransform(Transform):
                 device=self.translation.device,
             )
 
-    def inverse(self) -> "Affine":
+    def inverse(self) -> Affine:
         """The inverse map as an :class:`Affine` with the same centre."""
         with torch.no_grad():
             a_inv = torch.linalg.inv(self.matrix())
@@ -183,7 +183,7 @@ class Affine(LinearTransform):
         return self.linear
 
     @classmethod
-    def from_matrix(cls, matrix, offset, center=None, dtype=torch.float32, device=None) -> "Affine":
+    def from_matrix(cls, matrix, offset, center=None, dtype=torch.float32, device=None) -> Affine:
         """Build from ``T(x) = matrix @ x + offset`` with the given centre (default 0)."""
         a = torch.as_tensor(np.asarray(matrix, np.float64), dtype=torch.float64)
         d = a.shape[0]
