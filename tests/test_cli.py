@@ -183,3 +183,16 @@ def test_debug_shows_traceback_and_console_script_exit_code(tmp_path):
         check=False, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "itreg: error:" in proc.stderr
+
+
+def test_demo_runs_end_to_end_on_bundled_data(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "-o", str(out), "--spacing", "6", "--quiet"], capsys)
+    assert code == 0, err
+    assert "mean error over the brain" in stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"before_after.png", "warped.nii.gz", "transform.tfm", "report.json",
+            "true_transform.tfm"} <= names
+    report = json.loads((out / "report.json").read_text())
+    # A 6 mm phantom is coarse; the error must still fall far below the initial misalignment.
+    assert report["error"]["after"]["mean_mm"] < 0.2 * report["error"]["before"]["mean_mm"]

@@ -13,7 +13,7 @@ from itreg.phantoms import brain_pair
 from itreg.warp import resample
 
 
-def run_demo(output: str | Path, *, spacing_mm: float = 2.0, seed: int = 0,
+def run_demo(output: str | Path, *, spacing_mm: float = 1.0, seed: int = 0,
              threads: int | None = None, force: bool = False, progress: bool = True) -> str:
     """Register the MNI T1 (fixed) with a synthetic T2-like image under a random affine.
 

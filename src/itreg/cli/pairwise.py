@@ -85,7 +85,7 @@ def apply(image, reference, transform, output, labels, force) -> None:
 @app.command()
 @click.option("-o", "--output", type=_PATH, default=Path("demo-out"), show_default=True,
               help="Output folder.")
-@click.option("--spacing", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
+@click.option("--spacing", type=click.FloatRange(min=0.5), default=1.0, show_default=True,
               help="Voxel spacing of the phantom in mm (1 = full template resolution).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the misalignment and noise.")
