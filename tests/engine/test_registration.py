@@ -11,7 +11,7 @@ from engine_data import RAD, blob_image, blob_values, make_pair, mean_error_vox,
 from itreg.api import register
 from itreg.grid import Grid
 from itreg.image import Image
-from itreg.transforms import Affine, Identity, LinearTransform, Rigid, Translation
+from itreg.transforms import Affine, Identity, LinearTransform, Rigid, Similarity, Translation
 from itreg.transforms.bspline import BSpline
 from itreg.transforms.compose import Compose
 
@@ -21,13 +21,15 @@ def _true_2d(kind: str, grid: Grid):
     return {
         "translation": Translation(2, center=c, translation=[3.0, -2.5]),
         "rigid": Rigid(2, center=c, translation=[2.0, -3.0], angles=[8 * RAD]),
+        "similarity": Similarity(2, center=c, translation=[-2.0, 2.5], angles=[-6 * RAD],
+                                 scale=1.04),
         "affine": Affine(2, center=c, translation=[2.0, 1.5],
                          matrix=[[1.05, 0.04], [-0.03, 0.96]]),
     }[kind]
 
 
 @pytest.mark.parametrize("metric", ["mi", "nmi", "ncc"])
-@pytest.mark.parametrize("kind", ["translation", "rigid", "affine"])
+@pytest.mark.parametrize("kind", ["translation", "rigid", "similarity", "affine"])
 def test_recovers_linear_transform_2d(grid2d, kind, metric):
     true = _true_2d(kind, grid2d)
     fixed, moving = make_pair(grid2d, true, multimodal=metric != "ncc")
@@ -82,12 +84,12 @@ def _smooth_deformation(grid: Grid, spacing_mm: float, sigma_mm: float, seed: in
     return true
 
 
-def _deformable_pair(grid: Grid, true, blobs: int = 20):
+def _deformable_pair(grid: Grid, true, blobs: int = 20, multimodal: bool = True):
     base = blob_image(grid, 0, blobs)
     with torch.no_grad():
         mapped = true(grid.points(dtype=torch.float64))
     fixed = Image(blob_values(mapped, grid, 0, blobs).float(), grid)
-    return fixed, remap(base)
+    return fixed, (remap(base) if multimodal else base)
 
 
 def _foreground_error(found, true, fixed: Image) -> float:
@@ -100,14 +102,15 @@ def _foreground_error(found, true, fixed: Image) -> float:
     return float(d[fixed.data[0] > 0.05].mean()) / min(grid.spacing)
 
 
-def test_recovers_bspline_deformation_2d(grid2d):
+@pytest.mark.parametrize("metric", ["mi", "nmi", "ncc"])
+def test_recovers_bspline_deformation_2d(grid2d, metric):
     true = _smooth_deformation(grid2d, 16.0, 2.0, seed=3)
-    fixed, moving = _deformable_pair(grid2d, true)
+    fixed, moving = _deformable_pair(grid2d, true, multimodal=metric != "ncc")
     before = _foreground_error(Identity(2), true, fixed)
-    result = register(fixed, moving, "bspline", "mi", progress=False, overrides=quick(**{
+    result = register(fixed, moving, "bspline", metric, progress=False, overrides=quick(**{
         "stages.2.control_spacing_mm": 16.0, "stages.2.sampling.count": 4096}))
     error = _foreground_error(result.transform, true, fixed)
-    assert before > 0.9 and error < 0.5, f"{before:.2f} -> {error:.3f} voxels"
+    assert before > 0.9 and error < 0.5, f"{metric}: {before:.2f} -> {error:.3f} voxels"
     assert isinstance(result.transform, Compose)
     assert isinstance(result.transform[0], LinearTransform)
     assert isinstance(result.transform[-1], BSpline)
