@@ -127,7 +127,7 @@ def tool_command(tool: str, case: Path, out: Path, threads: int, seed: int,
                 f"preset {transform}, {threads} threads")
     if tool == "sitk-mattes":
         return [python["main"], str(TOOLS / "sitk_runner.py"), *common, "--method", "affine"], (
-            f"Mattes MI, 1% sampling (seed {seed}), GD, 3 levels, {threads} threads")
+            f"Mattes MI, 1% sampling (seed {seed + 1}), GD, 3 levels, {threads} threads")
     if tool.startswith("elastix-"):
         method = tool.split("-", 1)[1]
         t = 1 if method == "bspline" else threads
@@ -144,17 +144,26 @@ def tool_command(tool: str, case: Path, out: Path, threads: int, seed: int,
     raise ValueError(f"unknown tool {tool!r}")
 
 
-def itreg_labels(case: Path, out: Path, python: dict[str, str]) -> dict:
-    """After `itreg register`: its report's wall time, and labels warped by `itreg apply`."""
+def itreg_labels(case: Path, out: Path) -> dict:
+    """After `itreg register`: its report's wall time, and labels warped by itreg's resampler.
+
+    Nearest neighbour, as for the other tools (``itreg apply --labels`` would interpolate
+    one-hot maps, which scores a little higher than nearest).
+    """
+    from itreg import io
+    from itreg.warp import resample
+
     report = json.loads((out / "report.json").read_text())
     transform = "displacement.nii.gz" if (out / "displacement.nii.gz").exists() else "transform.tfm"
-    exe = Path(python["main"]).with_name("itreg")
-    subprocess.run([str(exe), "apply", str(case / "moving_labels.nii.gz"), "-r",
-                    str(case / "fixed.nii.gz"), "-t", str(out / transform), "-o",
-                    str(out / "warped_labels.nii.gz"), "--labels", "--force"], check=True)
+    labels = io.read_image(case / "moving_labels.nii.gz", is_label=True)
+    grid = io.read_header(case / "fixed.nii.gz").grid
+    warped = resample(labels, read_any(out / transform), grid, mode="nearest")
+    io.write_image(warped, out / "warped_labels.nii.gz")
     result = {"wall_s": report["wall_time_s"], "transforms": [transform],
               "warped_labels": "warped_labels.nii.gz",
-              "note": f"stop: {sorted(set(report.get('stop_reasons', [])))}"}
+              "note": "level times s: " + ", ".join(
+                  f"{lv['transform']}/{lv['shrink']} {lv.get('time_s', float('nan')):.1f}"
+                  for lv in report.get("levels", []))}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -206,7 +215,7 @@ def baseline(case: Path, deformable: bool) -> dict:
     err = warping_error(Identity(3), true, grid, fixed_mask.data[0])
     rows = {"identity_mean_mm": err.mean_mm}
     for name, t in (("identity", None), ("true", true)):
-        w = resample(moving_labels, t, grid, mode="label")
+        w = resample(moving_labels, t, grid, mode="nearest")
         rows[f"{name}_dice"] = dice(fixed_labels.data[0].long(), w.data[0].long(), LABELS).mean
     return rows
 
@@ -272,6 +281,10 @@ def tables(rows: list[dict], kinds: list[str]) -> tuple[str, dict]:
         if ratios:
             lines += ["", "Median wall-time ratios: " + ", ".join(
                 f"{k} = {v:.2f}" for k, v in ratios.items())]
+        notes = [f"- {r['case']}: {r['tool_note']}" for r in krows
+                 if r["tool"].startswith("itreg") and r.get("tool_note")]
+        if notes:
+            lines += ["", "itreg's time per stage/shrink level (its report.json):", "", *notes]
         lines.append("")
         summary[kind] = {"tools": ksum, "time_ratios": ratios}
     return "\n".join(lines), summary
@@ -322,6 +335,8 @@ def main() -> None:
     p.add_argument("--ants-python", default=str(ROOT / ".venv-ants" / "bin" / "python"))
     p.add_argument("--elastix-python", default=sys.executable)
     p.add_argument("--timeout", type=float, default=900.0, help="per tool run, seconds")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-evaluate the tool outputs already in the work folder (no runs)")
     p.add_argument("--append", action="store_true",
                    help="merge with rows already in OUT/results.json (other kinds/tools kept)")
     args = p.parse_args()
@@ -338,6 +353,9 @@ def main() -> None:
 
     rows: list[dict] = []
     baselines: dict = {}
+    json_path = args.out / "results.json"
+    old = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
+    old_load = {(r["case"], r["tool"]): r.get("load", "n/a") for r in old["rows"]}
     for kind in kinds:
         n = args.cases if kind != "ffd" or args.ffd_cases is None else args.ffd_cases
         for seed in range(args.first_seed, n):
@@ -360,7 +378,14 @@ def main() -> None:
                     rows.append(row)
                     log(f"{tool} on {name}: {row['error']}")
                     continue
-                rc, peak = run_measured(cmd, out / "log.txt", timeout=args.timeout)
+                if args.evaluate_only:
+                    if not (out / "peak.json").exists():
+                        continue
+                    peak = json.loads((out / "peak.json").read_text())["peak_mb"]
+                    rc = 0 if (out / "result.json").exists() or (out / "report.json").exists() else 1
+                    row["load"] = load = old_load.get((name, tool), "n/a")
+                else:
+                    rc, peak = run_measured(cmd, out / "log.txt", timeout=args.timeout)
                 if rc != 0:
                     tail = (out / "log.txt").read_text(errors="replace")[-300:].replace("\n", " ")
                     row["error"] = f"exit {rc}: {tail}"
@@ -369,7 +394,7 @@ def main() -> None:
                     continue
                 try:
                     if tool.startswith("itreg-"):
-                        result = itreg_labels(case, out, python)
+                        result = itreg_labels(case, out)
                     else:
                         result = json.loads((out / "result.json").read_text())
                     row.update(evaluate(case, out, result, kind == "ffd"))
@@ -382,9 +407,7 @@ def main() -> None:
                     f"{row['dice']:.3f}, {row['wall_s']:.1f} s, {peak:.0f} MB, fold "
                     f"{fmt(row['folding'])}, load {load}"))
 
-    json_path = args.out / "results.json"
-    if args.append and json_path.exists():
-        old = json.loads(json_path.read_text())
+    if args.append:
         keep = [r for r in old["rows"] if (r["case"], r["tool"]) not in
                 {(r2["case"], r2["tool"]) for r2 in rows}]
         rows = keep + rows
@@ -399,7 +422,7 @@ def main() -> None:
             f"load average at end {meta['load_at_end']})"), "",
             ("Fixed: MNI T1; moving: T2-like under a known transform. Errors over brain voxels "
             "(mm); Dice over CSF/GM/WM of moving labels warped by each tool's own resampler "
-            "(nearest); wall: the registration call inside the tool's process; peak: ru_maxrss "
+            "(nearest neighbour for every tool); wall: the registration call inside the tool's process; peak: ru_maxrss "
             "of that process. Load: 1/5/15-min load average when the run started (2 cores)."),
             "", "Before registration / with the true transform:", "",
             "| case | error before mm | Dice before | Dice with true transform |",
