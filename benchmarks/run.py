@@ -225,6 +225,8 @@ def fmt(v, digits=3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
+        if v == 0:
+            return "0"
         if math.isnan(v):
             return "nan"
         return f"{v:.{digits}g}" if abs(v) < 1e-2 and v != 0 else f"{v:.{digits}f}"
@@ -269,7 +271,7 @@ def tables(rows: list[dict], kinds: list[str]) -> tuple[str, dict]:
                  "dice": median(tr, "dice"), "wall_s": median(tr, "wall_s"),
                  "peak_mb": median(tr, "peak_mb"), "folding_max": max(folds) if folds else None}
             ksum[tool] = s
-            lines.append(f"| {tool} | {s['cases']} | {fmt(s['mean_mm'])} | {fmt(s['max_mean_mm'])}"
+            lines.append(f"| {tool} | {s['cases']} | {fmt(s['mean_mm'])} | {fmt(s['max_mean_mm'], 4)}"
                          f" | {fmt(s['p90_mm'])} | {fmt(s['dice'])} | {fmt(s['wall_s'], 1)} | "
                          f"{fmt(s['peak_mb'], 0)} | {fmt(s['folding_max'])} |")
         mine = next((t for t in ksum if t.startswith("itreg")), None)
@@ -335,6 +337,8 @@ def main() -> None:
     p.add_argument("--ants-python", default=str(ROOT / ".venv-ants" / "bin" / "python"))
     p.add_argument("--elastix-python", default=sys.executable)
     p.add_argument("--timeout", type=float, default=900.0, help="per tool run, seconds")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md/.png from OUT/results.json (no runs, no evaluation)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="re-evaluate the tool outputs already in the work folder (no runs)")
     p.add_argument("--append", action="store_true",
@@ -356,7 +360,7 @@ def main() -> None:
     json_path = args.out / "results.json"
     old = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
     old_load = {(r["case"], r["tool"]): r.get("load", "n/a") for r in old["rows"]}
-    for kind in kinds:
+    for kind in [] if args.report_only else kinds:
         n = args.cases if kind != "ffd" or args.ffd_cases is None else args.ffd_cases
         for seed in range(args.first_seed, n):
             name = f"{kind}-s{seed}-{args.spacing:g}mm"
@@ -407,7 +411,9 @@ def main() -> None:
                     f"{row['dice']:.3f}, {row['wall_s']:.1f} s, {peak:.0f} MB, fold "
                     f"{fmt(row['folding'])}, load {load}"))
 
-    if args.append:
+    if args.report_only:
+        rows, baselines = old["rows"], old.get("baselines", {})
+    elif args.append:
         keep = [r for r in old["rows"] if (r["case"], r["tool"]) not in
                 {(r2["case"], r2["tool"]) for r2 in rows}]
         rows = keep + rows
@@ -427,7 +433,7 @@ def main() -> None:
             "", "Before registration / with the true transform:", "",
             "| case | error before mm | Dice before | Dice with true transform |",
             "|---|---|---|---|"]
-    for name, b in baselines.items():
+    for name, b in sorted(baselines.items()):
         head.append(f"| {name} | {fmt(b['identity_mean_mm'])} | {fmt(b['identity_dice'])} | "
                     f"{fmt(b['true_dice'])} |")
     markdown = "\n".join(head) + "\n\n" + table
