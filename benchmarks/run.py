@@ -292,6 +292,50 @@ def tables(rows: list[dict], kinds: list[str]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def targets(summary: dict) -> list[str]:
+    """The issue's targets, checked on this run's medians (met / not met, and by how much)."""
+    out = []
+
+    def line(name: str, ok: bool, detail: str) -> None:
+        out.append(f"- {'MET' if ok else 'NOT MET'}: {name}: {detail}")
+
+    aff = summary.get("affine", {}).get("tools", {})
+    if "itreg-affine" in aff:
+        me = aff["itreg-affine"]
+        line("affine, itreg mean error <= 0.1 mm on every case", me["max_mean_mm"] <= 0.1,
+             f"worst case {me['max_mean_mm']:.4f} mm over {me['cases']} cases")
+        if "elastix-affine" in aff:
+            el = aff["elastix-affine"]
+            line("affine, itreg median wall time <= elastix's", me["wall_s"] <= el["wall_s"],
+                 f"{me['wall_s']:.2f} s vs {el['wall_s']:.2f} s "
+                 f"(ratio {me['wall_s'] / el['wall_s']:.2f})")
+        if "ants-Affine" in aff:
+            an = aff["ants-Affine"]
+            line("affine, peak memory <= ANTsPy's", me["peak_mb"] <= an["peak_mb"],
+                 f"{me['peak_mb']:.0f} MB vs {an['peak_mb']:.0f} MB")
+    ffd = summary.get("ffd", {}).get("tools", {})
+    if "itreg-bspline" in ffd:
+        me = ffd["itreg-bspline"]
+        others = {t: ffd[t] for t in ("ants-SyNOnly", "elastix-bspline") if t in ffd}
+        if others:
+            best = max(others, key=lambda t: others[t]["dice"])
+            line("deformable, itreg Dice >= best of SyNOnly and elastix bspline",
+                 me["dice"] >= others[best]["dice"],
+                 f"{me['dice']:.3f} vs {others[best]['dice']:.3f} ({best})")
+        if "ants-SyNOnly" in ffd:
+            an = ffd["ants-SyNOnly"]
+            line("deformable, itreg wall time <= 1/4 of ANTsPy SyNOnly's",
+                 me["wall_s"] <= an["wall_s"] / 4,
+                 f"{me['wall_s']:.1f} s vs {an['wall_s'] / 4:.1f} s allowed "
+                 f"(ratio {me['wall_s'] / an['wall_s']:.2f}, needs <= 0.25)")
+            line("deformable, peak memory <= ANTsPy's", me["peak_mb"] <= an["peak_mb"],
+                 f"{me['peak_mb']:.0f} MB vs {an['peak_mb']:.0f} MB")
+        if me.get("folding_max") is not None:
+            line("deformable, no folding (det J <= 0 on < 0.1% of brain voxels)",
+                 me["folding_max"] < 1e-3, f"worst case {me['folding_max']:.2g}")
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -424,6 +468,8 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "load_at_end": load_average(), "spacing_mm": args.spacing, "threads": args.threads,
             "command": " ".join(sys.argv)}
+    if args.report_only and old.get("meta"):
+        meta = old["meta"]  # the run's own date, load and command
     head = [(f"# itreg benchmark ({meta['date_utc']} UTC, {meta['machine']}, "
             f"load average at end {meta['load_at_end']})"), "",
             ("Fixed: MNI T1; moving: T2-like under a known transform. Errors over brain voxels "
@@ -436,7 +482,11 @@ def main() -> None:
     for name, b in sorted(baselines.items()):
         head.append(f"| {name} | {fmt(b['identity_mean_mm'])} | {fmt(b['identity_dice'])} | "
                     f"{fmt(b['true_dice'])} |")
+    goals = targets(summary)
     markdown = "\n".join(head) + "\n\n" + table
+    if goals:
+        markdown += "\n### The issue's targets (this run)\n\n" + "\n".join(goals) + "\n"
+    summary["targets"] = goals
     (args.out / "results.md").write_text(markdown + "\n")
     json_path.write_text(json.dumps({"meta": meta, "baselines": baselines, "rows": rows,
                                      "summary": summary}, indent=1, default=str))
