@@ -485,7 +485,8 @@ def main() -> None:
     goals = targets(summary)
     markdown = "\n".join(head) + "\n\n" + table
     if goals:
-        markdown += "\n### The issue's targets (this run)\n\n" + "\n".join(goals) + "\n"
+        markdown += ("\n### The issue's targets (this run; they are set for 3D 1 mm, >= 10 affine"
+                     " cases)\n\n") + "\n".join(goals) + "\n"
     summary["targets"] = goals
     (args.out / "results.md").write_text(markdown + "\n")
     json_path.write_text(json.dumps({"meta": meta, "baselines": baselines, "rows": rows,
