@@ -470,6 +470,10 @@ def main() -> None:
             "command": " ".join(sys.argv)}
     if args.report_only and old.get("meta"):
         meta = old["meta"]  # the run's own date, load and command
+    elif args.append and old.get("meta"):
+        earlier = old["meta"].get("earlier_runs", [])
+        meta["earlier_runs"] = earlier + [{k: old["meta"].get(k) for k in
+                                           ("date_utc", "load_at_end", "command")}]
     head = [(f"# itreg benchmark ({meta['date_utc']} UTC, {meta['machine']}, "
             f"load average at end {meta['load_at_end']})"), "",
             ("Fixed: MNI T1; moving: T2-like under a known transform. Errors over brain voxels "
