@@ -89,17 +89,18 @@ class LevelRecord:
             "shrink": self.shrink, "smoothing_mm": self.smoothing_mm,
             "grid_size": list(self.grid_size), "optimizer": self.optimizer,
             "iterations": self.iterations, "samples": self.samples,
-            "final_loss": _finite(self.final_loss), "final_metric": _finite(self.final_metric),
-            "quantity": self.quantity_name, "overlap": _finite(self.overlap),
+            "final_loss": finite_or_none(self.final_loss), "final_metric": finite_or_none(self.final_metric),
+            "quantity": self.quantity_name, "overlap": finite_or_none(self.overlap),
             "stop_reason": self.stop_reason, "time_s": round(self.time_s, 6),
         }
         if history:
-            out["losses"] = [_finite(v) for v in self.losses]
-            out["metric_values"] = [_finite(v) for v in self.metric_values]
+            out["losses"] = [finite_or_none(v) for v in self.losses]
+            out["metric_values"] = [finite_or_none(v) for v in self.metric_values]
         return out
 
 
-def _finite(v: float) -> float | None:
+def finite_or_none(v: float | None) -> float | None:
+    """`v` as a float for JSON reports, or None where it is missing or not finite."""
     return float(v) if v is not None and math.isfinite(v) else None
 
 
@@ -150,7 +151,7 @@ class RegistrationResult:
     @property
     def final_metric(self) -> float | None:
         """The metric quantity at the end of the last level."""
-        return _finite(self.levels[-1].final_metric) if self.levels else None
+        return finite_or_none(self.levels[-1].final_metric) if self.levels else None
 
     def report(self, history: bool = True) -> dict:
         """A JSON-serialisable summary: settings, per-level metric values and stop reasons,

@@ -40,6 +40,7 @@ from itreg.engine.callbacks import CallbackList, StepState
 from itreg.engine.config import ConvergenceConfig
 from itreg.engine.optimizers import ConvergenceMonitor
 from itreg.engine.pyramid import ImagePyramid
+from itreg.engine.registration import finite_or_none
 from itreg.engine.stages import STAGE_TRANSFORMS, StageSetup
 from itreg.errors import ConfigError, GeometryError, unknown_name
 from itreg.grid import Grid
@@ -377,16 +378,13 @@ class GroupLevelRecord:
                "shrink": self.shrink, "grid_size": list(self.grid_size),
                "iterations": self.iterations, "overlap": self.overlap,
                "stop_reason": self.stop_reason, "time_s": round(self.time_s, 6),
-               "final_loss": _finite(self.losses[-1]) if self.losses else None,
-               "final_metric": _finite(self.metric_values[-1]) if self.metric_values else None}
+               "final_loss": finite_or_none(self.losses[-1]) if self.losses else None,
+               "final_metric": (finite_or_none(self.metric_values[-1])
+                                if self.metric_values else None)}
         if history:
-            out["losses"] = [_finite(v) for v in self.losses]
-            out["metric_values"] = [_finite(v) for v in self.metric_values]
+            out["losses"] = [finite_or_none(v) for v in self.losses]
+            out["metric_values"] = [finite_or_none(v) for v in self.metric_values]
         return out
-
-
-def _finite(v: float) -> float | None:
-    return float(v) if v is not None and math.isfinite(v) else None
 
 
 def _smoothing(stage: GroupStage, level: int, grid: Grid) -> float:

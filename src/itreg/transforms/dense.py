@@ -70,7 +70,21 @@ def _check_field(field: Tensor, grid: Grid, name: str) -> Tensor:
     return field
 
 
-class DisplacementField(Transform):
+class _FieldTransform(Transform):
+    """Base of transforms defined by a field on their own `grid`: on that grid, ``T(x)`` is the
+    grid points plus the field's displacement, without interpolation."""
+
+    grid: Grid
+
+    def on_grid(self, grid: Grid, dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """``T(x)`` on every voxel of `grid`, ``(*grid.shape, D)``."""
+        if grid.same_as(self.grid):
+            disp = self.displacement(grid, dtype=dtype, device=device)
+            return grid.points(dtype=disp.dtype, device=disp.device) + disp
+        return super().on_grid(grid, dtype=dtype, device=device)
+
+
+class DisplacementField(_FieldTransform):
     """``T(x) = x + d(x)`` with ``d`` linearly interpolated from a field in world mm.
 
     Args:
@@ -120,18 +134,11 @@ class DisplacementField(Transform):
             return torch.movedim(self.field, 0, -1).to(dtype=dtype, device=device)
         return super().displacement(grid, dtype=dtype, device=device)
 
-    def on_grid(self, grid: Grid, dtype: torch.dtype | None = None, device=None) -> Tensor:
-        """``T(x)`` on every voxel of `grid`, ``(*grid.shape, D)``."""
-        if grid.same_as(self.grid):
-            disp = self.displacement(grid, dtype=dtype, device=device)
-            return grid.points(dtype=disp.dtype, device=disp.device) + disp
-        return super().on_grid(grid, dtype=dtype, device=device)
-
     def extra_repr(self) -> str:
         return f"ndim={self.ndim}, learnable={self.learnable}, grid={self.grid!r}"
 
 
-class StationaryVelocityField(Transform):
+class StationaryVelocityField(_FieldTransform):
     """Diffeomorphism ``T = exp(v)`` of a stationary velocity field (scaling and squaring).
 
     ``displacement_field()`` computes ``d = exp(v) - id`` as ``d_0 = v / 2^steps`` followed by
@@ -200,13 +207,6 @@ class StationaryVelocityField(Transform):
             disp = torch.movedim(self.displacement_field(), 0, -1)
             return disp.to(dtype=dtype, device=device)
         return super().displacement(grid, dtype=dtype, device=device)
-
-    def on_grid(self, grid: Grid, dtype: torch.dtype | None = None, device=None) -> Tensor:
-        """``T(x)`` on every voxel of `grid`, ``(*grid.shape, D)``."""
-        if grid.same_as(self.grid):
-            disp = self.displacement(grid, dtype=dtype, device=device)
-            return grid.points(dtype=disp.dtype, device=disp.device) + disp
-        return super().on_grid(grid, dtype=dtype, device=device)
 
     def inverse(self) -> StationaryVelocityField:
         """``exp(-v)``: the same grid and steps with the velocity negated (detached copy)."""
