@@ -1,61 +1,10 @@
-"""Fixtures of the groupwise tests: small multi-contrast 2D groups built in code."""
+"""Fixtures of the groupwise tests (the group builders live in gw_data.py)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-
-from itreg.grid import Grid
-from itreg.image import Image
-from itreg.transforms import Rigid
-from itreg.warp import resample
-
-#: Intensity of classes (background, body, inner, spot) in three contrasts.
-CONTRAST_TABLES = ((0.0, 0.5, 1.0, 0.2), (0.0, 0.9, 0.3, 1.0), (0.1, 0.6, 0.2, 0.9))
-
-
-def phantom_labels(grid: Grid) -> torch.Tensor:
-    """Asymmetric 4-class label map on `grid` (int64, ``grid.shape``)."""
-    p = grid.points(dtype=torch.float64)
-    c = torch.tensor(grid.center, dtype=torch.float64)
-    x, y = (p[..., 0] - c[0]), (p[..., 1] - c[1])
-    lab = torch.zeros(grid.shape, dtype=torch.int64)
-    lab[(x / 40) ** 2 + (y / 30) ** 2 < 1] = 1
-    lab[((x - 8) / 18) ** 2 + ((y + 4) / 12) ** 2 < 1] = 2
-    lab[(x + 20) ** 2 + (y - 12) ** 2 < 7 ** 2] = 3
-    return lab
-
-
-def contrast_image(grid: Grid, table, seed: int, noise: float = 0.03) -> Image:
-    """A smooth-edged contrast of the phantom with seeded Gaussian noise."""
-    lab = phantom_labels(grid)
-    data = torch.tensor(table, dtype=torch.float32)[lab]
-    data = torch.nn.functional.avg_pool2d(data[None, None], 3, 1, 1, count_include_pad=False)[0]
-    gen = torch.Generator().manual_seed(seed)
-    data = data + noise * torch.randn(data.shape, generator=gen)
-    return Image(data, grid, is_label=False)
-
-
-def make_group(shifts=None, angles=None, size=64, spacing=2.0):
-    """Three contrasts moved by known transforms; returns (images, true transforms).
-
-    True transform ``T_j`` maps the aligned phantom's points to image ``j``'s points, i.e.
-    image j = phantom(T_j^{-1} x): resampling the phantom through ``T_j^{-1}``.
-    """
-    grid = Grid((size, size), (spacing, spacing), (-size, -size))
-    n = len(CONTRAST_TABLES)
-    shifts = shifts or [(0.0, 0.0)] * n
-    angles = angles or [0.0] * n
-    images, truths = [], []
-    for j, table in enumerate(CONTRAST_TABLES):
-        base = contrast_image(grid, table, seed=j)
-        t = Rigid(2, center=grid.center, translation=shifts[j], angles=[angles[j]])
-        images.append(resample(base, t.inverse(), grid).with_data(
-            resample(base, t.inverse(), grid).data.detach()))
-        truths.append(t)
-    return images, truths
+from gw_data import make_group
 
 
 @pytest.fixture(autouse=True)
@@ -72,16 +21,3 @@ def shifted_group():
     shifts = [(4.0, -3.0), (-3.0, 4.0), (1.0, 5.0)]
     images, truths = make_group(shifts=shifts)
     return images, truths
-
-
-def residual_mm(result, truths, grid: Grid) -> float:
-    """Mean RMS over images of the group-centred residual ``phi_j(x) - T_j(x)`` (gWI-like,
-    Eqs. 49-50 with the truth composed as points map), in mm, over the whole grid."""
-    pts = grid.points(dtype=torch.float64).reshape(-1, 2)
-    with torch.no_grad():
-        r = torch.stack([copy.deepcopy(phi).double()(pts) - copy.deepcopy(tj).double()(pts)
-                         for phi, tj in zip(result.transforms, truths)])
-    r = r - r.mean(dim=0, keepdim=True)
-    return float(r.pow(2).sum(-1).mean(-1).sqrt().mean())
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_group, residual_mm
+from gw_data import make_group, residual_mm
 
 from itreg.errors import ConfigError
 from itreg.groupwise import GroupStage, available_group_metrics, get_group_metric, register_group

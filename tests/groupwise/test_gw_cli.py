@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_group
+from gw_data import make_group
 
 from itreg import io
 from itreg.cli import main

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_group, residual_mm
+from gw_data import make_group, residual_mm
 
 from itreg.engine.callbacks import History
 from itreg.grid import Grid
@@ -115,7 +115,7 @@ def test_ffd_stage_keeps_the_mean_displacement_zero(shifted_group):
 
 
 def test_x_reg_gt_uses_the_segmentation_appearance_model_and_registers(shifted_group):
-    from conftest import phantom_labels
+    from gw_data import phantom_labels
 
     from itreg.image import Image
     from itreg.warp import resample
