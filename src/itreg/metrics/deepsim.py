@@ -19,17 +19,16 @@ Registered as ``"deepsim:model.pt"``; the model file says which extractor it hol
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from itreg.errors import ConfigError
-from itreg.metrics.base import Metric, Range, resolve_range
+from itreg.metrics.base import Range, resolve_range
 from itreg.metrics.ditr import safe_range, scale_intensity
+from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.registry import register_metric
 from itreg.nets.deepsim import MODEL_KIND, DeepSimNet
-from itreg.nets.modelfile import build_model
 
 __all__ = ["DeepSimMetric", "deepsim_metric", "feature_cosine"]
 
@@ -57,7 +56,7 @@ def feature_cosine(a: Tensor, b: Tensor, weights: Tensor | None = None) -> Tenso
     return (cos * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
-class DeepSimMetric(Metric):
+class DeepSimMetric(FrozenNetworkMetric):
     """DeepSim loss ``1 - mean_l mean_p cos(F^l_p(moving), F^l_p(fixed))`` (paper 004, Eq. 5).
 
     Args:
@@ -74,29 +73,14 @@ class DeepSimMetric(Metric):
     requires_spatial = True
     quantity_name = "DeepSim (mean feature cosine)"
     uses_intensity_range = True
+    network_type = DeepSimNet
+    model_kind = MODEL_KIND
 
     def __init__(self, network: DeepSimNet, intensity: str = "minmax",
                  source: str | None = None) -> None:
-        super().__init__(intensity=intensity)
-        if not isinstance(network, DeepSimNet):
-            raise ConfigError(f"DeepSimMetric needs a DeepSimNet, got {type(network).__name__}")
-        self.network = network.eval()
-        for p in self.network.parameters():
-            p.requires_grad_(False)
+        super().__init__(network, intensity=intensity)
         self.settings = {"model": source, "extractor": network.mode,
                          "channels": list(network.channels)}
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> DeepSimMetric:
-        """Load the extractor from a model file (kind ``"deepsim"``)."""
-        net, _ = build_model(path, expected_kind=MODEL_KIND)
-        return cls(net, source=str(path), **kwargs)
-
-    def train(self, mode: bool = True) -> DeepSimMetric:
-        """Keep the extractor in eval mode whatever the caller asks (it is frozen)."""
-        super().train(mode)
-        self.network.eval()
-        return self
 
     def quantity(self, loss: Tensor | float) -> Tensor | float:
         """DeepSim (mean cosine, 1 = identical features) from the loss."""

@@ -40,11 +40,12 @@ import torch
 from torch import Tensor
 
 from itreg.errors import ConfigError
-from itreg.metrics.base import Metric, Range, resolve_range
+from itreg.metrics.base import Range, resolve_range
+from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.intensity import rescale
 from itreg.metrics.registry import register_metric
 from itreg.nets.ditr import MODEL_KIND, DITRNet, extract_patches
-from itreg.nets.modelfile import build_model, load_model
+from itreg.nets.modelfile import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def patch_centres(mask: Tensor, stride: int, fixed: Tensor | None = None,
     return centres
 
 
-class DITRMetric(Metric):
+class DITRMetric(FrozenNetworkMetric):
     """DITR similarity: ``-sum_i f(u_i, v_i)`` over patch pairs (paper 000, Eq. 11).
 
     Args:
@@ -147,22 +148,19 @@ class DITRMetric(Metric):
     quantity_name = "sum of DITR logits"
     quantity_sign = -1.0
     uses_intensity_range = True
+    network_type = DITRNet
+    model_kind = MODEL_KIND
 
     def __init__(self, network: DITRNet, stride: int = 8, reduction: str = "sum",
                  batch_size: int = 4096, intensity: str = "minmax",
                  source: str | None = None) -> None:
-        super().__init__(intensity=intensity)
-        if not isinstance(network, DITRNet):
-            raise ConfigError(f"DITRMetric needs a DITRNet, got {type(network).__name__}")
+        super().__init__(network, intensity=intensity)
         if isinstance(stride, bool) or int(stride) != stride or int(stride) < 1:
             raise ConfigError(f"stride must be an integer >= 1, got {stride!r}")
         if reduction not in REDUCTIONS:
             raise ConfigError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
-        self.network = network.eval()
-        for p in self.network.parameters():
-            p.requires_grad_(False)
         self.stride = int(stride)
         self.reduction = reduction
         self.batch_size = int(batch_size)
@@ -170,22 +168,6 @@ class DITRMetric(Metric):
             self.quantity_name = "mean DITR logit"
         self.settings = {"model": source, "stride": self.stride, "reduction": reduction,
                          "spacing_mm": network.spacing_mm, "patch_size": network.patch_size}
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> DITRMetric:
-        """Load the classifier from a model file (kind ``"ditr"``) and build the metric.
-
-        Raises:
-            ModelFileError: not a DITR model file (see :func:`itreg.nets.load_model`).
-        """
-        net, _ = build_model(path, expected_kind=MODEL_KIND)
-        return cls(net, source=str(path), **kwargs)
-
-    def train(self, mode: bool = True) -> DITRMetric:
-        """Keep the classifier in eval mode whatever the caller asks (it is frozen)."""
-        super().train(mode)
-        self.network.eval()
-        return self
 
     def logits(self, fixed: Tensor, moving: Tensor, mask: Tensor | None = None,
                fixed_range: Range = None, moving_range: Range = None) -> Tensor:
