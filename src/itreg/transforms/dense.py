@@ -138,6 +138,32 @@ class DisplacementField(_FieldTransform):
         return f"ndim={self.ndim}, learnable={self.learnable}, grid={self.grid!r}"
 
 
+def integrate_velocity(velocity: Tensor, grid: Grid, steps: int = 7) -> Tensor:
+    """``exp(v) - id`` of a stationary velocity field by scaling and squaring.
+
+    ``d_0 = v / 2^steps`` followed by `steps` self-compositions ``d <- d + d o (id + d)``, the
+    field extended beyond `grid` by its edge values during the squaring. Differentiable with
+    respect to `velocity` (registration networks integrate their predicted velocities with it).
+
+    Args:
+        velocity: ``(D, *grid.shape)`` velocity in world mm (component x first).
+        grid: the velocity's grid.
+        steps: number of squarings (>= 0).
+
+    Returns:
+        ``(D, *grid.shape)`` displacement in world mm.
+    """
+    v = _check_field(velocity, grid, "velocity field")
+    disp = torch.movedim(v, 0, -1) / (2.0**steps)  # (*shape, D)
+    if steps == 0:
+        return torch.movedim(disp, -1, 0)
+    points = grid.points(dtype=v.dtype, device=v.device)
+    for _ in range(int(steps)):
+        field = torch.movedim(disp, -1, 0)
+        disp = disp + sample_field(field, grid, points + disp, outside="border")
+    return torch.movedim(disp, -1, 0)
+
+
 class StationaryVelocityField(_FieldTransform):
     """Diffeomorphism ``T = exp(v)`` of a stationary velocity field (scaling and squaring).
 
@@ -183,15 +209,7 @@ class StationaryVelocityField(_FieldTransform):
 
     def displacement_field(self) -> Tensor:
         """``exp(v) - id`` on the velocity's grid, ``(D, *grid.shape)`` in world mm."""
-        v = self.velocity
-        disp = torch.movedim(v, 0, -1) / (2.0**self.steps)  # (*shape, D)
-        if self.steps == 0:
-            return torch.movedim(disp, -1, 0)
-        points = self.grid.points(dtype=v.dtype, device=v.device)
-        for _ in range(self.steps):
-            field = torch.movedim(disp, -1, 0)
-            disp = disp + sample_field(field, self.grid, points + disp, outside="border")
-        return torch.movedim(disp, -1, 0)
+        return integrate_velocity(self.velocity, self.grid, self.steps)
 
     def forward(self, points: Tensor) -> Tensor:
         """Map world points ``(..., D)``: ``x + d(x)``, ``d = exp(v) - id`` (zero outside)."""
