@@ -69,7 +69,7 @@ from itreg.groupwise.xmetric import (
 )
 from itreg.image import Image
 from itreg.nets.modelfile import register_model_kind
-from itreg.transforms.dense import sample_field
+from itreg.transforms.dense import integrate_velocity
 
 __all__ = [
     "FLOWS",
@@ -414,8 +414,8 @@ def world_displacements(field: Tensor, grid: Grid, flow: str = "displacement",
             axes (component x first), as :class:`DCCNet` predicts it.
         grid: the common grid the fields live on.
         flow: ``"displacement"`` or ``"svf"``.
-        steps: squarings of an SVF (``exp(v)`` as
-            :class:`~itreg.transforms.StationaryVelocityField` computes it).
+        steps: squarings of an SVF (``exp(v)`` by
+            :func:`itreg.transforms.dense.integrate_velocity`).
 
     Returns:
         ``(..., D, *grid.shape)`` world-mm (LPS) displacements: ``phi_j(x) = x + d_j(x)``.
@@ -431,15 +431,7 @@ def world_displacements(field: Tensor, grid: Grid, flow: str = "displacement",
     flat = field.reshape(-1, d, *grid.shape)
     world = torch.einsum("ij,bj...->bi...", rot, flat)
     if flow == "svf":
-        points = grid.points(dtype=field.dtype, device=field.device)
-        out = []
-        for v in world:
-            disp = torch.movedim(v, 0, -1) / (2.0**steps)
-            for _ in range(int(steps)):
-                disp = disp + sample_field(torch.movedim(disp, -1, 0), grid, points + disp,
-                                           outside="border")
-            out.append(torch.movedim(disp, -1, 0))
-        world = torch.stack(out)
+        world = torch.stack([integrate_velocity(v, grid, int(steps)) for v in world])
     return world.reshape(*lead, d, *grid.shape)
 
 
