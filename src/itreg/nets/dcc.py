@@ -211,6 +211,8 @@ class DCCNet(nn.Module):
             the model file so an application can pass contrasts by name.
         spacing_mm: the grid spacing the model was trained at (stored; applications resample
             to it), or None.
+        field_scale: millimetres per unit of the flow heads' output (a larger scale makes the
+            same Adam step move the field further; about one voxel suits small trainings).
 
     Shapes:
         ``forward(images (B, N, 1, *S) or (B, N, *S), domains (N,) or (B, N))`` ->
@@ -222,7 +224,8 @@ class DCCNet(nn.Module):
                  levels: int = 4, flow: str = "displacement", svf_steps: int = 7,
                  zero_mean: bool = True, reg_norm: str = "batch", dropout: float = 0.2,
                  momentum: float = 0.01, domain_names: Sequence[str] | None = None,
-                 spacing_mm: Sequence[float] | float | None = None) -> None:
+                 spacing_mm: Sequence[float] | float | None = None,
+                 field_scale: float = 1.0) -> None:
         super().__init__()
         if ndim not in (2, 3):
             raise ConfigError(f"a DCC network is 2D or 3D, got ndim={ndim}")
@@ -238,6 +241,8 @@ class DCCNet(nn.Module):
             raise ConfigError(f"unknown registration norm {reg_norm!r}; valid: {', '.join(NORMS)}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        if not float(field_scale) > 0:
+            raise ConfigError(f"field_scale must be > 0, got {field_scale}")
         if domain_names is not None and len(domain_names) != int(domains):
             raise ConfigError(f"{len(domain_names)} domain names for {domains} domains")
         if isinstance(spacing_mm, (int, float)):
@@ -248,6 +253,7 @@ class DCCNet(nn.Module):
         self.dropout, self.momentum = float(dropout), float(momentum)
         self.domain_names = None if domain_names is None else [str(n) for n in domain_names]
         self.spacing_mm = None if spacing_mm is None else [float(s) for s in spacing_mm]
+        self.field_scale = float(field_scale)
         conv = _ops(ndim)[0]
         w = [self.channels * 2**i for i in range(self.levels)]
         self.widths = w
@@ -291,7 +297,8 @@ class DCCNet(nn.Module):
                 "channels": self.channels, "levels": self.levels, "flow": self.flow,
                 "svf_steps": self.svf_steps, "zero_mean": self.zero_mean,
                 "reg_norm": self.reg_norm, "dropout": self.dropout, "momentum": self.momentum,
-                "domain_names": self.domain_names, "spacing_mm": self.spacing_mm}
+                "domain_names": self.domain_names, "spacing_mm": self.spacing_mm,
+                "field_scale": self.field_scale}
 
     # ----------------------------------------------------------------------- forward
     def _inputs(self, images: Tensor, domains: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -363,7 +370,7 @@ class DCCNet(nn.Module):
             field = self._register([f.detach() for f in feats], b, n)
         crop = (slice(None), slice(None)) + tuple(slice(0, s_) for s_ in size)
         logits = logits[crop].reshape(b, n, self.classes, *size)
-        field = field[crop].reshape(b, n, self.ndim, *size)
+        field = field[crop].reshape(b, n, self.ndim, *size) * self.field_scale
         if self.zero_mean:
             field = field - field.mean(dim=1, keepdim=True)
         return DCCOutput(logits, field)
@@ -397,7 +404,8 @@ class DCCNet(nn.Module):
 def build_dcc(config: Mapping[str, Any]) -> DCCNet:
     """Rebuild a :class:`DCCNet` from its stored config (model-file builder)."""
     keys = ("ndim", "domains", "classes", "channels", "levels", "flow", "svf_steps",
-            "zero_mean", "reg_norm", "dropout", "momentum", "domain_names", "spacing_mm")
+            "zero_mean", "reg_norm", "dropout", "momentum", "domain_names", "spacing_mm",
+            "field_scale")
     return DCCNet(**{k: config[k] for k in keys if k in config})
 
 
