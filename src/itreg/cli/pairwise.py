@@ -8,7 +8,7 @@ import click
 
 from itreg.cli.app import PATH as _PATH
 from itreg.cli.app import app, parse_sets
-from itreg.errors import OutputExistsError
+from itreg.errors import ConfigError, OutputExistsError
 
 
 @app.command()
@@ -29,14 +29,24 @@ from itreg.errors import OutputExistsError
               help="CPU threads (default: torch's default).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a setting, e.g. --set metric.bins=64 (repeatable).")
+@click.option("--net", "net", type=_PATH, default=None,
+              help="Register with a trained registration network (model file from "
+                   "'itreg train-net') instead of iterating.")
+@click.option("--refine", is_flag=True,
+              help="With --net: continue from the network's prediction with the iterative "
+                   "engine and the network's training metric (or --metric).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, init, seed,
-             threads, sets, force, quiet) -> None:
+             threads, sets, net, refine, force, quiet) -> None:
     """Register MOVING to FIXED.
 
     Writes OUTPUT/warped.nii.gz, OUTPUT/transform.tfm (linear part, fixed -> moving),
     OUTPUT/report.json and, for deformable runs, OUTPUT/displacement.nii.gz.
+
+    With --net MODEL.pt a trained network predicts the transform in one pass (the same
+    outputs); --refine then continues iteratively from its prediction (--transform, --metric
+    and --set change that refinement).
     """
     from itreg import io
     from itreg.api import register as run_registration
@@ -49,6 +59,15 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
     moving_img = io.read_image(moving, is_label=False)
     fmask = io.read_mask(fixed_mask, fixed_img.grid) if fixed_mask else None
     mmask = io.read_mask(moving_mask, moving_img.grid) if moving_mask else None
+    if refine and net is None:
+        raise ConfigError("--refine continues from a network's prediction; give --net MODEL.pt")
+    if net is not None:
+        if init != "centers":
+            raise ConfigError("--init does not apply with --net (the network predicts the "
+                              "starting transform)")
+        _register_with_net(fixed, moving, output, fixed_img, moving_img, fmask, mmask, net,
+                           refine, transform, metric, seed, threads, sets, force, quiet)
+        return
     init_arg: object = init
     if init not in ("centers", "moments", "none"):
         path = Path(init)
@@ -64,6 +83,26 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
         "init": init})
     reasons = ", ".join(sorted(set(result.stop_reasons)))
     click.echo(f"registered in {result.wall_time_s:.2f} s (stop: {reasons}); outputs in {output}")
+
+
+def _register_with_net(fixed, moving, output, fixed_img, moving_img, fmask, mmask, net, refine,
+                       transform, metric, seed, threads, sets, force, quiet) -> None:
+    from itreg.nets.inference import register_with_net
+    from itreg.outputs import save_registration
+
+    overrides = parse_sets(sets) or None
+    if not refine and (transform or metric or overrides):
+        raise ConfigError("--transform, --metric and --set configure the refinement; add "
+                          "--refine or leave them out")
+    result = register_with_net(
+        fixed_img, moving_img, net, refine=refine, metric=metric, transform=transform,
+        fixed_mask=fmask, moving_mask=mmask, seed=seed, threads=threads,
+        progress=not quiet, overrides=overrides)
+    save_registration(result, output, force=force, inputs={
+        "fixed": fixed, "moving": moving, "net": net, "fixed_mask": None, "moving_mask": None})
+    how = "network + refinement" if refine else "network"
+    click.echo(f"registered by {how} in {result.wall_time_s:.2f} s "
+               f"(inference {result.inference_time_s:.3f} s); outputs in {output}")
 
 
 @app.command()

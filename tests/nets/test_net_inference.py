@@ -1,0 +1,176 @@
+"""Registration with a trained network (``register_with_net``, ``itreg register --net``):
+outputs as iterative registration writes them, transforms SimpleITK applies like itreg, and
+``--refine`` continuing from the prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from itreg.cli import main
+from itreg.errors import ConfigError, ModelFileError
+from itreg.grid import Grid
+from itreg.image import Image
+from itreg.io import write_image
+from itreg.nets.inference import refine_config, register_with_net
+from itreg.nets.modelfile import save_model
+from itreg.nets.regnets import AffineNet, DeformNet, save_regnet
+from itreg.outputs import save_registration
+from itreg.transforms import Affine, Translation
+
+SHIFT = (3.0, -2.0)
+
+
+def _blobs(grid: Grid, transform=None) -> Image:
+    """Smooth blobs in world space; with `transform` the image is ``I(T^-1 x)``."""
+    pts = grid.points(dtype=torch.float64)
+    if transform is not None:
+        pts = transform.inverse().to(torch.float64)(pts)
+    out = torch.zeros(grid.shape, dtype=torch.float64)
+    for cx, cy, r, v in [(30, 30, 12, 1.0), (20, 38, 5, 0.5), (42, 24, 6, 0.7), (36, 42, 4, 0.3)]:
+        out += v * torch.exp(-((pts[..., 0] - cx) ** 2 + (pts[..., 1] - cy) ** 2) / (2 * r * r))
+    return Image(out.float()[None], grid)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    grid = Grid((64, 64), (1.0, 1.0))
+    true = Translation(2, translation=torch.tensor(SHIFT))
+    fixed = _blobs(grid)
+    moving = _blobs(grid, true)  # moving(x + SHIFT) = fixed(x): T(x) = x + SHIFT
+    return fixed, moving, true
+
+
+def _perturbed_affine_net() -> AffineNet:
+    torch.manual_seed(3)
+    net = AffineNet(2, features=(4, 8, 8, 8))
+    with torch.no_grad():
+        net.head.weight.normal_(0.0, 0.05)
+        net.head.bias.copy_(torch.tensor([0.02, -0.03, 0.05, 0.01, 0.03, -0.04]))
+    return net
+
+
+def _mean_error(transform, true, grid) -> float:
+    pts = grid.points(dtype=torch.float32)
+    with torch.no_grad():
+        return float((transform(pts) - true(pts)).norm(dim=-1).mean())
+
+
+def test_prediction_is_the_networks_and_written_tfm_maps_like_it(pair, tmp_path):
+    fixed, moving, _ = pair
+    net = _perturbed_affine_net()
+    path = save_regnet(tmp_path / "affine.pt", net, extra={"train": {"loss": "mi"}})
+    res = register_with_net(fixed, moving, path)
+    expected = net.predict(fixed, moving)
+    pts = fixed.grid.points()[::7, ::5].reshape(-1, 2)
+    assert torch.allclose(res.transform(pts), expected(pts), atol=1e-5)
+    assert not torch.allclose(expected(pts), pts, atol=1e-2)  # a non-trivial affine
+    assert res.refinement is None and res.stop_reasons == ["network"]
+    assert res.wall_time_s == res.inference_time_s > 0
+    out = save_registration(res, tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "transform.tfm", "report.json"}
+    tfm = sitk.ReadTransform(str(out / "transform.tfm"))
+    for p in pts[:20].double().tolist():
+        assert np.allclose(tfm.TransformPoint(p), expected(torch.tensor(p)).tolist(), atol=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "network" and report["model"]["kind"] == "regnet-affine"
+    assert report["wall_time_s"] > 0
+
+
+def test_deform_net_writes_a_displacement_field(pair, tmp_path):
+    fixed, moving, _ = pair
+    net = DeformNet(2, features=(4, 4, 4, 4, 4))
+    path = save_regnet(tmp_path / "deform.pt", net)
+    res = register_with_net(fixed, moving, path)
+    out = save_registration(res, tmp_path / "out")
+    assert (out / "displacement.nii.gz").exists()
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    assert np.abs(sitk.GetArrayFromImage(field)).max() == 0.0  # identity at initialisation
+
+
+def test_refine_continues_from_the_prediction_and_improves(pair, tmp_path):
+    fixed, moving, true = pair
+    net = AffineNet(2, features=(4, 8, 8, 8))  # identity prediction: far from the truth
+    path = save_regnet(tmp_path / "affine.pt", net, extra={"train": {"loss": "ncc"}})
+    res = register_with_net(fixed, moving, path, refine=True, progress=False,
+                            overrides={"stages.0.iterations": 60})
+    before = _mean_error(res.prediction, true, fixed.grid)
+    after = _mean_error(res.transform, true, fixed.grid)
+    assert before > 3.0 and after < 0.3, (before, after)
+    # The training loss is the refinement's metric; the rigid stage is dropped.
+    stages = res.refinement.config.stages
+    assert [s.transform for s in stages] == ["affine"]
+    assert stages[0].metric.name == "ncc"
+    assert res.wall_time_s == pytest.approx(res.inference_time_s + res.refinement.wall_time_s)
+    assert res.report()["method"] == "network+refine"
+
+
+def test_refine_config_drops_the_stages_the_network_replaces():
+    deform = refine_config("regnet-deform")
+    assert [s.transform for s in deform.stages] == ["bspline"]
+    cascade = refine_config("regnet-cascade", metric="nmi", transform="svf")
+    assert all(not s.is_linear for s in cascade.stages)
+    assert {s.metric.name for s in cascade.stages} == {"nmi"}
+    affine = refine_config("regnet-affine", transform="bspline")
+    assert [s.transform for s in affine.stages] == ["affine", "bspline"]
+    with pytest.raises(ConfigError, match="cannot refine"):
+        refine_config("dcc")
+
+
+def test_non_network_model_file_is_refused(pair, tmp_path):
+    fixed, moving, _ = pair
+    path = save_model(tmp_path / "other.pt", "demo", {"n": 1},
+                      torch.nn.Linear(1, 1).state_dict())
+    with pytest.raises(ConfigError, match="not a pairwise registration network"):
+        register_with_net(fixed, moving, path)
+    with pytest.raises(ModelFileError):
+        register_with_net(fixed, moving, tmp_path / "missing.pt")
+
+
+def _run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_cli_register_with_net_and_refine(pair, tmp_path, capsys):
+    fixed, moving, true = pair
+    f, m = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    write_image(fixed, f)
+    write_image(moving, m)
+    model = save_regnet(tmp_path / "net.pt", AffineNet(2, features=(4, 8, 8, 8)),
+                        extra={"train": {"loss": "mi"}})
+    code, out, err = _run(["register", str(f), str(m), "--net", str(model), "-o",
+                           str(tmp_path / "a"), "-q"], capsys)
+    assert code == 0, err
+    assert "network" in out
+    code, out, err = _run(["register", str(f), str(m), "--net", str(model), "--refine",
+                           "--metric", "ncc", "--set", "stages.0.iterations=60",
+                           "-o", str(tmp_path / "b"), "-q"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["method"] == "network+refine" and report["wall_time_s"] > 0
+    tfm = sitk.ReadTransform(str(tmp_path / "b" / "transform.tfm"))
+    got = torch.tensor(tfm.TransformPoint((30.0, 30.0)))
+    assert (got - true(torch.tensor([30.0, 30.0]))).norm() < 0.3
+    # --refine without --net, and refinement settings without --refine, are input errors.
+    code, _, err = _run(["register", str(f), str(m), "--refine", "-o", str(tmp_path / "c")],
+                        capsys)
+    assert code == 2 and "--net" in err
+    code, _, err = _run(["register", str(f), str(m), "--net", str(model), "--metric", "mi",
+                         "-o", str(tmp_path / "d")], capsys)
+    assert code == 2 and "--refine" in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_affine_prediction_is_an_affine_about_the_fixed_centre(pair):
+    fixed, moving, _ = pair
+    pred = _perturbed_affine_net().predict(fixed, moving)
+    assert isinstance(pred, Affine)
+    assert torch.allclose(pred.center, torch.tensor(fixed.grid.center, dtype=pred.center.dtype))
