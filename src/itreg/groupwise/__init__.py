@@ -7,6 +7,8 @@
 * :mod:`~itreg.groupwise.coreg`: the staged multi-resolution loop (Algorithm 1) with the
   zero-sum projection (Eq. 37) or a fixed reference.
 * :mod:`~itreg.groupwise.api`: :func:`register_group`, :class:`GroupResult`, :func:`save_group`.
+* :mod:`~itreg.groupwise.net`: :func:`apply_dcc`, :func:`save_dcc` (a trained deep-combined-
+  computing network registers and segments a group in one pass).
 """
 
 from itreg.groupwise import baselines as _baselines  # noqa: F401  (registers the baselines)
@@ -25,15 +27,18 @@ from itreg.groupwise.coreg import (
     default_stages,
     project_zero_mean,
 )
+from itreg.groupwise.net import DCCResult, apply_dcc, save_dcc
 from itreg.groupwise.xmetric import XMetric, x_metric
 
 __all__ = [
     "GROUP_METRICS",
     "GROUP_TRANSFORMS",
+    "DCCResult",
     "GroupObjective",
     "GroupResult",
     "GroupStage",
     "XMetric",
+    "apply_dcc",
     "available_group_metrics",
     "co_register",
     "default_stages",
@@ -41,6 +46,7 @@ __all__ = [
     "project_zero_mean",
     "register_group",
     "register_group_metric",
+    "save_dcc",
     "save_group",
     "write_group",
     "x_metric",
