@@ -109,6 +109,18 @@ def test_refine_continues_from_the_prediction_and_improves(pair, tmp_path):
     assert res.report()["method"] == "network+refine"
 
 
+def test_refine_keeps_the_training_metrics_options(pair, tmp_path):
+    fixed, moving, _ = pair
+    path = save_regnet(tmp_path / "affine.pt", AffineNet(2, features=(4, 8, 8, 8)),
+                       extra={"train": {"loss": "mi", "loss_kwargs": {"bins": 24}}})
+    res = register_with_net(fixed, moving, path, refine=True, progress=False,
+                            overrides={"stages.0.iterations": 1})
+    assert res.refinement.config.stages[0].metric.options["bins"] == 24
+    res = register_with_net(fixed, moving, path, refine=True, progress=False, metric="nmi",
+                            overrides={"stages.0.iterations": 1})
+    assert res.refinement.config.stages[0].metric.name == "nmi"
+
+
 def test_refine_config_drops_the_stages_the_network_replaces():
     deform = refine_config("regnet-deform")
     assert [s.transform for s in deform.stages] == ["bspline"]

@@ -11,6 +11,7 @@ from itreg.cli import (  # noqa: F401  (each module registers its commands on ap
     pairwise,
     phantom,
     train,
+    trainnet,
 )
 from itreg.cli.app import app, main
 

@@ -269,7 +269,12 @@ def register_with_net(
     refinement = None
     if refine:
         kind = info.get("kind") or ""
-        name = metric or _refine_metric(info.get("train", {}))
+        train = info.get("train", {})
+        name = metric or _refine_metric(train)
+        if metric is None and name is not None and isinstance(train.get("loss_kwargs"), dict):
+            # The training metric's options (MI bins, LNCC window) carry over.
+            options = {f"metric.{k}": v for k, v in train["loss_kwargs"].items()}
+            overrides = {**options, **dict(overrides or {})}
         config = refine_config(kind, name, preset=preset, transform=transform,
                                overrides=overrides)
         refinement = register(fixed_img, moving_img, preset=config, init=prediction,
