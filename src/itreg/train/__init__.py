@@ -12,7 +12,9 @@ Helpers: :func:`make_generator` (seeded ``torch.Generator`` on a device), :func:
 outside it), :class:`EarlyStopping`, :class:`TrainResult`, :func:`progress_bar`.
 
 Task-specific training lives in submodules: :mod:`itreg.train.ditr` (DITR classifier, iterated
-maximum likelihood) and :mod:`itreg.train.deepsim` (DeepSim feature extractors).
+maximum likelihood), :mod:`itreg.train.deepsim` (DeepSim feature extractors) and
+:mod:`itreg.train.regnet` (registration networks, with the pair sources of
+:mod:`itreg.train.sources`).
 """
 
 from __future__ import annotations
