@@ -108,6 +108,7 @@ __all__ = [
     "DCCTrainingResult",
     "PhantomGroupSource",
     "evaluate_groups",
+    "initial_network",
     "labelled_mask",
     "train_dcc",
 ]
@@ -627,6 +628,17 @@ def _prior_images(config: DCCTrainConfig, n: int) -> list[int]:
     return []
 
 
+def initial_network(config: DCCTrainConfig, grid: Grid, domains: int,
+                    domain_names: Sequence[str] | None = None) -> DCCNet:
+    """The untrained network :func:`train_dcc` starts from (seeded by ``config.seed``)."""
+    cfg = config
+    with seeded(cfg.seed):
+        return DCCNet(grid.ndim, domains, cfg.classes, cfg.channels, cfg.net_levels, cfg.flow,
+                      zero_mean=True, reg_norm=cfg.reg_norm, dropout=cfg.dropout,
+                      domain_names=domain_names, spacing_mm=list(grid.spacing),
+                      momentum=cfg.momentum, field_scale=cfg.field_scale)
+
+
 def train_dcc(
     train_source: PhantomGroupSource | Sequence[DCCGroup],
     val_source: PhantomGroupSource | Sequence[DCCGroup],
@@ -676,12 +688,7 @@ def train_dcc(
         raise ConfigError(f"{len(domain_names)} domain names for {domains} domains")
     if domain_names is not None:
         domains = len(domain_names)
-    with seeded(cfg.seed):
-        net = DCCNet(grid.ndim, domains, cfg.classes, cfg.channels, cfg.net_levels, cfg.flow,
-                     zero_mean=True, reg_norm=cfg.reg_norm, dropout=cfg.dropout,
-                     domain_names=domain_names, spacing_mm=list(grid.spacing),
-                     momentum=cfg.momentum, field_scale=cfg.field_scale)
-    net = net.to(train[0].images.device)
+    net = initial_network(cfg, grid, domains, domain_names).to(train[0].images.device)
     seg_opt = torch.optim.Adam(net.segmentation_parameters(), lr=cfg.seg_lr)
     reg_opt = torch.optim.Adam(net.registration_parameters(), lr=cfg.reg_lr)
     opt = _Alternating(seg_opt, reg_opt, cfg.alternate_every)
