@@ -273,3 +273,16 @@ def test_bad_inputs_raise_itreg_errors():
         Cascade(AffineNet(2), DeformNet(3))
     with pytest.raises(ConfigError):
         save_regnet("x.pt", torch.nn.Linear(2, 2))
+
+
+def test_padding_is_undone_exactly_by_the_crop():
+    from itreg.nets.regnets import _pad
+
+    for shape in ((1, 2, 13, 19), (2, 1, 7, 9, 11), (1, 1, 32, 48)):
+        x = torch.rand(shape)
+        padded, crop = _pad(x, 4)
+        assert all(n % 16 == 0 and n >= 32 for n in padded.shape[2:])
+        assert torch.equal(padded[(slice(None), slice(None), *crop)], x)
+        # symmetric: the padding splits (almost) evenly on both sides of every axis
+        for n, c in zip(padded.shape[2:], crop):
+            assert abs(c.start - (n - c.stop)) <= 1
