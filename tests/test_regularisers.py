@@ -133,3 +133,25 @@ def test_gradcheck(name, ndim):
     reg = get_regulariser(name, **kwargs)
     disp.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda d: reg(d, grid), (disp,), fast_mode=ndim == 3)
+
+
+def test_closed_form_bending_energy_of_a_bspline():
+    from itreg.transforms import Affine, BSpline
+
+    grid = _oblique(3, (12, 10, 8))
+    b = BSpline(grid, 5.0, dtype=F64)
+    with torch.no_grad():
+        b.coefficients.copy_(torch.randn(b.coefficients.shape, dtype=F64,
+                                         generator=torch.Generator().manual_seed(2)))
+    module = BendingEnergy()
+    exact = module.closed_form(b, grid)
+    assert exact is not None and float(exact) > 0
+    assert torch.equal(exact, b.bending_energy(grid))
+    # The sampled-field version approaches it on a fine grid (the closed form is its limit).
+    fine = grid.with_spacing([s / 3 for s in grid.spacing])
+    sampled = module(torch.movedim(b.displacement(fine), -1, 0), fine)
+    assert float(sampled) == pytest.approx(float(exact), rel=0.05)
+    # No closed form: transforms without one, and the other regularisers.
+    assert module.closed_form(Affine(3, dtype=F64), grid) is None
+    for name in ("diffusion", "tv", "jacobian-fold", "jacobian-logdet"):
+        assert get_regulariser(name).closed_form(b, grid) is None

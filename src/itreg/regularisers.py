@@ -13,6 +13,9 @@ differences with respect to world ``(x, y, z)`` (spacing and direction matter, s
 * ``"jacobian-fold"``: ``relu(margin - det J)`` with ``J = I + grad d``;
 * ``"jacobian-logdet"``: ``log(max(det J, eps))^2``.
 
+Transforms with a closed form (the cubic B-spline's bending energy) get it through
+:meth:`Regulariser.closed_form`, which the registration engine prefers to a sampled field.
+
 Functional versions (:func:`diffusion`, :func:`bending_energy`, :func:`total_variation`,
 :func:`jacobian_folding`, :func:`jacobian_logdet`) and ``nn.Module`` versions
 (:class:`Diffusion`, ...) compute the same values; :func:`get_regulariser` builds a module by
@@ -150,6 +153,12 @@ class Regulariser(nn.Module, abc.ABC):
     def forward(self, disp: Tensor, grid: Grid) -> Tensor:
         """The penalty of displacement `disp` (world mm) on `grid`, a scalar."""
 
+    def closed_form(self, transform, domain: Grid) -> Tensor | None:
+        """The penalty of `transform`'s displacement averaged over `domain`, computed exactly
+        from the transform's parameters, or None when there is no closed form for it (the
+        caller then evaluates :meth:`forward` on a sampled field)."""
+        return None
+
 
 class Diffusion(Regulariser):
     """Module version of :func:`diffusion`."""
@@ -167,6 +176,12 @@ class BendingEnergy(Regulariser):
 
     def forward(self, disp: Tensor, grid: Grid) -> Tensor:
         return bending_energy(disp, grid)
+
+    def closed_form(self, transform, domain: Grid) -> Tensor | None:
+        """The exact integral mean over `domain` for transforms with a ``bending_energy``
+        method (cubic B-splines: a quadratic form in the coefficients), else None."""
+        energy = getattr(transform, "bending_energy", None)
+        return energy(domain) if callable(energy) else None
 
 
 class TotalVariation(Regulariser):

@@ -215,3 +215,90 @@ def test_gradcheck(ndim):
         return torch.func.functional_call(wrapper, {"transform.coefficients": c}, (grid,))
 
     assert torch.autograd.gradcheck(grid_call, (coef,), fast_mode=True)
+
+
+# ---------------------------------------------------------------------- bending energy
+def _energy(b: BSpline, domain) -> float:
+    with torch.no_grad():
+        return float(b.bending_energy(domain))
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_bending_energy_of_a_reproduced_quadratic(ndim):
+    # Cubic B-splines reproduce u^2 with coefficients k^2 - 1/3 (Marsden's identity), so
+    # d_x = (u_x - 3)^2 (u: control index) has d^2 d_x / du_x^2 = 2, that is along the
+    # rotated axis 2 / s_x^2 in 1/mm: the bending energy is 4 / s_x^4 whatever the rotation.
+    grid = _grid(ndim)
+    b = BSpline(grid, 6.0, dtype=F64)
+    size = b.control_grid.size
+    k = torch.arange(size[0], dtype=F64) - 3.0
+    coef = torch.zeros_like(b.coefficients)
+    coef[0] = (k * k - 1.0 / 3.0).expand(*b.control_grid.shape)  # x index is the last axis
+    with torch.no_grad():
+        b.coefficients.copy_(coef)
+    s = b.control_grid.spacing[0]
+    expected = 4.0 / s**4
+    assert _energy(b, grid) == pytest.approx(expected, rel=1e-10)
+    assert _energy(b, None) == pytest.approx(expected, rel=1e-10)
+    # The displacement really is that quadratic (d^2/dx_index^2 = 2 in control units).
+    u = b.control_grid.world_to_index(grid.points(dtype=F64).reshape(-1, ndim))
+    disp = b.displacement(grid, dtype=F64).reshape(-1, ndim)
+    assert torch.allclose(disp[:, 0], (u[:, 0] - 3.0) ** 2, atol=1e-9)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_bending_energy_matches_fine_finite_differences(ndim):
+    from itreg.regularisers import bending_energy
+
+    grid = _grid(ndim)
+    b = _random_bspline(grid, 6.0, seed=3)
+    exact = _energy(b, grid)
+    errors = []
+    for factor in (2, 4):
+        fine = grid.with_spacing([s / factor for s in grid.spacing])
+        disp = torch.movedim(b.displacement(fine, dtype=F64), -1, 0)
+        errors.append(abs(float(bending_energy(disp, fine)) - exact) / exact)
+    assert errors[1] < 0.03
+    assert errors[1] < errors[0]  # converges to the closed form as the grid is refined
+
+
+def test_bending_energy_is_zero_for_affine_and_clips_to_the_valid_region():
+    grid = _grid(3)
+    b = BSpline(grid, 6.0, dtype=F64)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=F64) for n in
+                                       b.control_grid.shape], indexing="ij"))  # (z, y, x)
+    with torch.no_grad():  # coefficients linear in the index: an affine displacement
+        b.coefficients.copy_(torch.stack([0.3 * idx[2] - 0.1 * idx[0], 0.2 * idx[1],
+                                          0.5 * idx[0] + 0.05 * idx[2]]))
+    assert abs(_energy(b, grid)) < 1e-14
+    # A domain far larger than the control grid: the integral stops at the valid region,
+    # the mean is over the whole domain.
+    q = _random_bspline(grid, 6.0, seed=1)
+    big = grid.with_spacing([3 * s for s in grid.spacing]).resized(
+        [3 * n for n in grid.size], [3 * s for s in grid.spacing])
+    ratio = _energy(q, big) / _energy(q, None)
+    lo, hi = 1.0, [n - 2.0 for n in q.control_grid.size]
+    valid = np.prod([h - lo for h in hi])
+    box = np.prod(big.extent()) / np.prod(q.control_grid.spacing)  # same direction
+    assert ratio == pytest.approx(valid / box, rel=1e-6)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_bending_energy_gradcheck(ndim):
+    grid = Grid((6,) * ndim, (2.0,) * ndim, direction=_rotation(ndim, 0.4).ravel())
+    b = _random_bspline(grid, 4.0, scale=0.5)
+    coef = b.coefficients.detach().clone().requires_grad_(True)
+
+    class _Energy(torch.nn.Module):
+        def __init__(self, transform):
+            super().__init__()
+            self.transform = transform
+
+        def forward(self, domain):
+            return self.transform.bending_energy(domain)
+
+    wrapper = _Energy(b)
+
+    def call(c):
+        return torch.func.functional_call(wrapper, {"transform.coefficients": c}, (grid,))
+
+    assert torch.autograd.gradcheck(call, (coef,))

@@ -236,6 +236,8 @@ class LevelObjective:
         min_overlap: the smallest acceptable fraction of valid sample points.
         precondition: applied to the flat gradient ``dL/dq`` before it is returned (e.g.
             Gaussian smoothing of a dense field's update), or None.
+        penalty_fn: gives the weighted regulariser total of `current` directly (closed forms
+            where the stage has them); when given, it replaces `field_fn` and `regularisers`.
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class LevelObjective:
         field_fn: Callable | None = None,
         min_overlap: float = 0.0,
         precondition: Callable[[Tensor], Tensor] | None = None,
+        penalty_fn: Callable[[Transform], Tensor | None] | None = None,
     ) -> None:
         self.level = level
         self.current = current
@@ -265,6 +268,7 @@ class LevelObjective:
         self.field_fn = field_fn
         self.min_overlap = float(min_overlap)
         self.precondition = precondition
+        self.penalty_fn = penalty_fn
         self.spatial = bool(getattr(metric, "requires_spatial", False))
         self.samples: Samples | None = None
         self._grid_points: Tensor | None = None
@@ -343,6 +347,8 @@ class LevelObjective:
 
     def regulariser_loss(self) -> Tensor | None:
         """The weighted sum of the regularisers on the current transform's field."""
+        if self.penalty_fn is not None:
+            return self.penalty_fn(self.current)
         if not self.regularisers or self.field_fn is None:
             return None
         field, grid = self.field_fn(self.current)

@@ -466,7 +466,8 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
     objective = LevelObjective(
         level, current, outer, metric, sampler, params, fixed_range, moving_range,
         regularisers=regs, field_fn=lambda t: builder.field(t, level, setup),
-        min_overlap=min_overlap, precondition=builder.preconditioner(current, setup))
+        min_overlap=min_overlap, precondition=builder.preconditioner(current, setup),
+        penalty_fn=(lambda t: builder.penalty(t, regs, level, setup)) if regs else None)
     if is_trainable(metric):  # the critic ascends the bound while the transform descends
         objective = CriticTraining(objective, metric)
     quantity = getattr(metric, "quantity", lambda v: v)

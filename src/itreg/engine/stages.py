@@ -67,6 +67,29 @@ class StageTransform(abc.ABC):
         disp = transform.displacement(level.grid)
         return torch.movedim(disp, -1, 0), level.grid
 
+    def penalty(self, transform: Transform, regularisers, level: Level, setup: StageSetup
+                ) -> Tensor | None:
+        """The weighted sum of `regularisers` (``.weight``, ``.module``) on `transform`.
+
+        A regulariser with a closed form for the transform (see
+        :meth:`itreg.regularisers.Regulariser.closed_form`) is evaluated exactly over the fixed
+        grid's extent; the others on :meth:`field` (computed once, only when needed).
+        """
+        total = None
+        field = None
+        for reg in regularisers:
+            term = None
+            closed = getattr(reg.module, "closed_form", None)
+            if closed is not None:
+                term = closed(transform, setup.fixed_grid)
+            if term is None:
+                if field is None:
+                    field = self.field(transform, level, setup)
+                term = reg.module(*field)
+            term = reg.weight * term
+            total = term if total is None else total + term
+        return total
+
 
 # ---------------------------------------------------------------------------------- linear
 def _is_identity(a: Tensor) -> bool:
@@ -141,7 +164,8 @@ class BSplineStage(StageTransform):
               ) -> tuple[Tensor, Grid]:
         """The displacement on the level grid, or on a grid of half the control spacing when
         that is coarser: finite differences there follow a cubic B-spline's smooth curvature
-        closely enough for a penalty, and full-resolution Hessians would dominate the cost."""
+        closely enough for a penalty, and full-resolution Hessians would dominate the cost.
+        (The bending energy does not use it: it has a closed form, see :meth:`penalty`.)"""
         grid = level.grid
         target = setup.stage.control_spacing_mm / 2.0
         if max(grid.spacing) < target:
