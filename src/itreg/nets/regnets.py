@@ -676,7 +676,8 @@ def save_regnet(path: str | os.PathLike, net: RegNet, extra: dict[str, Any] | No
 def load_regnet(path: str | os.PathLike, map_location: Any = "cpu") -> RegNet:
     """Rebuild a registration network from its model file alone (``weights_only=True``).
 
-    The file's ``extra`` metadata is attached as ``net.extra``. The network is in eval mode.
+    The file's ``extra`` metadata is attached as ``net.extra``. The network is in eval mode, on
+    `map_location` (a device name or ``torch.device``).
 
     Raises:
         ModelFileError: not an itreg model file, another version, or not a registration
@@ -687,5 +688,7 @@ def load_regnet(path: str | os.PathLike, map_location: Any = "cpu") -> RegNet:
         raise ModelFileError(f"model file {str(path)!r} holds a {kind!r} model, not a "
                              f"registration network ({', '.join(MODEL_KINDS.values())})")
     net, extra = build_model(path, expected_kind=kind, map_location=map_location)
+    if isinstance(map_location, (str, torch.device)):
+        net.to(torch.device(map_location))  # the module is built on the CPU
     net.extra = extra
     return net
