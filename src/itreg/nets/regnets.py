@@ -493,22 +493,22 @@ class DeformNet(RegNet):
 
     Args:
         ndim: 2 or 3.
-        in_channels: input channels (fixed + moving), default 2.
         features: ``levels + 1`` widths (None: ``(16, 32, ..., 32)``).
         levels: number of down-/up-sampling levels (4 as VoxelMorph and DivRegNet).
         se: squeeze-and-excitation blocks in the decoder (DivRegNet).
         norm: ``"instance"``, ``"batch"`` or ``"none"``.
         field: ``"displacement"`` or ``"svf"`` (stationary velocity, diffeomorphic).
         steps: scaling-and-squaring steps of an SVF.
+        in_channels: input channels (fixed + moving), default 2.
         intensity: intensity normalisation of :meth:`predict` (see :class:`RegNet`).
         percentiles: its robust range.
     """
 
     kind = "deform"
 
-    def __init__(self, ndim: int, in_channels: int = 2, features: Sequence[int] | None = None,
-                 levels: int = 4, se: bool = False, norm: str = "instance",
-                 field: str = "displacement", steps: int = 7, intensity: str = "percentile",
+    def __init__(self, ndim: int, features: Sequence[int] | None = None, levels: int = 4,
+                 se: bool = False, norm: str = "instance", field: str = "displacement",
+                 steps: int = 7, in_channels: int = 2, intensity: str = "percentile",
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
         super().__init__(ndim, in_channels, intensity, percentiles)
         if isinstance(levels, bool) or int(levels) != levels or not 1 <= int(levels) <= 6:
