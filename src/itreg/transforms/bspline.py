@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 #: takes ``2^D`` D-linear lookups).
 _CHUNK_ELEMENTS = 2**20
 
+#: Points per thread below which :meth:`BSpline.forward` does not split its lookups.
+_MIN_PART_POINTS = 4096
+
 #: Direction cosines closer than this are treated as equal (fast separable evaluation).
 _DIRECTION_TOL = 1e-6
 
@@ -341,11 +344,18 @@ class BSpline(Transform):
         weight = gw[corners[:, 0], :, 0]
         for a in range(1, d):
             weight = weight * gw[corners[:, a], :, a]  # (2^D, P)
-        n = corners.shape[0]
-        grid = coords.reshape((1, n, -1) + (1,) * (d - 2) + (d,))
-        looked = F.grid_sample(coefficients[None], grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=True)  # (1, D, 2^D, P[, 1])
-        disp = (looked.reshape(d, n, -1) * weight).sum(dim=1).T  # (P, D)
+        n, p = corners.shape[0], u.shape[0]
+        # grid_sample's CPU kernels run one thread per batch entry: split the points.
+        parts = max(min(torch.get_num_threads(), p // _MIN_PART_POINTS), 1)
+        per = -(-p // parts)
+        coords = F.pad(coords, (0, 0, 0, parts * per - p))  # (2^D, parts * per, D)
+        grid = coords.reshape((n, parts, per, d)).transpose(0, 1).reshape(
+            (parts, n, per) + (1,) * (d - 2) + (d,))
+        table = coefficients[None].expand((parts, *coefficients.shape))
+        looked = F.grid_sample(table, grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=True)  # (parts, D, 2^D, per[, 1])
+        looked = looked.reshape(parts, d, n, per).permute(1, 2, 0, 3).reshape(d, n, -1)[..., :p]
+        disp = (looked * weight).sum(dim=1).T  # (P, D)
         return torch.where(inside[:, None], disp, torch.zeros_like(disp))
 
     def _displacement_points(self, points: Tensor) -> Tensor:
