@@ -156,3 +156,27 @@ def test_bad_settings_raise_config_errors(tmp_path):
                      progress=False)
     with pytest.raises(ConfigError, match="pair source"):
         train_regnet(TrainNetConfig(**TINY), [1, 2], None, tmp_path / "b.pt", progress=False)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from itreg.train import TrainingError
+    from itreg.train.regnet import _Trainer
+
+    calls = {"n": 0}
+    original = _Trainer._similarity
+
+    def poisoned(self, fixed, warped):
+        calls["n"] += 1
+        value = original(self, fixed, warped)
+        return value * float("nan") if calls["n"] > 6 else value
+
+    monkeypatch.setattr(_Trainer, "_similarity", poisoned)
+    out = tmp_path / "nan.pt"
+    cfg = TrainNetConfig(kind="deform", loss="mse", epochs=3, **TINY)
+    with pytest.raises(TrainingError, match="NaN or infinite"):
+        train_regnet(cfg, _pairs(4), None, out, progress=False)
+    assert checkpoint_path(out).is_file() and not out.exists()
+    state = torch.load(checkpoint_path(out), weights_only=True)
+    assert state["result"]["epochs"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in state["net"].values()
+               if v.is_floating_point())
