@@ -3,6 +3,8 @@ cascades, checkpoints that resume bitwise, and bad settings."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from regnet_train_data import TinyPairs
@@ -180,3 +182,18 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monke
     assert state["result"]["epochs"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in state["net"].values()
                if v.is_floating_point())
+
+
+def test_a_deepsim_extractor_file_as_the_loss(tmp_path):
+    """``loss="deepsim:PATH"``: a frozen extractor from a model file is the similarity."""
+    from itreg.nets.deepsim import MODEL_KIND, DeepSimNet
+    from itreg.nets.modelfile import save_model
+
+    torch.manual_seed(0)
+    extractor = DeepSimNet(2, mode="ae", channels=(4, 4, 4))
+    path = tmp_path / "ae.pt"
+    save_model(path, MODEL_KIND, extractor.config(), extractor.state_dict())
+    cfg = TrainNetConfig(kind="deform", loss=f"deepsim:{path}", epochs=1, **TINY)
+    res = train_regnet(cfg, _pairs(4), None, tmp_path / "n.pt", progress=False)
+    assert res.stages["deform"].steps == 3 and math.isfinite(res.history[0]["val_loss"])
+    assert load_regnet(tmp_path / "n.pt").extra["train"]["loss"] == f"deepsim:{path}"
