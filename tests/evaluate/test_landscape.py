@@ -108,6 +108,27 @@ def test_neural_landscape_fits_critic_per_offset(t1_t2_slice):
     assert land.settings["trainable_metric"] and land.settings["fit_steps"] == 5
 
 
+def test_quantity_comes_from_the_metric_not_only_its_sign(tmp_path):
+    """A metric whose quantity is not sign * loss (DeepSim: 1 - loss) is tabulated and plotted
+    as its quantity."""
+    from itreg.metrics import get_metric
+
+    class OneMinus(type(get_metric("mse"))):
+        quantity_name = "one minus MSE"
+
+        def quantity(self, loss):
+            return 1.0 - loss
+
+    img = stripes()
+    land = metric_landscape(img, img, OneMinus(), axes=["tx"], ranges=[(-4, 4, 2)])
+    np.testing.assert_allclose(land.quantity_values, 1.0 - land.loss)
+    save_landscape(land, tmp_path)
+    with open(tmp_path / "landscape.csv") as fh:
+        rows = list(csv.reader(fh))[1:]
+    for row in rows:
+        assert float(row[-1]) == pytest.approx(1.0 - float(row[-2]))
+
+
 def test_bad_axes():
     img = stripes()
     with pytest.raises(ConfigError, match="axis"):

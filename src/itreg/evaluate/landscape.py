@@ -199,6 +199,9 @@ class Landscape:
         fwhm: per axis, the FWHM of the response through the best offset (axis units).
         fwhm_censored: per axis, whether the FWHM is only a lower bound.
         settings: how the landscape was computed.
+        quantity: the metric's quantity at every offset (its ``quantity(loss)``, which need not
+            be ``quantity_sign * loss``: DeepSim's is ``1 - loss``); None: ``quantity_sign *
+            loss``.
     """
 
     metric: str
@@ -211,6 +214,12 @@ class Landscape:
     fwhm: list[float]
     fwhm_censored: list[bool]
     settings: dict[str, Any] = field(default_factory=dict)
+    quantity: np.ndarray | None = None
+
+    @property
+    def quantity_values(self) -> np.ndarray:
+        """The metric quantity at every offset (for tables and plots)."""
+        return self.quantity if self.quantity is not None else self.quantity_sign * self.loss
 
     @property
     def n_optima(self) -> int:
@@ -411,9 +420,13 @@ def metric_landscape(
         settings.update({"warmup_steps": warmup_steps, "fit_steps": fit_steps})
     if random:
         settings["repeats"] = repeats
+    quantity = None
+    if hasattr(m, "quantity"):
+        quantity = np.asarray(m.quantity(torch.from_numpy(np.asarray(loss, dtype=np.float64))),
+                              dtype=np.float64)
     return Landscape(str(name), getattr(m, "quantity_name", "loss"),
                      float(getattr(m, "quantity_sign", 1.0)), axes, offsets, loss, optima,
-                     widths, censored, settings)
+                     widths, censored, settings, quantity)
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -436,7 +449,7 @@ def save_landscape(land: Landscape, outdir: str | os.PathLike) -> dict[str, Path
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    q = land.quantity_sign * land.loss
+    q = land.quantity_values
     paths = {"csv": out / "landscape.csv", "png": out / "landscape.png",
              "summary": out / "summary.json"}
     with open(paths["csv"], "w", newline="") as fh:
