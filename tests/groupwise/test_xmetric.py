@@ -135,7 +135,9 @@ def test_x_coreg_objective_is_invariant_to_a_bijective_remapping_of_one_image(re
     overlap = torch.ones(values.shape[1], dtype=torch.bool)
     results = []
     for vals in (values, other):
-        obj = XMetric(k=4, levels=60, sample_rate=0.5)
+        # The Eq. 22 start (the k-means start measures Euclidean intensity distances, which a
+        # remapping changes; the metric given Gamma is invariant either way).
+        obj = XMetric(k=4, levels=60, sample_rate=0.5, init="random")
         obj.reset(3, None, torch.Generator().manual_seed(5), torch.float64, None)
         from itreg.grid import Grid
 
@@ -174,3 +176,34 @@ def test_warmup_runs_extra_em_updates_only_at_the_first_step():
     assert obj._updates == 5
     with pytest.raises(ConfigError):
         XMetric(warmup=-1)
+
+
+def test_kmeans_start_separates_three_intensity_clusters():
+    from itreg.grid import Grid
+
+    # Three classes with distinct intensity vectors over 3 images, 100/200/300 points.
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.tensor([[0.0, 5.0, 2.0], [3.0, 0.0, 6.0], [6.0, 3.0, 0.0]],
+                           dtype=torch.float64)
+    truth = torch.cat([torch.full((c,), i) for i, c in enumerate((100, 200, 300))])
+    values = (centers[truth] + 0.1 * torch.randn(600, 3, generator=gen,
+                                                 dtype=torch.float64)).T
+    overlap = torch.ones(600, dtype=torch.bool)
+    overlap[:10] = False  # outside the overlap: left at the Eq. 22 start
+    obj = XMetric(k=3, levels=32, init="kmeans")
+    obj.reset(3, None, torch.Generator().manual_seed(0), torch.float64, None)
+    obj.start_level(Grid((600, 1)))
+    before = obj.gamma[:10].clone()
+    obj._kmeans_start(values, overlap)
+    hard = obj.gamma.argmax(dim=1)
+    # The clusters are the classes up to a permutation.
+    for i in range(3):
+        sel = (truth == i) & overlap
+        assert len(torch.unique(hard[sel])) == 1
+    assert len(torch.unique(hard[overlap])) == 3
+    counts = torch.tensor([90.0, 200.0, 300.0], dtype=torch.float64)
+    assert sorted(obj.pi.tolist()) == pytest.approx(sorted((counts / 590).tolist()), abs=1e-3)
+    assert float(obj.gamma.min()) >= obj.eps - 1e-12
+    assert torch.equal(obj.gamma[:10], before)
+    with pytest.raises(ConfigError):
+        XMetric(init="zeros")

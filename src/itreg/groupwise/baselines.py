@@ -34,7 +34,7 @@ from torch import Tensor
 
 from itreg.errors import ConfigError
 from itreg.groupwise.base import GroupObjective, register_group_metric
-from itreg.groupwise.em import check_classes
+from itreg.groupwise.em import check_classes, kmeans
 from itreg.groupwise.xmetric import PADDING, _check_levels, bin_coordinates
 from itreg.metrics.histogram import entropy, joint_histogram, mutual_information_from_joint
 from itreg.metrics.intensity import rescale, robust_range
@@ -195,42 +195,6 @@ class Congealing(GroupObjective):
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "sigma": self.sigma, "sample_rate": self.sample_rate}
-
-
-def kmeans(x: Tensor, k: int, generator: torch.Generator | None = None,
-           iterations: int = 20) -> Tensor:
-    """Lloyd's k-means with seeded k-means++ seeding.
-
-    Args:
-        x: ``(P, D)`` points.
-        k: number of clusters.
-        generator: CPU generator of the seeding.
-        iterations: Lloyd iterations.
-
-    Returns:
-        ``(P,)`` int64 cluster labels in ``[0, k)``.
-    """
-    p = x.shape[0]
-    first = int(torch.randint(p, (1,), generator=generator))
-    centers = [x[first]]
-    for _ in range(1, k):
-        d2 = torch.cdist(x, torch.stack(centers)).pow(2).min(dim=1).values
-        prob = (d2 / d2.sum().clamp_min(1e-12)).cpu().to(torch.float64)
-        if not bool(prob.sum() > 0):
-            prob = torch.full((p,), 1.0 / p, dtype=torch.float64)
-        centers.append(x[int(torch.multinomial(prob, 1, generator=generator))])
-    c = torch.stack(centers)
-    labels = torch.cdist(x, c).argmin(dim=1)
-    for _ in range(iterations):
-        for j in range(k):
-            sel = labels == j
-            if bool(sel.any()):
-                c[j] = x[sel].mean(dim=0)
-        new = torch.cdist(x, c).argmin(dim=1)
-        if bool((new == labels).all()):
-            break
-        labels = new
-    return labels
 
 
 class GMM(GroupObjective):

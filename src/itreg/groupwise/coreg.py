@@ -83,6 +83,9 @@ class GroupStage:
             for all levels, or one per level).
         bending_weight: ``lambda`` of the bending energy (``ffd`` only), with the authors'
             control-mesh normalisation (:func:`control_mesh_bending`), summed over images.
+        final_lr_factor: the step size decays from `learning_rate` at a level's first
+            iteration to ``final_lr_factor * learning_rate`` at its last (cosine); 1 keeps it
+            constant (the paper's plain Adam).
     """
 
     transform: str
@@ -92,6 +95,7 @@ class GroupStage:
     smoothing_mm: tuple[float, ...] | None = None
     control_spacing_mm: float | tuple[float, ...] = 20.0
     bending_weight: float = 1e-3
+    final_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.transform not in GROUP_TRANSFORMS:
@@ -110,6 +114,8 @@ class GroupStage:
                                self._per_level(self.smoothing_mm, "smoothing_mm", float, 0.0))
         if not (float(self.learning_rate) > 0 and math.isfinite(float(self.learning_rate))):
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0.0 < float(self.final_lr_factor) <= 1.0:
+            raise ConfigError(f"final_lr_factor must be in (0, 1], got {self.final_lr_factor!r}")
         if not float(self.bending_weight) >= 0:
             raise ConfigError(f"bending_weight must be >= 0, got {self.bending_weight!r}")
 
@@ -127,7 +133,7 @@ class GroupStage:
                 "iterations": list(self.iterations), "learning_rate": self.learning_rate,
                 "smoothing_mm": None if self.smoothing_mm is None else list(self.smoothing_mm),
                 "control_spacing_mm": list(self.control_spacing_mm),
-                "bending_weight": self.bending_weight}
+                "bending_weight": self.bending_weight, "final_lr_factor": self.final_lr_factor}
 
 
 def default_stages(transform: str, iterations: int = 100) -> list[GroupStage]:
@@ -150,19 +156,23 @@ def default_stages(transform: str, iterations: int = 100) -> list[GroupStage]:
     return schedules[transform]
 
 
-def ffd_stages(iterations: int = 100, bending_weight: float = 1e-2) -> list[GroupStage]:
+def ffd_stages(iterations: int = 100, bending_weight: float = 1e-2,
+               final_lr_factor: float = 0.1) -> list[GroupStage]:
     """The multi-level FFD schedule: a 40 mm FFD at half resolution (step 1 mm), then a 20 mm
-    FFD at full resolution (step 0.3 mm), both with the control-mesh bending weight.
+    FFD at full resolution (step 0.3 mm), both with the control-mesh bending weight and a
+    cosine decay of the step size to `final_lr_factor` of it over each level.
 
     Tuned on 2D BrainWeb-style groups at 2 mm (benchmarks/groupwise_brainweb.py): the paper's
-    lambda = 1e-3 left the metric free to fold the coarse slices (gWI worse than before), a
-    single step size kept Adam's jitter at the finest level, and a 10 mm level added noise.
+    lambda = 1e-3 left the metric free to fold the coarse slices under the bias field (gWI
+    worse than before), a single step size kept Adam's jitter at the finest level, a 10 mm
+    level added noise, and the decay lets the stochastic X-metric steps settle (mean gWI over
+    3 groups, X-CoReg K = 5 with the k-means start: 0.77 -> 0.71 mm).
     """
     it = int(iterations)
     return [GroupStage("ffd", (2,), it, learning_rate=1.0, control_spacing_mm=40.0,
-                       bending_weight=bending_weight),
+                       bending_weight=bending_weight, final_lr_factor=final_lr_factor),
             GroupStage("ffd", (1,), it, learning_rate=0.3, control_spacing_mm=20.0,
-                       bending_weight=bending_weight)]
+                       bending_weight=bending_weight, final_lr_factor=final_lr_factor)]
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -338,6 +348,7 @@ class _Adam:
         self.b1, self.b2 = betas
         self.eps = eps
         self.t = 0
+        self.scale = 1.0
 
     def zero_grad(self) -> None:
         for p, *_ in self.params:
@@ -353,7 +364,7 @@ class _Adam:
                 continue
             m.mul_(self.b1).add_(p.grad, alpha=1.0 - self.b1)
             v.mul_(self.b2).addcmul_(p.grad, p.grad, value=1.0 - self.b2)
-            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
+            p.sub_(self.scale * lr * (m / c1) / ((v / c2).sqrt() + self.eps))
 
 
 @dataclass(frozen=True)
@@ -385,6 +396,13 @@ class GroupLevelRecord:
             out["losses"] = [finite_or_none(v) for v in self.losses]
             out["metric_values"] = [finite_or_none(v) for v in self.metric_values]
         return out
+
+
+def _lr_factor(final: float, it: int, iterations: int) -> float:
+    """Cosine decay of the step size from 1 at the first iteration to `final` at the last."""
+    if final == 1.0 or iterations <= 1:
+        return 1.0
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * it / (iterations - 1)))
 
 
 def _smoothing(stage: GroupStage, level: int, grid: Grid) -> float:
@@ -533,6 +551,7 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
                     reason = "non-finite"
                     break
                 total.backward()
+                optimizer.scale = _lr_factor(stage.final_lr_factor, it, stage.iterations[lvl])
                 optimizer.step()
                 if reference is None:
                     project_zero_mean(active)

@@ -35,6 +35,7 @@ __all__ = [
     "e_step",
     "entropy_of_rows",
     "init_common_space",
+    "kmeans",
     "log_mixture_likelihood",
     "update_proportions",
 ]
@@ -126,3 +127,39 @@ def entropy_of_rows(gamma: Tensor) -> float:
     g = g / g.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
     h = -(g * torch.log(g.clamp_min(math.ulp(1.0)))).sum(dim=-1)
     return float(h.mean()) if h.numel() else 0.0
+
+
+def kmeans(x: Tensor, k: int, generator: torch.Generator | None = None,
+           iterations: int = 20) -> Tensor:
+    """Lloyd's k-means with seeded k-means++ seeding.
+
+    Args:
+        x: ``(P, D)`` points.
+        k: number of clusters.
+        generator: CPU generator of the seeding.
+        iterations: Lloyd iterations.
+
+    Returns:
+        ``(P,)`` int64 cluster labels in ``[0, k)``.
+    """
+    p = x.shape[0]
+    first = int(torch.randint(p, (1,), generator=generator))
+    centers = [x[first]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centers)).pow(2).min(dim=1).values
+        prob = (d2 / d2.sum().clamp_min(1e-12)).cpu().to(torch.float64)
+        if not bool(prob.sum() > 0):
+            prob = torch.full((p,), 1.0 / p, dtype=torch.float64)
+        centers.append(x[int(torch.multinomial(prob, 1, generator=generator))])
+    c = torch.stack(centers)
+    labels = torch.cdist(x, c).argmin(dim=1)
+    for _ in range(iterations):
+        for j in range(k):
+            sel = labels == j
+            if bool(sel.any()):
+                c[j] = x[sel].mean(dim=0)
+        new = torch.cdist(x, c).argmin(dim=1)
+        if bool((new == labels).all()):
+            break
+        labels = new
+    return labels

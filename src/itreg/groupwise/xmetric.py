@@ -40,6 +40,7 @@ from itreg.groupwise.em import (
     check_classes,
     e_step,
     init_common_space,
+    kmeans,
     update_proportions,
 )
 from itreg.image import Image
@@ -52,10 +53,14 @@ from itreg.metrics.intensity import robust_range
 
 logger = logging.getLogger(__name__)
 
+#: Starts of ``Gamma`` (see :class:`XMetric`).
+INITS = ("random", "kmeans")
+
 #: Bins of padding on each side of the ``L`` intensity levels (cubic B-spline support).
 PADDING = 2
 
 __all__ = [
+    "INITS",
     "PADDING",
     "XMetric",
     "appearance_model",
@@ -196,6 +201,15 @@ class XMetric(GroupObjective):
             moves. Not in the paper or the authors' code (0 reproduces them): from the random
             start of Eq. 22 the first Adam steps otherwise move every image by a full step
             in directions set by a meaningless ``Gamma``.
+        init: start of ``Gamma`` at the first step: ``"random"`` (default: Eq. 22, softmax of
+            Gaussian draws, as the paper and the authors' code) or ``"kmeans"`` (one-hot k-means++
+            clusters of the ``N``-vectors of intensities over the overlap, clamped like the
+            posterior, and their proportions as ``pi``). From the random start, EM on
+            brain slices at K = 4 settles in a state that spends a class on the partial-volume
+            rim and merges grey and white matter, so nothing aligns the tissue boundaries;
+            the k-means start separates the tissues (mean gWI over 3 BrainWeb-style groups
+            0.91 -> 0.80 mm with the default FFD schedule). It is not the default because on
+            small translation-only groups in group-to-reference mode it did worse than Eq. 22.
     """
 
     name = "xmetric"
@@ -204,8 +218,11 @@ class XMetric(GroupObjective):
 
     def __init__(self, k: int = 4, levels: int = 64, sample_rate: float = 0.1,
                  eps: float = POSTERIOR_EPS, segmentations: Sequence[Image] | None = None,
-                 warmup: int = 0) -> None:
+                 warmup: int = 0, init: str = "random") -> None:
         super().__init__(sample_rate)
+        if init not in INITS:
+            raise ConfigError(f"unknown X-metric init {init!r}; valid: {', '.join(INITS)}")
+        self.init = init
         if isinstance(warmup, bool) or int(warmup) != warmup or int(warmup) < 0:
             raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
         self.warmup = int(warmup)
@@ -279,6 +296,8 @@ class XMetric(GroupObjective):
         """Steps 3-4 of Algorithm 1 on every overlap voxel: ``f^t`` (Eq. 20) from the previous
         ``Gamma`` on a fresh Bernoulli sample, the E-step (Eq. 12), ``pi`` (Eq. 14)."""
         n = values.shape[0]
+        if self._updates == 0 and self.init == "kmeans" and self.fixed_appearance is None:
+            self._kmeans_start(values, overlap)
         self.ranges = self.fixed_ranges or intensity_ranges(values, overlap)
         coords = bin_coordinates(values, overlap, self.levels, ranges=self.ranges)
         if self.fixed_appearance is not None:  # X-Reg-GT (Eq. 48)
@@ -296,6 +315,15 @@ class XMetric(GroupObjective):
         if self._updates == 1:
             for _ in range(self.warmup):
                 self.update(values, overlap)
+
+    def _kmeans_start(self, values: Tensor, overlap: Tensor) -> None:
+        """``Gamma`` from k-means++ clusters of the overlap's intensity vectors (``init``)."""
+        labels = kmeans(values[:, overlap].T.contiguous(), self.k, self.generator)
+        one_hot = torch.nn.functional.one_hot(labels, self.k).to(self.gamma.dtype)
+        gamma = self.gamma.clone()
+        gamma[overlap] = one_hot.clamp(self.eps, 1.0 - (self.k - 1) * self.eps)
+        self.gamma = gamma
+        self.pi = update_proportions(gamma, overlap)
 
     def evaluate(self, values: Tensor, overlap: Tensor,
                  index: Tensor | None = None) -> tuple[Tensor, float]:
@@ -321,7 +349,7 @@ class XMetric(GroupObjective):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "k": self.k, "levels": self.levels,
                 "sample_rate": self.sample_rate, "posterior_clamp": self.eps,
-                "warmup": self.warmup,
+                "warmup": self.warmup, "init": self.init,
                 "appearance": "ground-truth (Eq. 48)" if self.segmentations is not None
                 else "estimated (Eq. 20)"}
 
