@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from gw_data import make_group
 
 from itreg import io
@@ -115,3 +116,36 @@ def test_mixed_dimensions_and_disjoint_images_are_geometry_errors(group_files, t
         register_group([images[0], far])
     with pytest.raises(ConfigError, match="at least two images"):
         register_group(images[:1])
+
+
+def test_groupwise_segmentations_roi_and_levels(group_files, tmp_path, capsys):
+    # X-Reg-GT from one label image per input (labels 0..3 by intensity quartile), an ROI
+    # covering the left half of the common grid, and L = 32.
+    segs = []
+    for j, path in enumerate(group_files):
+        img = io.read_image(path, is_label=False)
+        q = torch.quantile(img.data.flatten(), torch.tensor([0.25, 0.5, 0.75]))
+        lab = torch.bucketize(img.data, q).to(torch.uint8)
+        segs.append(tmp_path / f"seg{j}.nii.gz")
+        io.write_image(Image(lab, img.grid, is_label=True), segs[-1])
+    ref = io.read_image(group_files[0], is_label=False)
+    roi = torch.zeros(ref.grid.shape, dtype=torch.uint8)
+    roi[:, : ref.grid.shape[1] // 2] = 1
+    roi_path = tmp_path / "roi.nii.gz"
+    io.write_image(Image(roi, ref.grid, is_label=True), roi_path)
+    out = tmp_path / "gt"
+    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
+                        "translation", "--iterations", "3", "--levels", "32", "--segmentations",
+                        ",".join(map(str, segs)), "--roi", str(roi_path), "--quiet"], capsys)
+    assert code == 0, err
+    metric = json.loads((out / "report.json").read_text())["settings"]["metric"]
+    assert metric["levels"] == 32 and metric["appearance"] == "ground-truth (Eq. 48)"
+    bad = tmp_path / "bad"
+    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(bad), "--segmentations",
+                        str(segs[0]), "--quiet"], capsys)
+    assert code == 2 and "one label image per input" in err and not bad.exists()
+    empty = tmp_path / "empty.nii.gz"
+    io.write_image(Image(torch.zeros_like(roi), ref.grid, is_label=True), empty)
+    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(bad), "--roi",
+                        str(empty), "--quiet"], capsys)
+    assert code == 2 and "ROI" in err and not bad.exists()

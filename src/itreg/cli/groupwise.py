@@ -19,6 +19,14 @@ from itreg.cli.app import app
               help="Classes of the common anatomy (xmetric, gmm; default 4).")
 @click.option("--reference", type=int, default=None,
               help="Index (0-based) of an image kept fixed; default: unbiased (zero-sum).")
+@click.option("--levels", type=click.IntRange(min=4), default=None,
+              help="Intensity levels L of the histograms (xmetric, ape, cte; default 64).")
+@click.option("--segmentations", default=None,
+              help="X-Reg-GT (Eq. 48): one label image per input, comma-separated, labels "
+                   "0..K-1 on each image's own grid; the appearance model is built from them.")
+@click.option("--roi", type=_PATH, default=None,
+              help="Region-of-interest mask (nonzero inside), resampled (nearest) onto the "
+                   "common grid: only its points drive the registration.")
 @click.option("--iterations", type=click.IntRange(min=0), default=100, show_default=True,
               help="Adam steps per resolution level.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random choices.")
@@ -31,8 +39,8 @@ from itreg.cli.app import app
                    "(e.g. t1,t2,pd); default: the model's domains in order.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def groupwise(images, output, metric, transform, classes, reference, iterations, seed, threads,
-              net, domains, force, quiet) -> None:
+def groupwise(images, output, metric, transform, classes, reference, levels, segmentations, roi,
+              iterations, seed, threads, net, domains, force, quiet) -> None:
     """Register IMAGES jointly into a common space (X-CoReg by default).
 
     Writes OUTPUT/j/warped.nii.gz, OUTPUT/j/transform.tfm (linear part, common -> image j) and,
@@ -58,13 +66,43 @@ def groupwise(images, output, metric, transform, classes, reference, iterations,
         return
     if domains is not None:
         raise ConfigError("--domains applies to --net only")
+    options = {} if levels is None else {"levels": levels}
+    if segmentations is not None:
+        if metric != "xmetric":
+            raise ConfigError("--segmentations (X-Reg-GT) applies to --metric xmetric only")
+        paths = [p.strip() for p in segmentations.split(",") if p.strip()]
+        if len(paths) != len(images):
+            raise ConfigError(f"--segmentations needs one label image per input image: got "
+                              f"{len(paths)} for {len(images)}")
+        options["segmentations"] = [io.read_image(p, is_label=True) for p in paths]
+    roi_mask = None
+    if roi is not None:
+        roi_mask = _roi_on_common_grid(io.read_image(roi, is_label=True), loaded, reference)
     result = register_group(loaded, metric=metric, transform=transform, k=classes,
-                            reference=reference, seed=seed, iterations=iterations,
-                            threads=threads, progress=not quiet)
+                            reference=reference, seed=seed, iterations=iterations, roi=roi_mask,
+                            threads=threads, progress=not quiet, **options)
     save_group(result, output, force=force, inputs=images)
     reasons = ", ".join(sorted({r.stop_reason for r in result.records}))
     click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "
                f"outputs in {output}")
+
+
+def _roi_on_common_grid(mask, loaded, reference):
+    """The ROI as a bool tensor on the common grid (the reference's, else image 0's)."""
+    from itreg.errors import ConfigError, MaskError
+    from itreg.warp import resample
+
+    index = 0 if reference is None else reference
+    if not 0 <= index < len(loaded):
+        raise ConfigError(f"reference must be an image index in 0..{len(loaded) - 1}, "
+                          f"got {reference}")
+    grid = loaded[index].grid
+    if mask.ndim != grid.ndim:
+        raise MaskError(f"the ROI is {mask.ndim}D, the images {grid.ndim}D")
+    on_grid = resample(mask.float(), None, grid, mode="nearest").data[0] != 0
+    if not bool(on_grid.any()):
+        raise MaskError("the ROI does not cover any point of the common grid")
+    return on_grid
 
 
 def _apply_net(net, loaded, paths, domains, output, seed, threads, force) -> None:
