@@ -158,7 +158,8 @@ def main() -> None:
                 "epochs": trained.train.epochs, "best_epoch": trained.train.best_epoch,
                 "val_history": trained.train.history}
             print(f"{strategy}: trained {trained.train.epochs} epochs in {train_s:.0f} s "
-                  f"(best epoch {trained.train.best_epoch + 1})", flush=True)
+                  f"(best epoch {trained.train.best_epoch + 1}); before {before}; after {after}",
+                  flush=True)
     if args.xcoreg:
         acc: dict[str, list[float]] = {"reg": [], "gwi": [], "time_s": []}
         for g in tests[:args.xcoreg]:
