@@ -60,7 +60,8 @@ def part1(args) -> dict:
     times: dict[str, list[float]] = {}
     for g in range(args.groups):
         group = brain_group(3, kind="ffd", ndim=2, spacing_mm=2.0, seed=args.seed + g,
-                            noise_sigma=0.03, bias=(0.9, 1.1), control_spacing_mm=40.0,
+                            noise_sigma=args.noise,
+                            bias=None if args.no_bias else (0.9, 1.1), control_spacing_mm=40.0,
                             sigma_mm=args.sigma)
         images, mis, mask = group.images, group.misalignments, group.common_mask
         grid = images[0].grid
@@ -144,6 +145,9 @@ def main() -> None:
     ap.add_argument("--sample-rate", type=float, default=0.25,
                     help="X-CoReg density/gradient sample rate (2D part; 0.25 of a 2 mm slice "
                     "is about as many points as the paper's 0.1 of a 1 mm slice).")
+    ap.add_argument("--noise", type=float, default=0.03, help="Rician noise sigma (2D part).")
+    ap.add_argument("--no-bias", action="store_true",
+                    help="No bias field (default: 0.9-1.1 over the brain of every slice).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="Write the numbers here.")
