@@ -245,11 +245,15 @@ def test_bending_energy_of_a_reproduced_quadratic(ndim):
     assert torch.allclose(disp[:, 0], (u[:, 0] - 3.0) ** 2, atol=1e-9)
 
 
-@pytest.mark.parametrize("ndim", [2, 3])
-def test_bending_energy_matches_fine_finite_differences(ndim):
+@pytest.mark.parametrize(("ndim", "sheared"), [(2, False), (3, False), (2, True), (3, True)])
+def test_bending_energy_matches_fine_finite_differences(ndim, sheared):
     from itreg.regularisers import bending_energy
 
     grid = _grid(ndim)
+    if sheared:  # a non-orthogonal direction: the general (non-diagonal) quadratic form
+        direction = np.asarray(grid.direction).reshape(ndim, ndim) @ (
+            np.eye(ndim) + 0.3 * np.eye(ndim, k=1))
+        grid = Grid(grid.size, grid.spacing, grid.origin, direction.ravel())
     b = _random_bspline(grid, 6.0, seed=3)
     exact = _energy(b, grid)
     errors = []

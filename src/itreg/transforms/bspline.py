@@ -136,6 +136,28 @@ def bspline_gram(m: int, lo: float, hi: float, p: int, q: int) -> np.ndarray:
     return bp.T @ (w[:, None] * bq)
 
 
+def _stacked_quadratic_form(coefficients: Tensor, stacks: Sequence[Tensor],
+                            weights: Tensor) -> Tensor:
+    """``sum_o weights[o] <c, (G_{D-1}[o_{D-1}] x ... x G_0[o_0]) c>`` in D + 1 einsums.
+
+    Args:
+        coefficients: ``(C, *M)``, spatial axes in tensor order.
+        stacks: per ITK axis ``a`` a stack ``(k, m_a, m_a)`` of symmetric matrices.
+        weights: ``(k,) * D``, indexed by ITK axis order.
+    """
+    d = len(stacks)
+    space, out, orders = "zyx"[3 - d:], "uvw"[3 - d:], "ijk"[3 - d:]
+    cur = "n" + space
+    appended = ""
+    t = coefficients
+    for a in range(d):
+        s_letter, o_letter, k_letter = space[d - 1 - a], out[d - 1 - a], orders[d - 1 - a]
+        new = cur.replace(s_letter, o_letter) + k_letter
+        t = torch.einsum(f"{cur},{k_letter}{o_letter}{s_letter}->{new}", t, stacks[a])
+        cur, appended = new, appended + k_letter
+    return torch.einsum(f"{cur},n{out},{appended}->", t, coefficients, weights)
+
+
 def _subdivision_matrix(m: int, dtype: torch.dtype, device) -> Tensor:
     """``(2m - 3, m)`` matrix of exact cubic B-spline subdivision along one axis.
 
@@ -446,7 +468,9 @@ class BSpline(Transform):
         return lo, hi, volume
 
     def _bending_operators(self, domain: Grid | None, dtype, device):
-        """``[(weight, [per-axis Gram matrix])]``: the bending energy's quadratic form."""
+        """The bending energy's quadratic form: ``("diagonal", weights (3,)*D, per-axis stacks
+        of the Gram matrices of orders 0, 1, 2)`` when ``A A^T`` is diagonal, else
+        ``("general", [(weight, [per-axis Gram matrix])], None)``."""
         key = (None if domain is None else (domain.size, domain.spacing, domain.origin,
                                             domain.direction), dtype, str(device))
         cached = self._bending_cache.get(key)
@@ -465,8 +489,21 @@ class BSpline(Transform):
                 gram[(axis, p, q)] = torch.as_tensor(mat, dtype=dtype, device=device)
             return gram[(axis, p, q)]
 
-        terms = []
         scale = 1.0 / volume if volume > 0 else 0.0
+        if np.allclose(metric, np.diag(np.diag(metric)), rtol=0.0,
+                       atol=1e-12 * float(np.abs(metric).max())):
+            # The usual case (orthonormal direction): only terms with c = a, e = b, whose
+            # per-axis derivative orders (0, 1 or 2) are the same in both factors.
+            weights = np.zeros((3,) * d)
+            for a in range(d):
+                for b in range(d):
+                    orders = tuple((a == x) + (b == x) for x in range(d))
+                    weights[orders] += metric[a, a] * metric[b, b] * scale
+            stacks = [torch.stack([g(x, o, o) for o in range(3)]) for x in range(d)]
+            result = ("diagonal", torch.as_tensor(weights, dtype=dtype, device=device), stacks)
+            self._bending_cache[key] = result
+            return result
+        terms = []
         tol = 1e-12 * float(np.abs(metric).max()) ** 2
         for a in range(d):
             for b in range(d):
@@ -477,8 +514,9 @@ class BSpline(Transform):
                             continue
                         mats = [g(x, (a == x) + (b == x), (c == x) + (e == x)) for x in range(d)]
                         terms.append((float(weight), mats))
-        self._bending_cache[key] = terms
-        return terms
+        result = ("general", terms, None)
+        self._bending_cache[key] = result
+        return result
 
     def bending_energy(self, domain: Grid | None = None) -> Tensor:
         """Exact thin-plate bending energy of the displacement, averaged over `domain`.
@@ -500,8 +538,11 @@ class BSpline(Transform):
             Scalar tensor with the coefficients' dtype, differentiable in them.
         """
         coef = self.coefficients
+        kind, first, stacks = self._bending_operators(domain, coef.dtype, coef.device)
+        if kind == "diagonal":
+            return _stacked_quadratic_form(coef, stacks, first)
         total = coef.new_zeros(())
-        for weight, mats in self._bending_operators(domain, coef.dtype, coef.device):
+        for weight, mats in first:
             total = total + weight * (coef * _contract(coef, mats)).sum()
         return total
 
