@@ -97,7 +97,7 @@ def measure(model, phantoms, domain_names) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--strategies", nargs="+", default=["unsupervised", "weak"])
+    ap.add_argument("--strategies", nargs="*", default=["unsupervised", "weak"])
     ap.add_argument("--spacing", type=float, default=4.0)
     ap.add_argument("--sigma", type=float, default=5.0, help="FFD sigma (mm)")
     ap.add_argument("--control-spacing", type=float, default=40.0, help="FFD spacing (mm)")
