@@ -131,3 +131,16 @@ def test_x_reg_gt_uses_the_segmentation_appearance_model_and_registers(shifted_g
     # Registers from about 4 mm; less accurate than the estimated model on this smoothed
     # phantom (about 1.1 mm vs 0.3 mm), see the closing note of issue 4.
     assert residual_mm(result, truths, grid) < 1.5
+
+
+def test_step_decay_runs_from_one_to_the_final_factor():
+    from itreg.errors import ConfigError
+    from itreg.groupwise.coreg import _lr_factor
+
+    assert _lr_factor(0.1, 0, 50) == pytest.approx(1.0)
+    assert _lr_factor(0.1, 49, 50) == pytest.approx(0.1)
+    assert _lr_factor(0.1, 24.5, 50) == pytest.approx(0.55)  # cosine midpoint
+    assert _lr_factor(1.0, 10, 50) == 1.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="final_lr_factor"):
+            GroupStage("ffd", final_lr_factor=bad)
