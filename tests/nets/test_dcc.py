@@ -173,3 +173,19 @@ def test_common_anatomy_recovers_two_classes() -> None:
                                sample_rate=1.0, generator=g)
     assert torch.equal(gamma.argmax(dim=1), truth)
     torch.testing.assert_close(pi, truth.bincount().float() / 400, atol=0.02, rtol=0)
+
+
+def test_three_dimensional_groups_share_the_code_path() -> None:
+    net = _net(ndim=3, levels=2)
+    _perturb_heads(net)
+    net.eval()
+    x = torch.randn(1, 3, 1, 5, 7, 6)
+    out = net(x, [0, 1, 2])
+    assert out.logits.shape == (1, 3, 3, 5, 7, 6) and out.field.shape == (1, 3, 3, 5, 7, 6)
+    perm = torch.tensor([1, 2, 0])
+    again = net(x[:, perm], torch.tensor([0, 1, 2])[perm])
+    torch.testing.assert_close(again.field, out.field[:, perm], atol=1e-5, rtol=1e-4)
+    grid = Grid((6, 7, 5), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    disp = world_displacements(out.field[0], grid)
+    warped, inside = warp_group(x[0], disp, grid)
+    assert warped.shape == (3, 1, 5, 7, 6) and inside.shape == (3, 5, 7, 6)
