@@ -99,6 +99,61 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def refine_rows(path: Path, test, grid, args) -> dict:
+    """The network's prediction refined by the engine (``register --net --refine``): the
+    bspline preset's FFD stage with the training metric, starting from the prediction."""
+    from itreg.nets.inference import register_with_net
+
+    rows = []
+    for i in range(len(test)):
+        s = test[i]
+        res = register_with_net(s.fixed, s.moving, path, refine=True, progress=False,
+                                threads=args.threads, seed=args.seed)
+        r = evaluate(res.transform, s, grid)
+        r["time_s"] = res.wall_time_s
+        rows.append(r)
+    return {"summary": summarise(rows), "train_s": None}
+
+
+def ants_rows(test, grid, args) -> dict:
+    """ANTsPy SyNOnly through its own resampler (warped labels by nearest neighbour); the
+    folding fraction is not measured for it (NaN)."""
+    import subprocess
+    import tempfile
+
+    from itreg.image import Image
+    from itreg.io import read_image, write_image
+
+    runner = Path(__file__).resolve().parent / "tools" / "ants_runner.py"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(len(test)):
+            s = test[i]
+            case = Path(tmp) / f"case{i}"
+            case.mkdir()
+            write_image(s.fixed, case / "fixed.nii.gz")
+            write_image(s.moving, case / "moving.nii.gz")
+            write_image(s.moving_labels, case / "moving_labels.nii.gz")
+            out = case / "ants"
+            subprocess.run([args.ants_python, str(runner), str(case), str(out), "--method",
+                            "SyNOnly", "--threads", str(args.threads or 2), "--seed",
+                            str(args.seed + 1)], check=True, capture_output=True)
+            info = json.loads((out / "result.json").read_text())
+            warped = read_image(out / info["warped_labels"], is_label=True)
+            labels = Image(warped.data.to(s.fixed_labels.data.dtype), grid, is_label=True)
+            d = dice(s.fixed_labels, labels, labels=list(LABELS))
+            hd = []
+            for k in LABELS:
+                a = s.fixed_labels.data[0] == k
+                b = labels.data[0] == k
+                if bool(a.any()) and bool(b.any()):
+                    hd.append(surface_distance(a, b, spacing=grid.spacing).hd95_mm)
+            rows.append({"dice": {LABELS[k]: d.per_label.get(k, math.nan) for k in LABELS},
+                         "hd95": sum(hd) / len(hd) if hd else math.nan,
+                         "folding": math.nan, "time_s": info["wall_s"]})
+    return {"summary": summarise(rows), "train_s": None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-regnet"))
@@ -117,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", default="8,16,16,16,16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-iterative", action="store_true")
+    ap.add_argument("--refine", default="",
+                    help="comma-separated network labels (e.g. mi64,mi64-dice) whose "
+                         "predictions are also refined by the iterative engine (--refine)")
+    ap.add_argument("--ants", action="store_true",
+                    help="add ANTsPy SyNOnly (runs benchmarks/tools/ants_runner.py in "
+                         "--ants-python's venv)")
+    ap.add_argument("--ants-python", default=".venv-ants/bin/python")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     spacing = args.spacing or (2.0 if args.ndim == 2 else 4.0)
@@ -180,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
         results[f"DeformNet {label}"] = {"summary": summarise(rows), "train_s": train_s,
                                          "config": cfg.to_dict()}
+        key = path.stem.removeprefix("net-")
+        if key in [k for k in args.refine.split(",") if k]:
+            results[f"DeformNet {label} + refine"] = refine_rows(path, test, grid, args)
 
     if not args.no_iterative:
         import itreg
@@ -193,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             r["time_s"] = res.wall_time_s
             rows.append(r)
         results["itreg bspline MI (iterative)"] = {"summary": summarise(rows), "train_s": None}
+
+    if args.ants:
+        results["ANTs SyNOnly"] = ants_rows(test, grid, args)
 
     md = table(results)
     print(md)
