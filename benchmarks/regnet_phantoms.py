@@ -63,16 +63,21 @@ def evaluate(transform, sample, grid) -> dict:
     with torch.no_grad():
         warped = resample(sample.moving_labels, transform, grid, mode="nearest")
         jac = jacobian_statistics(transform, grid)
-    d = dice(sample.fixed_labels, warped, labels=list(LABELS))
+    return {**label_measures(sample.fixed_labels, warped, grid),
+            "folding": jac.folding_fraction}
+
+
+def label_measures(fixed_labels, warped, grid) -> dict:
+    """Dice per label and mean HD95 of warped moving labels against the fixed labels."""
+    d = dice(fixed_labels, warped, labels=list(LABELS))
     hd = []
     for k in LABELS:
-        a = sample.fixed_labels.data[0] == k
+        a = fixed_labels.data[0] == k
         b = warped.data[0] == k
         if bool(a.any()) and bool(b.any()):
             hd.append(surface_distance(a, b, spacing=grid.spacing).hd95_mm)
     return {"dice": {LABELS[k]: d.per_label.get(k, math.nan) for k in LABELS},
-            "hd95": sum(hd) / len(hd) if hd else math.nan,
-            "folding": jac.folding_fraction}
+            "hd95": sum(hd) / len(hd) if hd else math.nan}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -141,15 +146,7 @@ def ants_rows(test, grid, args) -> dict:
             info = json.loads((out / "result.json").read_text())
             warped = read_image(out / info["warped_labels"], is_label=True)
             labels = Image(warped.data.to(s.fixed_labels.data.dtype), grid, is_label=True)
-            d = dice(s.fixed_labels, labels, labels=list(LABELS))
-            hd = []
-            for k in LABELS:
-                a = s.fixed_labels.data[0] == k
-                b = labels.data[0] == k
-                if bool(a.any()) and bool(b.any()):
-                    hd.append(surface_distance(a, b, spacing=grid.spacing).hd95_mm)
-            rows.append({"dice": {LABELS[k]: d.per_label.get(k, math.nan) for k in LABELS},
-                         "hd95": sum(hd) / len(hd) if hd else math.nan,
+            rows.append({**label_measures(s.fixed_labels, labels, grid),
                          "folding": math.nan, "time_s": info["wall_s"]})
     return {"summary": summarise(rows), "train_s": None}
 

@@ -99,6 +99,13 @@ class LevelRecord:
         return out
 
 
+def linear_summary(linear: Affine) -> dict[str, list]:
+    """A linear transform's matrix, offset and centre as plain lists (for reports)."""
+    return {"matrix": linear.matrix().detach().cpu().double().tolist(),
+            "offset": linear.offset().detach().cpu().double().tolist(),
+            "center": linear.center.detach().cpu().double().tolist()}
+
+
 def finite_or_none(v: float | None) -> float | None:
     """`v` as a float for JSON reports, or None where it is missing or not finite."""
     return float(v) if v is not None and math.isfinite(v) else None
@@ -172,11 +179,7 @@ class RegistrationResult:
         if self.levels:
             out["quantity"] = self.levels[-1].quantity_name
         if self.linear is not None:
-            out["linear"] = {
-                "matrix": self.linear.matrix().detach().cpu().double().tolist(),
-                "offset": self.linear.offset().detach().cpu().double().tolist(),
-                "center": self.linear.center.detach().cpu().double().tolist(),
-            }
+            out["linear"] = linear_summary(self.linear)
         return out
 
     def __repr__(self) -> str:

@@ -191,11 +191,9 @@ class NetRegistrationResult:
         if self.refinement is not None:
             out["refinement"] = self.refinement.report(history)
         if self.linear is not None:
-            out["linear"] = {
-                "matrix": self.linear.matrix().detach().cpu().double().tolist(),
-                "offset": self.linear.offset().detach().cpu().double().tolist(),
-                "center": self.linear.center.detach().cpu().double().tolist(),
-            }
+            from itreg.engine.registration import linear_summary
+
+            out["linear"] = linear_summary(self.linear)
         return out
 
     def __repr__(self) -> str:
