@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from itreg.errors import ConfigError
-from itreg.metrics.base import Range, resolve_range
-from itreg.metrics.ditr import safe_range, scale_intensity
+from itreg.metrics.base import Range
 from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.registry import register_metric
 from itreg.nets.deepsim import MODEL_KIND, DeepSimNet
@@ -93,17 +92,9 @@ class DeepSimMetric(FrozenNetworkMetric):
         if fixed.dim() - 1 != net.ndim or fixed.shape[0] != net.in_channels:
             raise ConfigError(f"this DeepSim model takes {net.in_channels}-channel {net.ndim}D "
                               f"images, got {tuple(fixed.shape)}")
-        f_range = (resolve_range(fixed_range, fixed, None, self.intensity, self.percentiles)
-                   if fixed_range is not None
-                   else safe_range(fixed, None, self.intensity, self.percentiles))
-        m_range = (resolve_range(moving_range, moving, None, self.intensity, self.percentiles)
-                   if moving_range is not None
-                   else safe_range(moving, None, self.intensity, self.percentiles))
-        param = next(net.parameters())
-        if param.device != fixed.device:
-            net.to(fixed.device)
-        u = scale_intensity(torch.nan_to_num(fixed), f_range)[None].to(param.dtype)
-        v = scale_intensity(torch.nan_to_num(moving), m_range)[None].to(param.dtype)
+        param = self.network_on(fixed.device)
+        u, v = self.scaled_pair(fixed, moving, fixed_range, moving_range)
+        u, v = u[None].to(param.dtype), v[None].to(param.dtype)
         feats_f = net.features(u)
         feats_m = net.features(v)
         weights = None

@@ -14,9 +14,9 @@ moving image on the fixed grid (``requires_spatial``): the engine resamples it t
 transform, and the patches are cropped at the same centres from both. Outside the image, patches
 are padded with 0 (the background of intensities scaled to ``[0, 1]``).
 
-Intensities are scaled to ``[0, 1]`` exactly as in training (:func:`scale_intensity`, min-max by
-default; paper 000: "intensity scaled to [0, 1]"), from the ranges the engine passes once per
-level, or from the images themselves.
+Intensities are scaled to ``[0, 1]`` exactly as in training
+(:func:`itreg.metrics.frozen.scale_intensity`, min-max by default; paper 000: "intensity scaled
+to [0, 1]"), from the ranges the engine passes once per level, or from the images themselves.
 
 The classifier was trained at one voxel spacing (``spacing_mm`` in the model file): register
 images at that spacing, with a single pyramid level (``shrink=[1]``), for example with
@@ -33,57 +33,24 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from itreg.errors import ConfigError
-from itreg.metrics.base import Range, resolve_range
+from itreg.metrics.base import Range
 from itreg.metrics.frozen import FrozenNetworkMetric
-from itreg.metrics.intensity import rescale
 from itreg.metrics.registry import register_metric
 from itreg.nets.ditr import MODEL_KIND, DITRNet, extract_patches
 from itreg.nets.modelfile import load_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REDUCTIONS", "DITRMetric", "ditr_metric", "ditr_overrides", "patch_centres",
-           "safe_range", "scale_intensity"]
+__all__ = ["REDUCTIONS", "DITRMetric", "ditr_metric", "ditr_overrides", "patch_centres"]
 
 #: Ways to combine the patch logits.
 REDUCTIONS = ("sum", "mean")
-
-
-def safe_range(values: Tensor, mask: Tensor | None, intensity: str,
-               percentiles: Sequence[float]) -> tuple[float, float]:
-    """An intensity range that never fails: the setting's, or ``(lo, lo + 1)`` for constant data.
-
-    Args:
-        values: intensities ``(C, *S)``.
-        mask: optional ``(*S)`` selection.
-        intensity: ``"minmax"``, ``"percentile"`` or ``"none"``.
-        percentiles: the percentile pair of ``"percentile"``.
-    """
-    from itreg.errors import InvalidImageError, MaskError
-    from itreg.metrics.intensity import intensity_range
-
-    try:
-        return intensity_range(values, mask, intensity, percentiles)
-    except (InvalidImageError, MaskError):
-        v = values.detach()
-        finite = v[torch.isfinite(v)]
-        lo = float(finite.min()) if finite.numel() else 0.0
-        return lo, lo + 1.0
-
-
-def scale_intensity(values: Tensor, value_range: tuple[float, float]) -> Tensor:
-    """Map ``value_range`` to ``[0, 1]`` (clamped), the scaling DITR trains and registers with."""
-    lo, hi = value_range
-    if not hi > lo:
-        hi = lo + 1.0
-    return rescale(values, lo, hi, clamp=True)
 
 
 def patch_centres(mask: Tensor, stride: int, fixed: Tensor | None = None,
@@ -184,19 +151,10 @@ class DITRMetric(FrozenNetworkMetric):
         sel = mask if mask is not None else torch.ones(fixed.shape[1:], dtype=torch.bool,
                                                        device=fixed.device)
         sel_b = sel if sel.dtype == torch.bool else sel > 0
-        f_range = (resolve_range(fixed_range, fixed, None, self.intensity, self.percentiles)
-                   if fixed_range is not None
-                   else safe_range(fixed, None, self.intensity, self.percentiles))
-        m_range = (resolve_range(moving_range, moving, None, self.intensity, self.percentiles)
-                   if moving_range is not None
-                   else safe_range(moving, None, self.intensity, self.percentiles))
-        u = scale_intensity(torch.nan_to_num(fixed), f_range)
-        v = scale_intensity(torch.nan_to_num(moving), m_range)
+        u, v = self.scaled_pair(fixed, moving, fixed_range, moving_range)
         size = self.network.patch_size
         centres = patch_centres(sel_b, self.stride, u, size)
-        param = next(self.network.parameters())
-        if param.device != fixed.device:
-            self.network.to(fixed.device)
+        param = self.network_on(fixed.device)
         out = []
         for start in range(0, centres.shape[0], self.batch_size):
             c = centres[start:start + self.batch_size]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, OutputExistsError
 from itreg.image import Image
-from itreg.metrics.ditr import safe_range, scale_intensity
+from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.nets.deepsim import MODEL_KIND, MODES, DeepSimNet
 from itreg.nets.modelfile import save_model
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded

@@ -65,7 +65,8 @@ from torch import Tensor, nn
 
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, unknown_name
 from itreg.image import Image
-from itreg.metrics.ditr import ditr_overrides, safe_range, scale_intensity
+from itreg.metrics.ditr import ditr_overrides
+from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.nets.ditr import DEFAULT_CHANNELS, MODEL_KIND, PATCH_SIZE, DITRNet, extract_patches
 from itreg.nets.modelfile import save_model
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
