@@ -22,13 +22,7 @@ from itreg.grid import Grid
 from itreg.image import Image
 from itreg.phantoms import axial_slices, load_mni, synthesize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

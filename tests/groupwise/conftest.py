@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from gw_data import make_group
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tests run on one thread: 2 shared cores, many small tensors."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this folder runs on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,7 @@ from itreg.metrics.bounds import ESTIMATORS
 from itreg.metrics.neural import NeuralMI, derangement, save_critic, train_critic
 from itreg.nets.critics import Critic
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussians(rho=0.8, n=20000, seed=0):

@@ -23,12 +23,7 @@ from itreg.train.dcc import (
 TABLES = ((0.0, 1.0, 0.4), (1.0, 0.2, 0.7), (0.3, 0.6, 1.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_group(index: int = 0, size: int = 20, shifts=((0, 0), (2, -1), (-1, 2))) -> DCCGroup:

@@ -26,12 +26,7 @@ TINY = {"features": (4, 8, 8), "levels": 2, "affine_features": (4, 8), "batch_si
         "regulariser": "diffusion", "reg_weight": 0.01, "val_max_pairs": 2, "threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n, seed=0, **kw):
