@@ -14,3 +14,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(args) -> (exit code, stdout, stderr)``: the ``itreg`` console entry point with its
+    error policy (itreg errors exit 2 with one line), run in-process."""
+    from itreg.cli import main
+
+    def run(args):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+            raise SystemExit(0)
+        out = capsys.readouterr()
+        return exc.value.code, out.out, out.err
+
+    return run

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from itreg.cli import main
-
 SHIFT = (3.0, -2.0)  # true translation in mm: fixed point x maps to moving point x + SHIFT
 
 
@@ -37,22 +35,14 @@ def pair(tmp_path):
     return fixed, moving
 
 
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 FAST = ["--set", "iterations=40", "--quiet"]
 
 
-def test_register_writes_outputs_that_simpleitk_applies(pair, tmp_path, capsys):
+def test_register_writes_outputs_that_simpleitk_applies(pair, tmp_path, cli):
     fixed, moving = pair
     out = tmp_path / "out"
-    code, _, err = run(["register", str(fixed), str(moving), "-o", str(out),
-                             "--transform", "rigid", "--metric", "mi", *FAST], capsys)
+    code, _, err = cli(["register", str(fixed), str(moving), "-o", str(out),
+                             "--transform", "rigid", "--metric", "mi", *FAST])
     assert code == 0, err
     assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "transform.tfm", "report.json"}
     report = json.loads((out / "report.json").read_text())
@@ -63,19 +53,19 @@ def test_register_writes_outputs_that_simpleitk_applies(pair, tmp_path, capsys):
 
     # `itreg apply` with the written transform reproduces the warped image.
     applied = tmp_path / "applied.nii.gz"
-    code, _, err = run(["apply", str(moving), "--reference", str(fixed), "--transform",
-                        str(out / "transform.tfm"), "-o", str(applied)], capsys)
+    code, _, err = cli(["apply", str(moving), "--reference", str(fixed), "--transform",
+                        str(out / "transform.tfm"), "-o", str(applied)])
     assert code == 0, err
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(applied)))
     w = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
     np.testing.assert_allclose(a, w, atol=1e-4)
 
 
-def test_deformable_run_writes_a_displacement_field(pair, tmp_path, capsys):
+def test_deformable_run_writes_a_displacement_field(pair, tmp_path, cli):
     fixed, moving = pair
     out = tmp_path / "out"
-    code, _, err = run(["register", str(fixed), str(moving), "-o", str(out), "--transform",
-                        "bspline", "--set", "iterations=10", "--quiet"], capsys)
+    code, _, err = cli(["register", str(fixed), str(moving), "-o", str(out), "--transform",
+                        "bspline", "--set", "iterations=10", "--quiet"])
     assert code == 0, err
     field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     ref = sitk.ReadImage(str(fixed))
@@ -88,9 +78,9 @@ def test_deformable_run_writes_a_displacement_field(pair, tmp_path, capsys):
     labels = tmp_path / "labels.nii.gz"
     lab = sitk.Cast(sitk.ReadImage(str(moving)) < 0.5, sitk.sitkUInt8)
     sitk.WriteImage(lab, str(labels))
-    code, _, err = run(["apply", str(labels), "-r", str(fixed), "-t",
+    code, _, err = cli(["apply", str(labels), "-r", str(fixed), "-t",
                         str(out / "displacement.nii.gz"), "-o", str(tmp_path / "l.nii.gz"),
-                        "--labels"], capsys)
+                        "--labels"])
     assert code == 0, err
     warped = sitk.ReadImage(str(tmp_path / "l.nii.gz"))
     assert warped.GetPixelID() == sitk.sitkUInt8
@@ -148,10 +138,10 @@ def bad_inputs(tmp_path, kind):
     ("no-overlap", "overlap"),
     ("unknown-metric", "nmi"),
 ])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, kind, words):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, cli, kind, words):
     args = bad_inputs(tmp_path, kind)
     out = tmp_path / "out"
-    code, _, err = run(["register", args[0], args[1], "-o", str(out), *args[2:], *FAST], capsys)
+    code, _, err = cli(["register", args[0], args[1], "-o", str(out), *args[2:], *FAST])
     assert code == 2, err
     assert err.startswith("itreg: error: ") and err.count("\n") == 1, err
     assert words in err
@@ -160,18 +150,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ki
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".itreg")]
 
 
-def test_existing_output_is_not_touched_without_force(pair, tmp_path, capsys):
+def test_existing_output_is_not_touched_without_force(pair, tmp_path, cli):
     fixed, moving = pair
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    code, _, err = run(["register", str(fixed), str(moving), "-o", str(out), *FAST], capsys)
+    code, _, err = cli(["register", str(fixed), str(moving), "-o", str(out), *FAST])
     assert code == 2 and "--force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     applied = tmp_path / "a.nii.gz"
     applied.write_text("old")
-    code, _, err = run(["apply", str(moving), "-r", str(fixed), "-t", str(out / "keep.txt"),
-                        "-o", str(applied)], capsys)
+    code, _, err = cli(["apply", str(moving), "-r", str(fixed), "-t", str(out / "keep.txt"),
+                        "-o", str(applied)])
     assert code == 2 and applied.read_text() == "old"
 
 
@@ -185,9 +175,9 @@ def test_debug_shows_traceback_and_console_script_exit_code(tmp_path):
     assert "Traceback" in proc.stderr and "itreg: error:" in proc.stderr
 
 
-def test_demo_runs_end_to_end_on_bundled_data(tmp_path, capsys):
+def test_demo_runs_end_to_end_on_bundled_data(tmp_path, cli):
     out = tmp_path / "demo"
-    code, stdout, err = run(["demo", "-o", str(out), "--spacing", "6", "--quiet"], capsys)
+    code, stdout, err = cli(["demo", "-o", str(out), "--spacing", "6", "--quiet"])
     assert code == 0, err
     assert "mean error over the brain" in stdout
     names = {p.name for p in out.iterdir()}

@@ -3,18 +3,9 @@
 import pytest
 import torch
 
-from itreg.cli import main
 from itreg.image import Image
 from itreg.io import write_image
 from itreg.metrics import get_metric
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +38,13 @@ TINY_DS = ["--set", "channels=[4, 4, 4]", "--set", "crop_size=32", "--set", "ste
            "--quiet"]
 
 
-def test_train_ditr_and_use_it(files, tmp_path, capsys):
+def test_train_ditr_and_use_it(files, tmp_path, cli):
     _, f = files
     out = tmp_path / "ditr.pt"
     args = ["train-metric", "--kind", "ditr", "-o", str(out), *TINY_DITR]
     for p in f:
         args += ["--images", f"{p['f']},{p['m']}", "--masks", str(p["mask"])]
-    code, stdout, err = run(args, capsys)
+    code, stdout, err = cli(args)
     assert code == 0, err
     assert out.exists() and "IML1" in stdout
     metric = get_metric(f"ditr:{out}")
@@ -61,12 +52,12 @@ def test_train_ditr_and_use_it(files, tmp_path, capsys):
     assert torch.isfinite(metric(img, img))
     # The file exists now: refused without --force, and left untouched.
     before = out.read_bytes()
-    code, _, err = run(args, capsys)
+    code, _, err = cli(args)
     assert code == 2 and "exists" in err and out.read_bytes() == before
 
 
 @pytest.mark.parametrize("kind", ["deepsim-ae", "deepsim-seg"])
-def test_train_deepsim(files, tmp_path, capsys, kind):
+def test_train_deepsim(files, tmp_path, cli, kind):
     _, f = files
     out = tmp_path / f"{kind}.pt"
     args = ["train-metric", "--kind", kind, "-o", str(out), *TINY_DS]
@@ -74,7 +65,7 @@ def test_train_deepsim(files, tmp_path, capsys, kind):
         args += ["--images", str(p["f"])]
         if kind == "deepsim-seg":
             args += ["--labels", str(p["lab"])]
-    code, _, err = run(args, capsys)
+    code, _, err = cli(args)
     assert code == 0, err
     metric = get_metric(f"deepsim:{out}")
     assert metric.network.mode == kind.split("-")[1]
@@ -82,7 +73,7 @@ def test_train_deepsim(files, tmp_path, capsys, kind):
     assert float(metric(img, img)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_bad_inputs_exit_2_without_output(files, tmp_path, capsys):
+def test_bad_inputs_exit_2_without_output(files, tmp_path, cli):
     _, f = files
     out = tmp_path / "x.pt"
     cases = [
@@ -92,12 +83,12 @@ def test_bad_inputs_exit_2_without_output(files, tmp_path, capsys):
         ["--kind", "ditr", "--images", f"{f[0]['f']},{f[0]['m']}", "--set", "bogus=1"],
     ]
     for case in cases:
-        code, _, err = run(["train-metric", *case, "-o", str(out), "--small", "--quiet"], capsys)
+        code, _, err = cli(["train-metric", *case, "-o", str(out), "--small", "--quiet"])
         assert code == 2 and err.startswith("itreg: error:"), err
         assert not out.exists()
 
 
-def test_neural_kinds_use_the_critic_trainer_when_present(files, tmp_path, capsys):
+def test_neural_kinds_use_the_critic_trainer_when_present(files, tmp_path, cli):
     from itreg.cli.train import _neural_trainer
 
     _, f = files
@@ -106,7 +97,7 @@ def test_neural_kinds_use_the_critic_trainer_when_present(files, tmp_path, capsy
             "--set", "steps=20", "--set", "batch=256", "--set", "val_every=10"]
     for p in f:
         args += ["--images", f"{p['f']},{p['m']}"]
-    code, _, err = run(args, capsys)
+    code, _, err = cli(args)
     if _neural_trainer() is None:
         assert code == 2 and "available kinds" in err
     else:
@@ -115,7 +106,7 @@ def test_neural_kinds_use_the_critic_trainer_when_present(files, tmp_path, capsy
                                                          torch.rand(1, 20, 20)))
 
 
-def test_spacing_option_resamples(files, tmp_path, capsys):
+def test_spacing_option_resamples(files, tmp_path):
     from itreg.cli.train import _resample
 
     _, f = files

@@ -8,7 +8,6 @@ import json
 import pytest
 import SimpleITK as sitk
 
-from itreg.cli import main
 from itreg.io import write_image
 from itreg.nets.regnets import load_regnet
 from itreg.train.sources import PhantomPairs
@@ -17,18 +16,10 @@ TINY = ["--small", "--phantom", "2", "--val-phantom", "1", "--spacing", "4",
         "--set", "epochs=1", "--set", "steps_per_epoch=2", "--set", "batch_size=2", "-q"]
 
 
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def test_train_net_writes_a_model_that_register_applies(tmp_path, capsys):
+def test_train_net_writes_a_model_that_register_applies(tmp_path, cli):
     model = tmp_path / "net.pt"
-    code, out, err = _run(["train-net", "--kind", "deform", "--loss", "mi", "--loss-set",
-                           "bins=16", "--labels", "-o", str(model), *TINY], capsys)
+    code, out, err = cli(["train-net", "--kind", "deform", "--loss", "mi", "--loss-set",
+                           "bins=16", "--labels", "-o", str(model), *TINY])
     assert code == 0, err
     assert "wrote" in out and model.exists()
     net = load_regnet(model)
@@ -40,8 +31,8 @@ def test_train_net_writes_a_model_that_register_applies(tmp_path, capsys):
     f, m = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
     write_image(pair.fixed, f)
     write_image(pair.moving, m)
-    code, out, err = _run(["register", str(f), str(m), "--net", str(model), "-o",
-                           str(tmp_path / "out"), "-q"], capsys)
+    code, out, err = cli(["register", str(f), str(m), "--net", str(model), "-o",
+                           str(tmp_path / "out"), "-q"])
     assert code == 0, err
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert names == {"warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"}
@@ -50,30 +41,30 @@ def test_train_net_writes_a_model_that_register_applies(tmp_path, capsys):
     warped = sitk.ReadImage(str(tmp_path / "out" / "warped.nii.gz"))
     assert warped.GetSize() == tuple(pair.fixed.grid.size)
     # The same command again refuses to overwrite the model; --force trains again.
-    code, _, err = _run(["train-net", "--kind", "deform", "-o", str(model), *TINY], capsys)
+    code, _, err = cli(["train-net", "--kind", "deform", "-o", str(model), *TINY])
     assert code == 2 and "exists" in err
 
 
-def test_train_net_bad_input(tmp_path, capsys):
+def test_train_net_bad_input(tmp_path, cli):
     out = tmp_path / "x.pt"
-    code, _, err = _run(["train-net", "--kind", "deform", "--loss", "nosuch", "-o", str(out),
-                         *TINY], capsys)
+    code, _, err = cli(["train-net", "--kind", "deform", "--loss", "nosuch", "-o", str(out),
+                         *TINY])
     assert code == 2 and "nosuch" in err and "lncc" in err
-    code, _, err = _run(["train-net", "--kind", "deform", "--set", "bogus=1", "-o", str(out),
-                         *TINY], capsys)
+    code, _, err = cli(["train-net", "--kind", "deform", "--set", "bogus=1", "-o", str(out),
+                         *TINY])
     assert code == 2 and "bogus" in err
-    code, _, err = _run(["train-net", "--kind", "deform", "--val-pairs", str(tmp_path), "-o",
-                         str(out), *TINY], capsys)
+    code, _, err = cli(["train-net", "--kind", "deform", "--val-pairs", str(tmp_path), "-o",
+                         str(out), *TINY])
     assert code == 2 and "--pairs" in err
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_train_net_dcc_small(tmp_path, capsys):
+def test_train_net_dcc_small(tmp_path, cli):
     model = tmp_path / "dcc.pt"
-    code, out, err = _run(["train-net", "--kind", "dcc", "--small", "--phantom", "2",
+    code, out, err = cli(["train-net", "--kind", "dcc", "--small", "--phantom", "2",
                            "--val-phantom", "1", "--set", "epochs=1", "--set",
                            "steps_per_epoch=1", "--set", "batch_size=2", "-o", str(model),
-                           "-q"], capsys)
+                           "-q"])
     assert code == 0, err
     assert "reg_dice" in out and model.exists()

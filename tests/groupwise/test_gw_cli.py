@@ -11,19 +11,10 @@ import torch
 from gw_data import make_group
 
 from itreg import io
-from itreg.cli import main
 from itreg.errors import ConfigError, GeometryError
 from itreg.grid import Grid
 from itreg.groupwise import register_group
 from itreg.image import Image
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +28,10 @@ def group_files(tmp_path_factory):
     return paths
 
 
-def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files, tmp_path, capsys):
+def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files, tmp_path, cli):
     out = tmp_path / "out"
-    code, _stdout, err = run(["groupwise", *map(str, group_files), "-o", str(out),
-                             "--transform", "translation", "--iterations", "15", "--quiet"],
-                            capsys)
+    code, _stdout, err = cli(["groupwise", *map(str, group_files), "-o", str(out),
+                             "--transform", "translation", "--iterations", "15", "--quiet"])
     assert code == 0, err
     names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     expected = {f"{j}/{f}" for j in range(3) for f in ("warped.nii.gz", "transform.tfm")}
@@ -66,10 +56,10 @@ def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files,
         assert corr > 0.999
 
 
-def test_groupwise_ffd_writes_displacement_fields(group_files, tmp_path, capsys):
+def test_groupwise_ffd_writes_displacement_fields(group_files, tmp_path, cli):
     out = tmp_path / "ffd"
-    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
-                        "ffd", "--iterations", "2", "--metric", "vi", "--quiet"], capsys)
+    code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
+                        "ffd", "--iterations", "2", "--metric", "vi", "--quiet"])
     assert code == 0, err
     for j in range(3):
         field = sitk.ReadImage(str(out / str(j) / "displacement.nii.gz"), sitk.sitkVectorFloat64)
@@ -84,31 +74,30 @@ def test_groupwise_ffd_writes_displacement_fields(group_files, tmp_path, capsys)
     (["--metric", "nmi"], "valid groupwise metrics"),
     (["--transform", "bspline"], "valid transforms"),
 ])
-def test_bad_settings_exit_2_and_write_nothing(group_files, tmp_path, capsys, extra, message):
+def test_bad_settings_exit_2_and_write_nothing(group_files, tmp_path, cli, extra, message):
     out = tmp_path / "bad"
-    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--quiet",
-                        *extra], capsys)
+    code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(out), "--quiet",
+                        *extra])
     assert code == 2 and message in err
     assert not out.exists()
 
 
-def test_one_image_and_existing_output_are_refused(group_files, tmp_path, capsys):
+def test_one_image_and_existing_output_are_refused(group_files, tmp_path, cli):
     out = tmp_path / "one"
-    code, _, err = run(["groupwise", str(group_files[0]), "-o", str(out), "--quiet"], capsys)
+    code, _, err = cli(["groupwise", str(group_files[0]), "-o", str(out), "--quiet"])
     assert code == 2 and "at least two images" in err and not out.exists()
     out.mkdir()
-    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--quiet"], capsys)
+    code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(out), "--quiet"])
     assert code == 2 and "exists" in err
     assert list(out.iterdir()) == []
 
 
-def test_mixed_dimensions_and_disjoint_images_are_geometry_errors(group_files, tmp_path, capsys):
+def test_mixed_dimensions_and_disjoint_images_are_geometry_errors(group_files, tmp_path, cli):
     img3d = tmp_path / "vol.nii.gz"
     io.write_image(Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32),
                          Grid((8, 8, 8))), img3d)
     out = tmp_path / "mixed"
-    code, _, err = run(["groupwise", str(group_files[0]), str(img3d), "-o", str(out), "--quiet"],
-                       capsys)
+    code, _, err = cli(["groupwise", str(group_files[0]), str(img3d), "-o", str(out), "--quiet"])
     assert code == 2 and "mixed dimensions" in err and not out.exists()
     images, _ = make_group()
     far = Image(images[1].data, Grid(images[1].grid.size, images[1].grid.spacing, (900.0, 900.0)))
@@ -118,7 +107,7 @@ def test_mixed_dimensions_and_disjoint_images_are_geometry_errors(group_files, t
         register_group(images[:1])
 
 
-def test_groupwise_segmentations_roi_and_levels(group_files, tmp_path, capsys):
+def test_groupwise_segmentations_roi_and_levels(group_files, tmp_path, cli):
     # X-Reg-GT from one label image per input (labels 0..3 by intensity quartile), an ROI
     # covering the left half of the common grid, and L = 32.
     segs = []
@@ -134,18 +123,18 @@ def test_groupwise_segmentations_roi_and_levels(group_files, tmp_path, capsys):
     roi_path = tmp_path / "roi.nii.gz"
     io.write_image(Image(roi, ref.grid, is_label=True), roi_path)
     out = tmp_path / "gt"
-    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
+    code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
                         "translation", "--iterations", "3", "--levels", "32", "--segmentations",
-                        ",".join(map(str, segs)), "--roi", str(roi_path), "--quiet"], capsys)
+                        ",".join(map(str, segs)), "--roi", str(roi_path), "--quiet"])
     assert code == 0, err
     metric = json.loads((out / "report.json").read_text())["settings"]["metric"]
     assert metric["levels"] == 32 and metric["appearance"] == "ground-truth (Eq. 48)"
     bad = tmp_path / "bad"
-    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(bad), "--segmentations",
-                        str(segs[0]), "--quiet"], capsys)
+    code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(bad), "--segmentations",
+                        str(segs[0]), "--quiet"])
     assert code == 2 and "one label image per input" in err and not bad.exists()
     empty = tmp_path / "empty.nii.gz"
     io.write_image(Image(torch.zeros_like(roi), ref.grid, is_label=True), empty)
-    code, _, err = run(["groupwise", *map(str, group_files), "-o", str(bad), "--roi",
-                        str(empty), "--quiet"], capsys)
+    code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(bad), "--roi",
+                        str(empty), "--quiet"])
     assert code == 2 and "ROI" in err and not bad.exists()

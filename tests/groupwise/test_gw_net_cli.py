@@ -9,20 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from itreg.cli import main
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.io import write_image
 from itreg.nets.dcc import DCCNet
 from itreg.nets.modelfile import save_model
-
-
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture
@@ -44,11 +35,11 @@ def group(tmp_path):
     return paths, model
 
 
-def test_groupwise_net_writes_segmentations(group, tmp_path, capsys):
+def test_groupwise_net_writes_segmentations(group, tmp_path, cli):
     paths, model = group
     out = tmp_path / "out"
-    code, stdout, err = _run(["groupwise", *paths, "--net", str(model), "--domains",
-                              "t2,t1,pd", "-o", str(out), "-q"], capsys)
+    code, stdout, err = cli(["groupwise", *paths, "--net", str(model), "--domains",
+                              "t2,t1,pd", "-o", str(out), "-q"])
     assert code == 0, err
     assert "segmented 3 images" in stdout
     report = json.loads((out / "report.json").read_text())
@@ -60,12 +51,12 @@ def test_groupwise_net_writes_segmentations(group, tmp_path, capsys):
     assert (out / "segmentation.nii.gz").is_file()
 
 
-def test_groupwise_net_bad_input(group, tmp_path, capsys):
+def test_groupwise_net_bad_input(group, tmp_path, cli):
     paths, model = group
-    code, _, err = _run(["groupwise", *paths, "--net", str(model), "--domains", "t1,t2,flair",
-                         "-o", str(tmp_path / "a")], capsys)
+    code, _, err = cli(["groupwise", *paths, "--net", str(model), "--domains", "t1,t2,flair",
+                         "-o", str(tmp_path / "a")])
     assert code == 2 and "flair" in err
-    code, _, err = _run(["groupwise", *paths, "--domains", "t1,t2,pd", "-o",
-                         str(tmp_path / "b")], capsys)
+    code, _, err = cli(["groupwise", *paths, "--domains", "t1,t2,pd", "-o",
+                         str(tmp_path / "b")])
     assert code == 2 and "--net" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

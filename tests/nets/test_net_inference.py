@@ -11,7 +11,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from itreg.cli import main
 from itreg.errors import ConfigError, ModelFileError
 from itreg.grid import Grid
 from itreg.image import Image
@@ -143,28 +142,20 @@ def test_non_network_model_file_is_refused(pair, tmp_path):
         register_with_net(fixed, moving, tmp_path / "missing.pt")
 
 
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def test_cli_register_with_net_and_refine(pair, tmp_path, capsys):
+def test_cli_register_with_net_and_refine(pair, tmp_path, cli):
     fixed, moving, true = pair
     f, m = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
     write_image(fixed, f)
     write_image(moving, m)
     model = save_regnet(tmp_path / "net.pt", AffineNet(2, features=(4, 8, 8, 8)),
                         extra={"train": {"loss": "mi"}})
-    code, out, err = _run(["register", str(f), str(m), "--net", str(model), "-o",
-                           str(tmp_path / "a"), "-q"], capsys)
+    code, out, err = cli(["register", str(f), str(m), "--net", str(model), "-o",
+                           str(tmp_path / "a"), "-q"])
     assert code == 0, err
     assert "network" in out
-    code, out, err = _run(["register", str(f), str(m), "--net", str(model), "--refine",
+    code, out, err = cli(["register", str(f), str(m), "--net", str(model), "--refine",
                            "--metric", "ncc", "--set", "stages.0.iterations=60",
-                           "-o", str(tmp_path / "b"), "-q"], capsys)
+                           "-o", str(tmp_path / "b"), "-q"])
     assert code == 0, err
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["method"] == "network+refine" and report["wall_time_s"] > 0
@@ -172,11 +163,10 @@ def test_cli_register_with_net_and_refine(pair, tmp_path, capsys):
     got = torch.tensor(tfm.TransformPoint((30.0, 30.0)))
     assert (got - true(torch.tensor([30.0, 30.0]))).norm() < 0.3
     # --refine without --net, and refinement settings without --refine, are input errors.
-    code, _, err = _run(["register", str(f), str(m), "--refine", "-o", str(tmp_path / "c")],
-                        capsys)
+    code, _, err = cli(["register", str(f), str(m), "--refine", "-o", str(tmp_path / "c")])
     assert code == 2 and "--net" in err
-    code, _, err = _run(["register", str(f), str(m), "--net", str(model), "--metric", "mi",
-                         "-o", str(tmp_path / "d")], capsys)
+    code, _, err = cli(["register", str(f), str(m), "--net", str(model), "--metric", "mi",
+                         "-o", str(tmp_path / "d")])
     assert code == 2 and "--refine" in err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
