@@ -10,10 +10,21 @@ from pathlib import Path
 
 import click
 
-from itreg.errors import ConfigError, ItregError
+from itreg.errors import ConfigError, ItregError, OutputExistsError
 
 #: Path parameter type shared by every command.
 PATH = click.Path(path_type=Path)
+
+
+def refuse_existing(output: Path, what: str, force: bool) -> None:
+    """Fail before any work when `output` exists and --force was not given (the atomic writers
+    check again when they write).
+
+    Raises:
+        OutputExistsError: naming `what` (for example "output folder", "model file").
+    """
+    if output.exists() and not force:
+        raise OutputExistsError(f"{what} '{output}' exists; use --force to overwrite it")
 
 
 def parse_sets(values) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app
+from itreg.cli.app import app, refuse_existing
 
 
 @app.command()
@@ -53,11 +53,10 @@ def groupwise(images, output, metric, transform, classes, reference, levels, seg
     OUTPUT/j/probabilities.nii.gz on each image's own grid.
     """
     from itreg import io
-    from itreg.errors import ConfigError, OutputExistsError
+    from itreg.errors import ConfigError
     from itreg.groupwise import register_group, save_group
 
-    if output.exists() and not force:
-        raise OutputExistsError(f"output folder '{output}' exists; use --force to overwrite it")
+    refuse_existing(output, "output folder", force)
     if len(images) < 2:
         raise ConfigError(f"groupwise registration needs at least two images, got {len(images)}")
     loaded = [io.read_image(p, is_label=False) for p in images]

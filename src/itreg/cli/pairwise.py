@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, parse_sets
-from itreg.errors import ConfigError, OutputExistsError
+from itreg.cli.app import app, parse_sets, refuse_existing
+from itreg.errors import ConfigError
 
 
 @app.command()
@@ -52,8 +52,7 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
     from itreg.api import register as run_registration
     from itreg.outputs import is_image_path, save_registration
 
-    if output.exists() and not force:
-        raise OutputExistsError(f"output folder '{output}' exists; use --force to overwrite it")
+    refuse_existing(output, "output folder", force)
     # Registration inputs are intensities even when stored as integers (CT, MR int16).
     fixed_img = io.read_image(fixed, is_label=False)
     moving_img = io.read_image(moving, is_label=False)

@@ -23,8 +23,8 @@ from pathlib import Path
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, parse_sets
-from itreg.errors import ConfigError, OutputExistsError
+from itreg.cli.app import app, parse_sets, refuse_existing
+from itreg.errors import ConfigError
 
 #: Kinds ``train-metric`` accepts.
 KINDS = ("ditr", "mine", "kldiv", "deepsim-ae", "deepsim-seg")
@@ -117,8 +117,7 @@ def train_metric(kind, images, labels, masks, output, spacing, small, schedule, 
 
     extra = parse_sets(sets)
 
-    if output.exists() and not force:
-        raise OutputExistsError(f"model file '{output}' exists; use --force to overwrite it")
+    refuse_existing(output, "model file", force)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -28,8 +28,8 @@ import dataclasses
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, parse_sets
-from itreg.errors import ConfigError, OutputExistsError
+from itreg.cli.app import app, parse_sets, refuse_existing
+from itreg.errors import ConfigError
 
 #: Network kinds ``train-net`` accepts.
 NET_KINDS = ("affine", "deform", "cascade", "dcc")
@@ -107,8 +107,7 @@ def train_net(kind, loss, loss_sets, labels, pairs, val_pairs, n_phantom, n_val,
               contrast, output, small, seed, device, threads, sets, no_resume, force,
               quiet) -> None:
     """Train a registration network with any itreg metric and write it to OUTPUT."""
-    if output.exists() and not force:
-        raise OutputExistsError(f"model file '{output}' exists; use --force to overwrite it")
+    refuse_existing(output, "model file", force)
     extra = parse_sets(sets)
     ndim = int(ndim)
     if kind == "dcc":
