@@ -251,22 +251,14 @@ def register_group(
         GeometryError: mixed dimensions, several channels, or images that do not overlap.
         InvalidImageError: NaN/Inf or constant images.
     """
-    if isinstance(images, (str, os.PathLike, Image)) or len(images) < 2:
-        got = 1 if isinstance(images, (str, os.PathLike, Image)) else len(images)
-        raise ConfigError(f"groupwise registration needs at least two images, got {got}")
-    if normalize not in NORMALISATIONS:
-        raise ConfigError(f"unknown normalisation {normalize!r}; valid: "
-                          f"{', '.join(NORMALISATIONS)}")
     if transform not in GROUP_TRANSFORMS and stages is None:
         raise ConfigError(f"unknown groupwise transform {transform!r}; valid transforms are: "
                           f"{', '.join(sorted(GROUP_TRANSFORMS))}")
     options = dict(metric_options)
     if k is not None:
         options["k"] = check_classes(k)
-    imgs = [_as_image(item, i) for i, item in enumerate(images)]
-    dims = sorted({img.ndim for img in imgs})
-    if len(dims) > 1:
-        raise GeometryError(f"images have mixed dimensions {dims}; give all 2D or all 3D images")
+    imgs = load_group(images, normalize, "groupwise registration")
+    ndim = imgs[0].ndim
     if reference is not None:
         if isinstance(reference, bool) or int(reference) != reference or not (
                 0 <= int(reference) < len(imgs)):
@@ -278,8 +270,8 @@ def register_group(
     objective.prepare(imgs)
     stages = list(stages) if stages is not None else default_stages(transform, iterations)
     common = grid or imgs[reference if reference is not None else 0].grid
-    if common.ndim != dims[0]:
-        raise GeometryError(f"the common grid is {common.ndim}D, the images {dims[0]}D")
+    if common.ndim != ndim:
+        raise GeometryError(f"the common grid is {common.ndim}D, the images {ndim}D")
     roi_t = None
     if roi is not None:
         roi_t = torch.as_tensor(roi).to(torch.bool)
@@ -305,6 +297,32 @@ def register_group(
         callback_list.close()
     wall = time.perf_counter() - t0
     return GroupResult(state, imgs, objective, records, wall, settings)
+
+
+def load_group(images: Sequence[Image | PathLike], normalize: str, what: str) -> list[Image]:
+    """The group's images (files read), single-channel float, all 2D or all 3D; the checks
+    every groupwise method makes before any work.
+
+    Args:
+        images: at least two images or image files.
+        normalize: a name of :data:`NORMALISATIONS` (checked here, applied by the caller).
+        what: the method, for messages ("groupwise registration", "a DCC group").
+
+    Raises:
+        ConfigError: fewer than two images, or an unknown normalisation.
+        GeometryError: mixed dimensions or several channels.
+    """
+    if isinstance(images, (str, os.PathLike, Image)) or len(images) < 2:
+        got = 1 if isinstance(images, (str, os.PathLike, Image)) else len(images)
+        raise ConfigError(f"{what} needs at least two images, got {got}")
+    if normalize not in NORMALISATIONS:
+        raise ConfigError(f"unknown normalisation {normalize!r}; valid: "
+                          f"{', '.join(NORMALISATIONS)}")
+    imgs = [_as_image(item, i) for i, item in enumerate(images)]
+    dims = sorted({img.ndim for img in imgs})
+    if len(dims) > 1:
+        raise GeometryError(f"images have mixed dimensions {dims}; give all 2D or all 3D images")
+    return imgs
 
 
 def _check_overlap(images: Sequence[Image], grid: Grid) -> None:

@@ -216,7 +216,7 @@ def apply_dcc(
         InvalidImageError: NaN/Inf or constant images.
     """
     from itreg.api import _threads
-    from itreg.groupwise.api import NORMALISATIONS, _as_image, _check_overlap
+    from itreg.groupwise.api import NORMALISATIONS, _check_overlap, load_group
     from itreg.nets.dcc import (
         clip_probabilities,
         common_anatomy,
@@ -225,19 +225,10 @@ def apply_dcc(
     )
     from itreg.warp import resample
 
-    if isinstance(images, (str, os.PathLike, Image)) or len(images) < 2:
-        got = 1 if isinstance(images, (str, os.PathLike, Image)) else len(images)
-        raise ConfigError(f"a DCC group needs at least two images, got {got}")
-    if normalize not in NORMALISATIONS:
-        raise ConfigError(f"unknown normalisation {normalize!r}; valid: "
-                          f"{', '.join(NORMALISATIONS)}")
+    imgs = load_group(images, normalize, "a DCC group")
     net, inference = _load(model)
-    imgs = [_as_image(item, i) for i, item in enumerate(images)]
-    dims = sorted({img.ndim for img in imgs})
-    if len(dims) > 1:
-        raise GeometryError(f"images have mixed dimensions {dims}; give all 2D or all 3D images")
-    if dims[0] != net.ndim:
-        raise GeometryError(f"the model is {net.ndim}D but the images are {dims[0]}D")
+    if imgs[0].ndim != net.ndim:
+        raise GeometryError(f"the model is {net.ndim}D but the images are {imgs[0].ndim}D")
     imgs = [NORMALISATIONS[normalize](img, i) for i, img in enumerate(imgs)]
     n = len(imgs)
     dom = _domain_indices(net, domains, n)
