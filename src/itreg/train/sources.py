@@ -20,14 +20,19 @@ in:
   seeds (say 0 and 100000) are disjoint training and test sets.
 
 Both cache what they build (the template is loaded once per source; samples are kept when
-``cache=True``).
+``cache=True``). :class:`PhantomPairs` can also keep its pairs on disk (``cache_dir``): one
+``.pt`` file per seed holding the moving image and labels, so separate processes (training and
+evaluation runs of one benchmark, say) build each 3D pair once.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +253,12 @@ class PhantomPairs:
         template: the tissue maps of :func:`itreg.phantoms.load_mni` already loaded at
             `spacing_mm` (share one load between the training, validation and test sources);
             None loads them on first use.
+        cache_dir: a folder keeping every built pair on disk (created if missing), one file
+            ``phantom-<settings hash>-<seed>.pt`` per pair with the moving image and labels
+            (the fixed image, its labels and the true transform are rebuilt from the
+            template and the seed). A later source with the same settings loads the pair
+            instead of building it again; files are written atomically, so processes may
+            share the folder. None: no disk cache.
 
     Raises:
         ConfigError: invalid numbers or an unknown contrast.
@@ -258,7 +269,8 @@ class PhantomPairs:
                  noise_sigma: float = 0.02, bias: tuple[float, float] | None = (0.80, 1.17),
                  slice_index: int | None = None, cache: bool = True,
                  device: torch.device | str | None = None,
-                 template: dict[str, Image] | None = None) -> None:
+                 template: dict[str, Image] | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         from itreg.phantoms import CONTRAST_NAMES
 
         if isinstance(n, bool) or int(n) != n or int(n) < 1:
@@ -277,7 +289,11 @@ class PhantomPairs:
         self.has_labels = True
         self._template = template
         self._tissues: dict[str, Image] | None = None
+        self._fixed_labels: Image | None = None
         self._samples: dict[int, PairSample] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def config(self) -> dict:
         """The settings (JSON-able), for training logs."""
@@ -313,13 +329,59 @@ class PhantomPairs:
     def __len__(self) -> int:
         return self.n
 
+    def cache_path(self, index: int) -> Path | None:
+        """The disk-cache file of pair `index` (None without ``cache_dir``)."""
+        if self.cache_dir is None:
+            return None
+        i = _index(index, self.n)
+        settings = {k: v for k, v in self.config().items() if k not in ("n", "seed")}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        return self.cache_dir / f"phantom-{digest}-{self.seed + i}.pt"
+
+    def _load(self, path: Path, seed: int) -> PairSample | None:
+        from itreg.phantoms import labels, random_ffd
+
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            grid = self.grid
+            moving, moving_labels = saved["moving"], saved["moving_labels"]
+            if tuple(moving.shape[1:]) != tuple(grid.shape) or saved["seed"] != seed:
+                raise ValueError("another grid or seed")
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError,
+                pickle.UnpicklingError) as exc:
+            logger.warning("phantom cache %s unusable (%s); rebuilding the pair", path, exc)
+            return None
+        fixed = self.tissues["t1"]
+        if self._fixed_labels is None:
+            self._fixed_labels = labels(self.tissues)
+        truth = random_ffd(grid, self.control_spacing_mm, self.sigma_mm, seed=seed,
+                           dtype=torch.float32, device=fixed.device)
+        return PairSample(fixed, Image(moving.to(fixed.device), grid, is_label=False),
+                          self._fixed_labels,
+                          Image(moving_labels.to(fixed.device), grid, is_label=True), truth,
+                          f"phantom seed {seed}")
+
     def __getitem__(self, index: int) -> PairSample:
         i = _index(index, self.n)
         if i in self._samples:
             return self._samples[i]
+        seed = self.seed + i
+        path = self.cache_path(i)
+        sample = self._load(path, seed) if path is not None and path.is_file() else None
+        if sample is None:
+            sample = self._build(seed)
+            if path is not None:
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                torch.save({"seed": seed, "moving": sample.moving.data.cpu(),
+                            "moving_labels": sample.moving_labels.data.cpu()}, tmp)
+                os.replace(tmp, path)
+        if self.cache:
+            self._samples[i] = sample
+        return sample
+
+    def _build(self, seed: int) -> PairSample:
         from itreg.phantoms import pair_from_tissues
 
-        seed = self.seed + i
         pair = pair_from_tissues(self.tissues, self.contrast, "ffd", seed,
                                  noise_sigma=self.noise_sigma, bias=self.bias,
                                  control_spacing_mm=self.control_spacing_mm,
@@ -329,11 +391,8 @@ class PhantomPairs:
         # below only crops (voxel centres coincide).
         moving = resample(pair.moving, None, grid, mode="linear")
         moving_labels = resample(pair.moving_labels, None, grid, mode="nearest")
-        sample = PairSample(pair.fixed, moving, pair.fixed_labels, moving_labels,
-                            pair.true_transform, f"phantom seed {seed}")
-        if self.cache:
-            self._samples[i] = sample
-        return sample
+        return PairSample(pair.fixed, moving, pair.fixed_labels, moving_labels,
+                          pair.true_transform, f"phantom seed {seed}")
 
 
 def stack_samples(samples: Sequence[PairSample], device=None) -> dict[str, torch.Tensor | None]:
