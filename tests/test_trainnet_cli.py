@@ -68,3 +68,13 @@ def test_train_net_dcc_small(tmp_path, cli):
                            "-q"])
     assert code == 0, err
     assert "reg_dice" in out and model.exists()
+    # The same command with more epochs resumes from OUTPUT.ckpt (OUTPUT may exist) ...
+    more = ["train-net", "--kind", "dcc", "--small", "--phantom", "2", "--val-phantom", "1",
+            "--set", "epochs=2", "--set", "steps_per_epoch=1", "--set", "batch_size=2", "-o",
+            str(model), "-q"]
+    code, out, err = cli(more)
+    assert code == 0, err
+    assert "after 2 epochs" in out
+    # ... and --no-resume refuses to replace it without --force.
+    code, out, err = cli([*more, "--no-resume"])
+    assert code == 2 and "exists" in err

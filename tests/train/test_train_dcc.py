@@ -161,4 +161,30 @@ def test_train_dcc_writes_a_model_that_reloads(tmp_path) -> None:
     assert torch.equal(a.field, b.field)
     assert load_model(out)[1]["domain_names"] == ["a", "b", "c"]
     with pytest.raises(OutputExistsError):
-        train_dcc(train, val, cfg, output=out)
+        train_dcc(train, val, cfg, output=out, resume=False)
+
+
+def test_interrupted_dcc_training_resumes_to_the_same_weights(tmp_path) -> None:
+    """Two epochs, or one epoch and a resumed second, give bit-identical networks."""
+    train = [tiny_group(i) for i in range(3)]
+    val = [tiny_group(10)]
+    kw = {"classes": 3, "channels": 4, "net_levels": 2, "steps_per_epoch": 3, "batch_size": 2,
+          "alternate_every": 2, "levels": 16, "progress": False, "momentum": 0.1,
+          "patience": 0}
+    whole = train_dcc(train, val, DCCTrainConfig.small(epochs=2, **kw), output=tmp_path / "a.pt")
+    out = tmp_path / "b.pt"
+    first = train_dcc(train, val, DCCTrainConfig.small(epochs=1, **kw), output=out)
+    assert first.train.epochs == 1 and (tmp_path / "b.pt.ckpt").is_file()
+    resumed = train_dcc(train, val, DCCTrainConfig.small(epochs=2, **kw), output=out)
+    assert resumed.train.epochs == 2 and resumed.train.steps == whole.train.steps == 6
+    assert resumed.before == whole.before
+    assert [h["reg_dice"] for h in resumed.train.history] == \
+        [h["reg_dice"] for h in whole.train.history]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Other settings are refused; resume=False starts afresh.
+    with pytest.raises(ConfigError, match="other settings"):
+        train_dcc(train, val, DCCTrainConfig.small(epochs=3, **{**kw, "levels": 8}), output=out)
+    fresh = train_dcc(train, val, DCCTrainConfig.small(epochs=1, **kw), output=out, force=True,
+                      resume=False)
+    assert fresh.train.epochs == 1

@@ -107,7 +107,11 @@ def train_net(kind, loss, loss_sets, labels, pairs, val_pairs, n_phantom, n_val,
               contrast, output, small, seed, device, threads, sets, no_resume, force,
               quiet) -> None:
     """Train a registration network with any itreg metric and write it to OUTPUT."""
-    refuse_existing(output, "model file", force)
+    from itreg.train import checkpoint_path
+
+    # A DCC run writes OUTPUT whenever its validation improves: an interrupted one resumes.
+    if kind != "dcc" or no_resume or not checkpoint_path(output).is_file():
+        refuse_existing(output, "model file", force)
     extra = parse_sets(sets)
     ndim = int(ndim)
     if kind == "dcc":
@@ -166,8 +170,7 @@ def _train_dcc(output, n_groups, n_val, ndim, spacing, labels, small, seed, devi
                                seed=seed, device=dev)
     val = PhantomGroupSource(ndim=ndim, spacing_mm=spacing, slice_offsets=(-3, -1, 1, 3),
                              seed=seed + 100_000, device=dev)
-    del no_resume  # DCC training keeps its best weights in OUTPUT; it does not resume
-    result = train_dcc(train, val, config, output, force=force)
+    result = train_dcc(train, val, config, output, force=force, resume=not no_resume)
     before = ", ".join(f"{k} {v:.3f}" for k, v in result.before.items())
     after = ", ".join(f"{k} {v:.3f}" for k, v in result.after.items())
     click.echo(f"validation before: {before}")

@@ -7,9 +7,15 @@ progress bar on stderr, and **stops on the first non-finite loss, gradient or va
 it restores the last good weights, writes them with the checkpoint callback and raises
 :class:`TrainingError` with a message that says where it happened and what was kept.
 
+With a :class:`FitCheckpoint`, :func:`fit` also writes a **resumable checkpoint** after every
+epoch (weights, optimiser state, best weights, early-stopping state, history, and any extra
+state the caller adds, such as random generators), and a later call with the same settings
+continues from the epoch after the last one written.
+
 Helpers: :func:`make_generator` (seeded ``torch.Generator`` on a device), :func:`seeded`
 (a context in which module initialisation is seeded without touching the global RNG state
-outside it), :class:`EarlyStopping`, :class:`TrainResult`, :func:`progress_bar`.
+outside it), :class:`EarlyStopping`, :class:`TrainResult`, :func:`progress_bar`,
+:func:`checkpoint_path`.
 
 Task-specific training lives in submodules: :mod:`itreg.train.ditr` (DITR classifier, iterated
 maximum likelihood), :mod:`itreg.train.deepsim` (DeepSim feature extractors) and
@@ -22,20 +28,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from itreg.errors import ConfigError, ItregError
+from itreg.errors import ConfigError, ItregError, ModelFileError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EarlyStopping", "TrainResult", "TrainingError", "fit", "make_generator",
-           "progress_bar", "seeded", "state_copy"]
+__all__ = ["EarlyStopping", "FitCheckpoint", "TrainResult", "TrainingError", "checkpoint_path",
+           "fit", "make_generator", "progress_bar", "seeded", "state_copy"]
+
+#: ``format`` / ``version`` of the files :class:`FitCheckpoint` writes.
+FIT_CHECKPOINT_FORMAT = "itreg-fit-checkpoint"
+FIT_CHECKPOINT_VERSION = 1
 
 
 class TrainingError(ItregError):
@@ -68,6 +80,12 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield
+
+
+def checkpoint_path(out_path: str | os.PathLike) -> Path:
+    """The checkpoint file that goes with a model file: ``out_path`` + ``".ckpt"``."""
+    p = Path(out_path)
+    return p.with_name(p.name + ".ckpt")
 
 
 def state_copy(module: nn.Module) -> dict[str, Tensor]:
@@ -145,6 +163,72 @@ class TrainResult:
                 "history": [{k: clean(v) for k, v in h.items()} for h in self.history]}
 
 
+@dataclass
+class FitCheckpoint:
+    """A resumable checkpoint for :func:`fit`, written after every epoch.
+
+    The file holds the model's weights, the optimiser's state (through its ``state_dict`` /
+    ``load_state_dict``), the best weights so far, the early-stopping state, the per-epoch
+    history and whatever ``get_state()`` returns (random generators, counters). It is read with
+    ``weights_only=True``, so the extra state may hold tensors, numbers, strings, lists and dicts.
+
+    Attributes:
+        path: the checkpoint file (written atomically, kept when training ends so that a later
+            call with more ``epochs`` continues).
+        settings: what must be the same to resume (plain JSON-like values); a checkpoint written
+            with other settings is refused with a :class:`~itreg.errors.ConfigError`.
+        get_state: extra state to save (called after each epoch), or None.
+        set_state: restores that extra state when resuming, or None.
+        resume: continue from an existing checkpoint (False: start afresh and overwrite it).
+    """
+
+    path: Path
+    settings: dict[str, Any]
+    get_state: Callable[[], dict[str, Any]] | None = None
+    set_state: Callable[[dict[str, Any]], None] | None = None
+    resume: bool = True
+
+    def exists(self) -> bool:
+        """Whether a checkpoint file is there to resume from (and `resume` is on)."""
+        return self.resume and Path(self.path).is_file()
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        """The saved state, or None when there is none to resume from.
+
+        Raises:
+            ModelFileError: the file cannot be read or is not a :func:`fit` checkpoint.
+            ConfigError: it was written with other settings.
+        """
+        if not self.exists():
+            return None
+        path = Path(self.path)
+        try:
+            payload = torch.load(path, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise ModelFileError(f"checkpoint {str(path)!r} cannot be read ({exc}); delete it "
+                                 "or start without resuming") from exc
+        if not isinstance(payload, dict) or payload.get("format") != FIT_CHECKPOINT_FORMAT or \
+                payload.get("version") != FIT_CHECKPOINT_VERSION:
+            raise ModelFileError(f"{str(path)!r} is not a training checkpoint of version "
+                                 f"{FIT_CHECKPOINT_VERSION}; delete it or start without resuming")
+        old, new = payload.get("settings", {}), self.settings
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"checkpoint {str(path)!r} was written with other settings "
+                              f"({', '.join(diff)}); delete it or start without resuming")
+        return payload
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write `state` (plus the format, version, settings and extra state) atomically."""
+        from itreg.io.outputs import atomic_output_file
+
+        payload = {"format": FIT_CHECKPOINT_FORMAT, "version": FIT_CHECKPOINT_VERSION,
+                   "settings": self.settings, **state,
+                   "extra": self.get_state() if self.get_state is not None else {}}
+        with atomic_output_file(self.path, force=True) as tmp:
+            torch.save(payload, tmp)
+
+
 class _NoProgress:
     def update(self, **kwargs: Any) -> None:
         """Ignore progress updates."""
@@ -183,6 +267,12 @@ def progress_bar(enabled: bool, description: str, total: float | None) -> Iterat
         yield _RichProgress(progress, task)
 
 
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def _finite_grads(module: nn.Module) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in module.parameters())
 
@@ -204,6 +294,7 @@ def fit(
     progress: bool = True,
     description: str = "training",
     steps_per_epoch: int | None = None,
+    resume: FitCheckpoint | None = None,
 ) -> TrainResult:
     """Train `model` with early stopping, checkpoints and NaN protection.
 
@@ -225,6 +316,9 @@ def fit(
         progress: show a progress bar on stderr.
         description: the progress bar's label.
         steps_per_epoch: batches per epoch, for the progress bar's total (optional).
+        resume: write a resumable checkpoint after every epoch there, and continue from it when
+            it exists (the epochs already run count towards `epochs`); None: no resuming.
+            `optimizer` must have ``state_dict`` / ``load_state_dict``.
 
     Returns:
         The :class:`TrainResult`; the model holds the best weights.
@@ -233,14 +327,41 @@ def fit(
         TrainingError: a loss, gradient or validation value was NaN or infinite. The model holds
             the last good weights (the best so far, or the initial ones), and `checkpoint` has
             been called with them.
-        ConfigError: invalid settings.
+        ConfigError: invalid settings, or a checkpoint written with other settings.
+        ModelFileError: an unreadable checkpoint.
     """
     if int(epochs) < 0:
         raise ConfigError(f"epochs must be >= 0, got {epochs}")
     stopper = EarlyStopping(patience=int(patience), min_delta=float(min_delta), mode=mode)
     result = TrainResult()
     best_state = state_copy(model)
-    total = None if steps_per_epoch is None else float(steps_per_epoch) * int(epochs)
+    first = 0
+    saved = resume.load(_module_device(model)) if resume is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        best_state = {k: v.detach().clone() for k, v in saved["best_state"].items()}
+        stopper.best, stopper.best_epoch, stopper.bad_epochs = saved["stopper"]
+        for name, value in saved["result"].items():
+            setattr(result, name, value)
+        result.stop_reason = "max-epochs"
+        if resume.set_state is not None:
+            resume.set_state(saved["extra"])
+        first = result.epochs
+        logger.info("resuming at epoch %d from %s", first + 1, resume.path)
+    total = None if steps_per_epoch is None else \
+        float(steps_per_epoch) * max(int(epochs) - first, 0)
+
+    def save_resumable() -> None:
+        if resume is None:
+            return
+        resume.save({"model": state_copy(model), "optimizer": optimizer.state_dict(),
+                     "best_state": best_state,
+                     "stopper": [stopper.best, stopper.best_epoch, stopper.bad_epochs],
+                     "result": {"epochs": result.epochs, "steps": result.steps,
+                                "best_epoch": result.best_epoch,
+                                "best_value": result.best_value,
+                                "history": result.history}})
 
     def fail(where: str, epoch: int, info: dict[str, Any]) -> TrainingError:
         model.load_state_dict(best_state)
@@ -256,7 +377,10 @@ def fit(
         return TrainingError(result.message, result)
 
     with progress_bar(progress, description, total) as bar:
-        for epoch in range(int(epochs)):
+        for epoch in range(first, int(epochs)):
+            if stopper.should_stop:  # a resumed run that had already stopped early
+                result.stop_reason = "early-stopping"
+                break
             model.train()
             losses: list[float] = []
             for batch in batches(epoch):
@@ -295,6 +419,7 @@ def fit(
                 result.best_epoch, result.best_value = epoch, record[key]
                 if checkpoint is not None:
                     checkpoint(model, {"epoch": epoch, **record})
+            save_resumable()
             bar.update(advance=0.0, epoch=epoch + 1, **{key: record[key]})
             if stopper.should_stop:
                 result.stop_reason = "early-stopping"

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -96,9 +97,12 @@ from itreg.nets.dcc import (
 )
 from itreg.nets.modelfile import save_model
 from itreg.regularisers import bending_energy
-from itreg.train import TrainResult, fit, make_generator, seeded
+from itreg.train import FitCheckpoint, TrainResult, checkpoint_path, fit, make_generator, seeded
 
 logger = logging.getLogger(__name__)
+
+#: Settings that may change when an interrupted training is resumed.
+_RESUMABLE = ("epochs", "patience", "threads", "progress")
 
 __all__ = [
     "STRATEGIES",
@@ -601,6 +605,16 @@ class _Alternating:
         (self.seg if self.phase == "seg" else self.reg).step()
         self.steps += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """Both optimisers' states and the step count (for resumable checkpoints)."""
+        return {"seg": self.seg.state_dict(), "reg": self.reg.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.seg.load_state_dict(state["seg"])
+        self.reg.load_state_dict(state["reg"])
+        self.steps = int(state["steps"])
+
 
 @dataclass
 class DCCTrainingResult:
@@ -651,6 +665,7 @@ def train_dcc(
     output: str | os.PathLike | None = None,
     force: bool = False,
     domain_names: Sequence[str] | None = None,
+    resume: bool = True,
 ) -> DCCTrainingResult:
     """Train a DCC network with the alternating scheme of paper 002 (sec. 3.5, 4.4).
 
@@ -663,17 +678,27 @@ def train_dcc(
             and at the end); None writes nothing.
         force: replace an existing `output`.
         domain_names: names of the domains (default: the source's contrasts).
+        resume: with an `output`, training keeps a resumable checkpoint ``output + ".ckpt"``
+            after every epoch (:class:`~itreg.train.FitCheckpoint`); when it exists, training
+            continues from it (its settings must match, except ``epochs``, ``patience``,
+            ``threads`` and ``progress``), and the `output` the interrupted run wrote is
+            replaced without `force`. False starts afresh.
 
     Returns:
         :class:`DCCTrainingResult`.
 
     Raises:
-        OutputExistsError: `output` exists and `force` is False (checked before training).
+        OutputExistsError: `output` exists, `force` is False and there is no checkpoint of an
+            interrupted run to resume (checked before training).
         TrainingError: a non-finite loss or gradient (the last good weights are written).
-        ConfigError, GeometryError: bad settings or groups.
+        ConfigError, GeometryError: bad settings or groups, or a checkpoint written with other
+            settings.
+        ModelFileError: an unreadable checkpoint.
     """
     cfg = config or DCCTrainConfig()
-    if output is not None and Path(output).exists() and not force:
+    ckpt = None if output is None else checkpoint_path(output)
+    resuming = resume and ckpt is not None and ckpt.is_file()
+    if output is not None and Path(output).exists() and not force and not resuming:
         raise OutputExistsError(f"model file {str(output)!r} exists; pass force=True to replace")
     if isinstance(train_source, PhantomGroupSource):
         train = train_source.groups(range(cfg.train_groups))
@@ -730,16 +755,34 @@ def train_dcc(
             save_model(output, MODEL_KIND, net.config(), model.state_dict(), extra(info),
                        force=True)
 
+    before: dict[str, float] = {}
+
+    def get_state() -> dict[str, Any]:
+        return {"generator": gen.get_state(), "before": before}
+
+    def set_state(state: dict[str, Any]) -> None:
+        gen.set_state(state["generator"])
+        before.update(state["before"])
+
+    resumable = None
+    if ckpt is not None:
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
+        settings["domain_names"] = list(domain_names) if domain_names is not None else None
+        resumable = FitCheckpoint(ckpt, json.loads(json.dumps(settings)), get_state, set_state,
+                                  resume=resume)
+
     from itreg.api import _threads
 
     with _threads(cfg.threads):
-        before = evaluate_groups(net, val, **eval_kw)
-        logger.info("DCC before training: %s", before)
+        if resumable is None or not resumable.exists():
+            before.update(evaluate_groups(net, val, **eval_kw))
+            logger.info("DCC before training: %s", before)
         # A non-finite value raises TrainingError after `checkpoint` kept the last good weights.
         result = fit(net, opt, batches, loss_fn, validate, epochs=cfg.epochs,
                      monitor="reg_dice", mode="max", patience=cfg.patience,
                      checkpoint=checkpoint, grad_clip=cfg.grad_clip, progress=cfg.progress,
-                     description=f"DCC ({cfg.strategy})", steps_per_epoch=cfg.steps_per_epoch)
+                     description=f"DCC ({cfg.strategy})", steps_per_epoch=cfg.steps_per_epoch,
+                     resume=resumable)
         after = evaluate_groups(net, val, **eval_kw)
     net.eval()
     path = None

@@ -100,6 +100,7 @@ from itreg.train import (
     EarlyStopping,
     TrainingError,
     TrainResult,
+    checkpoint_path,
     make_generator,
     progress_bar,
     seeded,
@@ -304,12 +305,6 @@ def build_loss_metric(config: TrainNetConfig) -> nn.Module:
     if prefix in ("mine", "kldiv") and "seed" not in kwargs:
         kwargs["seed"] = int(config.seed)
     return get_metric(config.loss, **kwargs)
-
-
-def checkpoint_path(out_path: str | os.PathLike) -> Path:
-    """The checkpoint file that goes with a model file: ``out_path`` + ``".ckpt"``."""
-    p = Path(out_path)
-    return p.with_name(p.name + ".ckpt")
 
 
 def soft_dice(fixed: Tensor, warped: Tensor, eps: float = 1e-6) -> Tensor:
