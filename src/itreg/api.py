@@ -37,7 +37,11 @@ from itreg.engine.config import (
 from itreg.engine.registration import LevelRecord, RegistrationResult, run
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, MaskError, unknown_name
 from itreg.image import Image
+from itreg.runtime import limited_threads
 from itreg.transforms import Transform
+
+#: Still imported under this name by :mod:`itreg.groupwise.api`.
+_threads = limited_threads
 
 logger = logging.getLogger(__name__)
 
@@ -220,21 +224,6 @@ def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
 
 
 @contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's global generators for the call (for metrics that draw random numbers) and
     restore their state afterwards."""
@@ -302,7 +291,7 @@ def register(
         "moving_mask": mmask is not None, "device": str(fixed_f.device),
         "dtype": str(fixed_f.dtype).replace("torch.", ""),
     }
-    with _threads(threads), _seeded(seed, fixed_f.device):
+    with limited_threads(threads), _seeded(seed, fixed_f.device):
         result = run(fixed_f, moving_f, config, fixed_mask=fmask, moving_mask=mmask, init=init,
                      seed=seed, callbacks=cbs, settings=settings)
     if names["moving_labels"] is not None:

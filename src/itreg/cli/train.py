@@ -112,24 +112,17 @@ def train_metric(kind, images, labels, masks, output, spacing, small, schedule, 
     Settings of the training configuration (DITRTrainConfig, DeepSimTrainConfig, or the
     keyword arguments of train_critic) can be overridden with --set KEY=VALUE.
     """
-    import torch
-
+    from itreg.runtime import limited_threads
 
     extra = parse_sets(sets)
-
     refuse_existing(output, "model file", force)
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with limited_threads(threads):
         if kind == "ditr":
             _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, extra)
         elif kind in ("mine", "kldiv"):
             _train_neural(kind, images, masks, output, spacing, small, seed, extra)
         else:
             _train_deepsim(kind, images, labels, output, spacing, small, seed, quiet, extra)
-    finally:
-        torch.set_num_threads(old_threads)
     click.echo(f"wrote {output}")
 
 

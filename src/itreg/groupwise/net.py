@@ -215,7 +215,6 @@ def apply_dcc(
         GeometryError: mixed dimensions, a model of another dimension, no overlap.
         InvalidImageError: NaN/Inf or constant images.
     """
-    from itreg.api import _threads
     from itreg.groupwise.api import NORMALISATIONS, _check_overlap, load_group
     from itreg.nets.dcc import (
         clip_probabilities,
@@ -223,6 +222,7 @@ def apply_dcc(
         warp_group,
         world_displacements,
     )
+    from itreg.runtime import limited_threads
     from itreg.warp import resample
 
     imgs = load_group(images, normalize, "a DCC group")
@@ -251,7 +251,7 @@ def apply_dcc(
                 "domains": dom, "normalize": normalize, "zeta": zeta, "priors": pri,
                 "levels": levels, "sample_rate": rate, "seed": int(seed),
                 "model_config": net.config()}
-    with _threads(threads), torch.no_grad():
+    with limited_threads(threads), torch.no_grad():
         t0 = time.perf_counter()
         net = net.to(dev).eval()
         x = torch.stack([resample(img.to(dev), None, common, mode="linear").data

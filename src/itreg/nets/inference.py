@@ -253,12 +253,13 @@ def register_with_net(
         ConfigError: the model is not a pairwise registration network, or bad settings.
         GeometryError: the images do not fit the network (dimension, channels).
     """
-    from itreg.api import _load_image, _threads, register
+    from itreg.api import _load_image, register
+    from itreg.runtime import limited_threads
 
     fixed_img, _ = _load_image(fixed, "fixed")
     moving_img, _ = _load_image(moving, "moving")
     net, info = _load(model)
-    with _threads(threads):
+    with limited_threads(threads):
         start = time.perf_counter()
         with torch.no_grad():
             prediction = net.predict(fixed_img, moving_img)

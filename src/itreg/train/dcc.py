@@ -97,6 +97,7 @@ from itreg.nets.dcc import (
 )
 from itreg.nets.modelfile import save_model
 from itreg.regularisers import bending_energy
+from itreg.runtime import limited_threads
 from itreg.train import FitCheckpoint, TrainResult, checkpoint_path, fit, make_generator, seeded
 
 logger = logging.getLogger(__name__)
@@ -771,9 +772,7 @@ def train_dcc(
         resumable = FitCheckpoint(ckpt, json.loads(json.dumps(settings)), get_state, set_state,
                                   resume=resume)
 
-    from itreg.api import _threads
-
-    with _threads(cfg.threads):
+    with limited_threads(cfg.threads):
         if resumable is None or not resumable.exists():
             before.update(evaluate_groups(net, val, **eval_kw))
             logger.info("DCC before training: %s", before)

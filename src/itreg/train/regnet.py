@@ -96,6 +96,7 @@ from itreg.nets.regnets import (
     warp_batch,
 )
 from itreg.regularisers import get_regulariser
+from itreg.runtime import limited_threads
 from itreg.train import (
     EarlyStopping,
     TrainingError,
@@ -817,20 +818,6 @@ class _Trainer:
         return result
 
 
-@dataclass
-class _Threads:
-    n: int | None
-    old: int = 0
-
-    def __enter__(self) -> None:
-        self.old = torch.get_num_threads()
-        if self.n is not None:
-            torch.set_num_threads(int(self.n))
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.old)
-
-
 def train_regnet(
     config: TrainNetConfig,
     train_source: Any,
@@ -877,7 +864,7 @@ def train_regnet(
     if out.exists() and not force:
         raise OutputExistsError(f"model file {str(out)!r} exists; pass force=True (--force) to "
                                 "overwrite it")
-    with _Threads(config.threads):
+    with limited_threads(config.threads):
         trainer = _Trainer(config, train_source, val_source, out, progress, callback)
         payload = trainer.load_checkpoint() if resume else None
         finished: dict[str, Any] = {}
