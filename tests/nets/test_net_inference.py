@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from itreg.errors import ConfigError, ModelFileError
+from itreg.errors import ConfigError, GeometryError, InvalidImageError, ModelFileError
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.io import write_image
@@ -140,6 +140,20 @@ def test_non_network_model_file_is_refused(pair, tmp_path):
         register_with_net(fixed, moving, path)
     with pytest.raises(ModelFileError):
         register_with_net(fixed, moving, tmp_path / "missing.pt")
+
+
+def test_bad_images_get_the_engines_errors(pair, tmp_path):
+    fixed, moving, _ = pair
+    path = save_regnet(tmp_path / "net.pt", _perturbed_affine_net())
+    nan = moving.data.clone()
+    nan[0, 5, 5] = float("nan")
+    with pytest.raises(InvalidImageError, match="NaN"):
+        register_with_net(fixed, moving.with_data(nan), path)
+    with pytest.raises(InvalidImageError, match="constant"):
+        register_with_net(fixed.with_data(torch.ones_like(fixed.data)), moving, path)
+    vol = Image(torch.rand(1, 8, 8, 8), Grid((8, 8, 8), (1.0, 1.0, 1.0)))
+    with pytest.raises(GeometryError, match="3D"):
+        register_with_net(fixed, vol, path)
 
 
 def test_cli_register_with_net_and_refine(pair, tmp_path, cli):

@@ -252,12 +252,13 @@ def register_with_net(
         ModelFileError: the model file is missing, malformed or of another version.
         ConfigError: the model is not a pairwise registration network, or bad settings.
         GeometryError: the images do not fit the network (dimension, channels).
+        ImageReadError, InvalidImageError: an unreadable image, NaN/Inf voxels, a constant image.
     """
-    from itreg.api import _load_image, register
+    from itreg.api import prepare_inputs, register
     from itreg.runtime import limited_threads
 
-    fixed_img, _ = _load_image(fixed, "fixed")
-    moving_img, _ = _load_image(moving, "moving")
+    # The same reading and checks as iterative registration (NaN, constant, dimension).
+    fixed_img, moving_img, _, _, _ = prepare_inputs(fixed, moving)
     net, info = _load(model)
     with limited_threads(threads):
         start = time.perf_counter()
