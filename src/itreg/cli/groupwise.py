@@ -27,6 +27,9 @@ from itreg.cli.app import app, refuse_existing
 @click.option("--roi", type=_PATH, default=None,
               help="Region-of-interest mask (nonzero inside), resampled (nearest) onto the "
                    "common grid: only its points drive the registration.")
+@click.option("--bias-correction", type=click.Choice(["none", "n4"]), default="none",
+              show_default=True,
+              help="Remove each image's intensity nonuniformity first (n4: SimpleITK's N4).")
 @click.option("--iterations", type=click.IntRange(min=0), default=100, show_default=True,
               help="Adam steps per resolution level.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random choices.")
@@ -40,7 +43,7 @@ from itreg.cli.app import app, refuse_existing
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def groupwise(images, output, metric, transform, classes, reference, levels, segmentations, roi,
-              iterations, seed, threads, net, domains, force, quiet) -> None:
+              bias_correction, iterations, seed, threads, net, domains, force, quiet) -> None:
     """Register IMAGES jointly into a common space (X-CoReg by default).
 
     Writes OUTPUT/j/warped.nii.gz, OUTPUT/j/transform.tfm (linear part, common -> image j) and,
@@ -79,7 +82,8 @@ def groupwise(images, output, metric, transform, classes, reference, levels, seg
         roi_mask = _roi_on_common_grid(io.read_image(roi, is_label=True), loaded, reference)
     result = register_group(loaded, metric=metric, transform=transform, k=classes,
                             reference=reference, seed=seed, iterations=iterations, roi=roi_mask,
-                            threads=threads, progress=not quiet, **options)
+                            bias_correction=bias_correction, threads=threads,
+                            progress=not quiet, **options)
     save_group(result, output, force=force, inputs=images)
     reasons = ", ".join(sorted({r.stop_reason for r in result.records}))
     click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "

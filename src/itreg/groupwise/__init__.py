@@ -6,6 +6,7 @@
 * :mod:`~itreg.groupwise.baselines`: CTE, APE, VI, congealing, GMM.
 * :mod:`~itreg.groupwise.coreg`: the staged multi-resolution loop (Algorithm 1) with the
   zero-sum projection (Eq. 37) or a fixed reference.
+* :mod:`~itreg.groupwise.bias`: optional N4 bias-field correction before registration.
 * :mod:`~itreg.groupwise.api`: :func:`register_group`, :class:`GroupResult`, :func:`save_group`.
 * :mod:`~itreg.groupwise.net`: :func:`apply_dcc`, :func:`save_dcc` (a trained deep-combined-
   computing network registers and segments a group in one pass).
@@ -20,6 +21,7 @@ from itreg.groupwise.base import (
     get_group_metric,
     register_group_metric,
 )
+from itreg.groupwise.bias import BIAS_CORRECTIONS, n4_correct
 from itreg.groupwise.coreg import (
     GROUP_TRANSFORMS,
     GroupStage,
@@ -31,6 +33,7 @@ from itreg.groupwise.net import DCCResult, apply_dcc, save_dcc
 from itreg.groupwise.xmetric import XMetric, x_metric
 
 __all__ = [
+    "BIAS_CORRECTIONS",
     "GROUP_METRICS",
     "GROUP_TRANSFORMS",
     "DCCResult",
@@ -43,6 +46,7 @@ __all__ = [
     "co_register",
     "default_stages",
     "get_group_metric",
+    "n4_correct",
     "project_zero_mean",
     "register_group",
     "register_group_metric",
