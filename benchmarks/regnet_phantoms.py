@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,22 @@ from itreg.transforms import Identity
 from itreg.warp import resample
 
 LABELS = {1: "CSF", 2: "GM", 3: "WM"}
+NET_ORDER = ("lncc", "mi16", "mi64", "mine", "kldiv", "deepsim", "nmi", "mse", "ncc")
+
+
+def net_key(label: str, dice_weight: float) -> str:
+    """File-name key of a network: ``"mi64"``, ``"mi64-dice"``, ``"deepsim-ae3d"`` (the
+    extractor file's stem for ``deepsim:PATH``)."""
+    name = label.split()[0]
+    if name.startswith("deepsim:"):
+        name = "deepsim-" + Path(name.partition(":")[2]).stem
+    return name + ("-dice" if dice_weight else "")
+
+
+def net_order(key: str) -> int:
+    base = key.split("-")[0]
+    return 10 + (NET_ORDER.index(base) if base in NET_ORDER else len(NET_ORDER)) * 2 + (
+        len(NET_ORDER) * 2 if key.endswith("-dice") else 0)
 
 
 def loss_setting(name: str) -> tuple[str, dict]:
@@ -81,7 +98,11 @@ def label_measures(fixed_labels, warped, grid) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
+    """Means over pairs (NaN without pairs)."""
     out = {"dice": {}, "n": len(rows)}
+    if not rows:
+        return {**out, "dice": dict.fromkeys(LABELS.values(), math.nan), "dice_mean": math.nan,
+                "hd95": math.nan, "folding": math.nan, "time_s": math.nan}
     for name in LABELS.values():
         out["dice"][name] = sum(r["dice"][name] for r in rows) / len(rows)
     out["dice_mean"] = sum(out["dice"].values()) / len(LABELS)
@@ -92,63 +113,169 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [("| method | Dice CSF | Dice GM | Dice WM | Dice mean | HD95 (mm) | det J <= 0 (%) "
-              "| time / pair (s) | training (s) |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| method | n pairs | Dice CSF | Dice GM | Dice WM | Dice mean | HD95 (mm) "
+              "| det J <= 0 (%) | time / pair (s) | training (s) |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         s = r["summary"]
         train = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
-        lines.append(f"| {name} | {s['dice']['CSF']:.3f} | {s['dice']['GM']:.3f} | "
+        lines.append(f"| {name} | {s['n']} | {s['dice']['CSF']:.3f} | {s['dice']['GM']:.3f} | "
                      f"{s['dice']['WM']:.3f} | {s['dice_mean']:.3f} | {s['hd95']:.2f} | "
                      f"{100 * s['folding']:.2f} | {s['time_s']:.3f} | {train} |")
     return "\n".join(lines)
 
 
-def refine_rows(path: Path, test, grid, args) -> dict:
+# ---------------------------------------------------------------------------------- rows
+class Row:
+    """One method's row, kept as ``ROWS/<key>.json`` and written after every test pair.
+
+    The file holds the per-pair measures keyed by the pair's seed, the summary over them, the
+    training time of a network and the settings the row depends on (``setting``): a rerun
+    with the same settings only computes the pairs still missing (none when the row is
+    complete), so a row can be built over several processes or sessions; other settings (or
+    ``--force``) start the row again.
+    """
+
+    def __init__(self, folder: Path, key: str, label: str, order: int, setting: dict,
+                 force: bool = False) -> None:
+        self.path = folder / f"{key}.json"
+        self.data = {"key": key, "label": label, "order": order, "setting": setting,
+                     "pairs": {}, "train_s": None, "runs": []}
+        if self.path.is_file() and not force:
+            old = json.loads(self.path.read_text())
+            if old.get("setting") == setting:
+                self.data["pairs"] = old.get("pairs", {})
+                self.data["train_s"] = old.get("train_s")
+                self.data["runs"] = old.get("runs", [])
+            else:
+                print(f"{self.path}: other settings, computing the row again", file=sys.stderr)
+        self.data["runs"].append({"argv": sys.argv[1:], "started": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads()})
+
+    def missing(self, test) -> list[int]:
+        """Indices of the test pairs without measures."""
+        return [i for i in range(len(test)) if str(test.seed + i) not in self.data["pairs"]]
+
+    def add(self, seed: int, measures: dict) -> None:
+        self.data["pairs"][str(seed)] = measures
+        self.save()
+
+    def save(self) -> None:
+        self.data["summary"] = summarise(list(self.data["pairs"].values()))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+    def result(self, test) -> dict:
+        """The row over the pairs of `test` (summary, training time, settings)."""
+        rows = [self.data["pairs"][str(test.seed + i)] for i in range(len(test))
+                if str(test.seed + i) in self.data["pairs"]]
+        return {"summary": summarise(rows), "train_s": self.data["train_s"],
+                **({"config": self.data["setting"]["config"]}
+                   if "config" in self.data["setting"] else {})}
+
+
+def fill(row: Row, test, measure) -> None:
+    """Compute ``measure(sample) -> dict`` for every test pair the row lacks."""
+    todo = row.missing(test)
+    for n, i in enumerate(todo):
+        row.add(test.seed + i, measure(test[i]))
+        print(f"{row.data['label']}: pair {n + 1}/{len(todo)} "
+              f"({row.data['pairs'][str(test.seed + i)]['time_s']:.2f} s)", file=sys.stderr)
+    if not todo:
+        print(f"{row.data['label']}: complete in {row.path}, reused", file=sys.stderr)
+    elif not row.path.is_file():
+        row.save()
+
+
+def assemble(folder: Path) -> str:
+    """The Markdown table of every row in `folder` (over the pairs each holds)."""
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows.sort(key=lambda r: (r["order"], r["label"]))
+    return table({r["label"]: {"summary": summarise(list(r["pairs"].values())),
+                               "train_s": r.get("train_s")} for r in rows if r["pairs"]})
+
+
+# ---------------------------------------------------------------------------------- methods
+def network_measure(net, grid):
+    def measure(s) -> dict:
+        t = time.perf_counter()
+        tf = net.predict(s.fixed, s.moving)
+        dt = time.perf_counter() - t
+        return {**evaluate(tf, s, grid), "time_s": dt}
+    return measure
+
+
+def refine_measure(path: Path, grid, args):
     """The network's prediction refined by the engine (``register --net --refine``): the
     bspline preset's FFD stage with the training metric, starting from the prediction."""
     from itreg.nets.inference import register_with_net
 
-    rows = []
-    for i in range(len(test)):
-        s = test[i]
+    def measure(s) -> dict:
         res = register_with_net(s.fixed, s.moving, path, refine=True, progress=False,
                                 threads=args.threads, seed=args.seed)
-        r = evaluate(res.transform, s, grid)
-        r["time_s"] = res.wall_time_s
-        rows.append(r)
-    return {"summary": summarise(rows), "train_s": None}
+        return {**evaluate(res.transform, s, grid), "time_s": res.wall_time_s}
+    return measure
 
 
-def ants_rows(test, grid, args) -> dict:
+def iterative_measure(grid, args):
+    import itreg
+
+    def measure(s) -> dict:
+        res = itreg.register(s.fixed, s.moving, "bspline", "mi", progress=False,
+                             threads=args.threads, seed=args.seed)
+        return {**evaluate(res.transform, s, grid), "time_s": res.wall_time_s}
+    return measure
+
+
+def ants_measure(grid, args, tmp: Path):
     """ANTsPy SyNOnly through its own resampler (warped labels by nearest neighbour); the
     folding fraction is not measured for it (NaN)."""
     import subprocess
-    import tempfile
 
     from itreg.image import Image
     from itreg.io import read_image, write_image
 
     runner = Path(__file__).resolve().parent / "tools" / "ants_runner.py"
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(len(test)):
-            s = test[i]
-            case = Path(tmp) / f"case{i}"
-            case.mkdir()
-            write_image(s.fixed, case / "fixed.nii.gz")
-            write_image(s.moving, case / "moving.nii.gz")
-            write_image(s.moving_labels, case / "moving_labels.nii.gz")
-            out = case / "ants"
-            subprocess.run([args.ants_python, str(runner), str(case), str(out), "--method",
-                            "SyNOnly", "--threads", str(args.threads or 2), "--seed",
-                            str(args.seed + 1)], check=True, capture_output=True)
-            info = json.loads((out / "result.json").read_text())
-            warped = read_image(out / info["warped_labels"], is_label=True)
-            labels = Image(warped.data.to(s.fixed_labels.data.dtype), grid, is_label=True)
-            rows.append({**label_measures(s.fixed_labels, labels, grid),
-                         "folding": math.nan, "time_s": info["wall_s"]})
-    return {"summary": summarise(rows), "train_s": None}
+
+    def measure(s) -> dict:
+        case = tmp / s.name.replace(" ", "-")
+        case.mkdir()
+        write_image(s.fixed, case / "fixed.nii.gz")
+        write_image(s.moving, case / "moving.nii.gz")
+        write_image(s.moving_labels, case / "moving_labels.nii.gz")
+        out = case / "ants"
+        subprocess.run([args.ants_python, str(runner), str(case), str(out), "--method",
+                        "SyNOnly", "--threads", str(args.threads or 2), "--seed",
+                        str(args.seed + 1)], check=True, capture_output=True)
+        info = json.loads((out / "result.json").read_text())
+        warped = read_image(out / info["warped_labels"], is_label=True)
+        labels = Image(warped.data.to(s.fixed_labels.data.dtype), grid, is_label=True)
+        return {**label_measures(s.fixed_labels, labels, grid), "folding": math.nan,
+                "time_s": info["wall_s"]}
+    return measure
+
+
+def train_network(cfg: TrainNetConfig, path: Path, train, val, label: str) -> float | None:
+    """Train (or resume, or reuse) the network at `path`; returns the training time summed
+    over the runs that trained it (kept beside the model in ``<path>.train_s.json``)."""
+    side = path.with_name(path.name + ".train_s.json")
+    before = json.loads(side.read_text())["train_s"] if side.is_file() else 0.0
+    if path.exists():
+        return before or load_regnet(path).extra.get("wall_time_s")
+    t = time.perf_counter()
+
+    def log(record: dict) -> None:
+        side.write_text(json.dumps({"train_s": before + time.perf_counter() - t}))
+        print(f"{label}: epoch {int(record['epoch']) + 1} train loss "
+              f"{record['train_loss']:.4f} val Dice {record.get('val_dice', math.nan):.4f} "
+              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+
+    res = train_regnet(cfg, train, val, path, progress=False, callback=log)
+    train_s = before + time.perf_counter() - t
+    side.write_text(json.dumps({"train_s": train_s}))
+    print(f"{label}: {res.last.message} ({train_s:.0f} s)", file=sys.stderr)
+    return train_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,11 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=32, help="training pairs")
     ap.add_argument("--val", type=int, default=8, help="validation pairs")
     ap.add_argument("--test", type=int, default=16, help="test pairs")
+    ap.add_argument("--methods", default="none,nets,iterative",
+                    help="rows to compute: none, nets (one per --losses, + --midice), "
+                         "iterative, ants (same as --ants)")
     ap.add_argument("--losses", default="lncc,mi16,mi64,mine,kldiv")
     ap.add_argument("--midice", action="store_true", help="add MI-64 + soft Dice (labels)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--steps-per-epoch", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--patience", type=int, default=5,
+                    help="early-stopping patience in epochs (0: train all epochs)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--reg-weight", type=float, default=0.1, help="diffusion weight")
     ap.add_argument("--features", default="8,16,16,16,16")
@@ -176,88 +308,93 @@ def main(argv: list[str] | None = None) -> int:
                     help="add ANTsPy SyNOnly (runs benchmarks/tools/ants_runner.py in "
                          "--ants-python's venv)")
     ap.add_argument("--ants-python", default=".venv-ants/bin/python")
+    ap.add_argument("--force", action="store_true",
+                    help="compute the selected rows again (trained models are still reused)")
+    ap.add_argument("--table", action="store_true",
+                    help="only assemble the rows in --out into table.md and print it")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    rows_dir = args.out / "rows"
+    if args.table:
+        md = assemble(rows_dir)
+        print(md)
+        (args.out / "table.md").write_text(md + "\n")
+        return 0
+    methods = {m for m in args.methods.split(",") if m}
+    unknown = methods - {"none", "nets", "iterative", "ants"}
+    if unknown:
+        ap.error(f"unknown --methods {sorted(unknown)}")
+    if args.no_iterative:
+        methods.discard("iterative")
+    if args.ants:
+        methods.add("ants")
     spacing = args.spacing or (2.0 if args.ndim == 2 else 4.0)
-    args.out.mkdir(parents=True, exist_ok=True)
+    rows_dir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     template = load_mni(spacing)
-    kw = {"ndim": args.ndim, "spacing_mm": spacing, "template": template}
+    kw = {"ndim": args.ndim, "spacing_mm": spacing, "template": template,
+          "cache_dir": args.out / "pairs"}
     train = PhantomPairs(args.train, seed=args.seed, **kw)
     val = PhantomPairs(args.val, seed=args.seed + 100_000, **kw)
     test = PhantomPairs(args.test, seed=args.seed + 200_000, **kw)
-    for src in (train, val, test):
-        for i in range(len(src)):
-            src[i]
     grid = test.grid
-    print(f"phantoms: {args.train}/{args.val}/{args.test} pairs on {grid} built in "
-          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    base = {k: v for k, v in test.config().items() if k != "n"}
+
+    def row(key: str, label: str, order: int, **setting) -> Row:
+        return Row(rows_dir, key, label, order, {**base, **setting}, force=args.force)
 
     results: dict[str, dict] = {}
-    rows = []
-    for i in range(len(test)):
-        s = test[i]
-        r = evaluate(Identity(grid.ndim), s, grid)
-        r["time_s"] = 0.0
-        rows.append(r)
-    results["none"] = {"summary": summarise(rows), "train_s": None}
+    if "none" in methods:
+        r = row("none", "none", 0)
+        fill(r, test, lambda s: {**evaluate(Identity(grid.ndim), s, grid), "time_s": 0.0})
+        results["none"] = r.result(test)
 
     runs = [(name, *loss_setting(name), 0.0) for name in args.losses.split(",") if name]
     if args.midice:
         runs.append(("mi64 + Dice (MIDice)", "mi", {"bins": 64}, 1.0))
     features = tuple(int(f) for f in args.features.split(","))
-    for label, loss, loss_kwargs, dice_weight in runs:
-        path = args.out / f"net-{label.split()[0]}{'-dice' if dice_weight else ''}.pt"
+    for label, loss, loss_kwargs, dice_weight in runs if "nets" in methods else []:
+        key = net_key(label, dice_weight)
+        path = args.out / f"net-{key}.pt"
         cfg = TrainNetConfig.small(kind="deform", loss=loss, loss_kwargs=loss_kwargs,
                                    dice_weight=dice_weight, features=features,
                                    levels=len(features) - 1, epochs=args.epochs,
                                    steps_per_epoch=args.steps_per_epoch,
                                    batch_size=args.batch_size, lr=args.lr,
                                    reg_weight=args.reg_weight, seed=args.seed,
-                                   threads=args.threads)
-        train_s = None
-        if path.exists():
-            net = load_regnet(path)
-            train_s = net.extra.get("wall_time_s")
-        else:
-            t = time.perf_counter()
-            res = train_regnet(cfg, train, val, path, progress=False)
-            train_s = time.perf_counter() - t
-            net = res.net
-            print(f"{label}: {res.last.message} ({train_s:.0f} s)", file=sys.stderr)
-        rows = []
-        for i in range(len(test)):
-            s = test[i]
-            t = time.perf_counter()
-            tf = net.predict(s.fixed, s.moving)
-            dt = time.perf_counter() - t
-            r = evaluate(tf, s, grid)
-            r["time_s"] = dt
-            rows.append(r)
-        results[f"DeformNet {label}"] = {"summary": summarise(rows), "train_s": train_s,
-                                         "config": cfg.to_dict()}
-        key = path.stem.removeprefix("net-")
+                                   threads=args.threads, patience=args.patience)
+        config = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
+        r = row(f"net-{key}", f"DeformNet {label}", net_order(key), config=config,
+                n_train=args.train, n_val=args.val)
+        todo = r.missing(test)
+        if todo or r.data["train_s"] is None:
+            r.data["train_s"] = train_network(cfg, path, train, val, label)
+            r.save()
+        if todo:
+            fill(r, test, network_measure(load_regnet(path), grid))
+        results[r.data["label"]] = r.result(test)
         if key in [k for k in args.refine.split(",") if k]:
-            results[f"DeformNet {label} + refine"] = refine_rows(path, test, grid, args)
+            rr = row(f"net-{key}-refine", f"DeformNet {label} + refine", net_order(key) + 1,
+                     config=config,
+                     n_train=args.train, n_val=args.val)
+            fill(rr, test, refine_measure(path, grid, args))
+            results[rr.data["label"]] = rr.result(test)
 
-    if not args.no_iterative:
-        import itreg
+    if "iterative" in methods:
+        r = row("iterative-bspline-mi", "itreg bspline MI (iterative)", 100)
+        fill(r, test, iterative_measure(grid, args))
+        results[r.data["label"]] = r.result(test)
 
-        rows = []
-        for i in range(len(test)):
-            s = test[i]
-            res = itreg.register(s.fixed, s.moving, "bspline", "mi", progress=False,
-                                 threads=args.threads, seed=args.seed)
-            r = evaluate(res.transform, s, grid)
-            r["time_s"] = res.wall_time_s
-            rows.append(r)
-        results["itreg bspline MI (iterative)"] = {"summary": summarise(rows), "train_s": None}
+    if "ants" in methods:
+        import tempfile
 
-    if args.ants:
-        results["ANTs SyNOnly"] = ants_rows(test, grid, args)
+        r = row("ants-synonly", "ANTs SyNOnly", 101)
+        with tempfile.TemporaryDirectory() as tmp:
+            fill(r, test, ants_measure(grid, args, Path(tmp)))
+        results[r.data["label"]] = r.result(test)
 
     md = table(results)
     print(md)
