@@ -25,8 +25,37 @@ Run (small setting, minutes on two CPU cores)::
 
     python benchmarks/regnet_phantoms.py --out bench-regnet --train 32 --epochs 10
 
-Trained models are kept in ``--out`` and reused by a rerun (delete them to retrain). Prints a
-Markdown table; writes ``results.json`` and ``table.md`` in ``--out``.
+Incremental runs. Every row is kept as ``--out/rows/<key>.json`` (per-pair measures keyed by
+the pair's seed, the summary, the training time, the settings) and written after every test
+pair: a rerun with the same settings computes only the pairs a row still lacks and skips
+complete rows (``--force`` computes the selected rows again), so a long table is built by
+several processes or sessions, each doing some rows (``--methods`` picks ``none``, ``nets``,
+``iterative``, ``ants``; ``--losses`` the networks). Phantom pairs are cached on disk in
+``--out/pairs`` (one ``.pt`` per seed, :class:`~itreg.train.sources.PhantomPairs`'
+``cache_dir``) and shared by those processes. Trained models ``--out/net-<key>.pt`` are
+reused; an interrupted training resumes from its checkpoint ``net-<key>.pt.ckpt``, and the
+training time summed over the runs is kept in ``net-<key>.pt.train_s.json``. ``--table`` only
+assembles whatever rows exist into ``--out/table.md`` (with the number of test pairs per row,
+so partial rows show).
+
+3D setting (paper 003's phantoms at 2 mm, 94 x 116 x 98 voxels; chosen to fit two shared CPU
+cores, no GPU): 150 training, 4 validation and 50 test pairs; DeformNet widths
+8,16,16,16,16 (4 levels), batch 1, 20 epochs of 20 steps (400 steps, every training pair seen
+about 2.7 times), no early stopping, Adam lr 1e-3, EMA 0.99, diffusion weight 0.1 (chosen
+on the validation pairs against 1.0 with LNCC, 100 steps each; see the 3D results file)::
+
+    OUT=/work/bench-regnet3d; COMMON="--ndim 3 --spacing 2 --out $OUT --train 150 --val 4
+        --test 50 --epochs 20 --steps-per-epoch 20 --batch-size 1 --patience 0
+        --reg-weight 0.1 --threads 1"
+    nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods none,iterative
+    nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods ants
+    nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods nets --losses lncc
+    nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods nets --losses mi64
+    ...
+    python benchmarks/regnet_phantoms.py --out $OUT --table
+
+Without ``--table`` the run prints the Markdown table of its own rows and writes
+``table.md`` and ``results.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -51,6 +80,7 @@ from itreg.warp import resample
 
 LABELS = {1: "CSF", 2: "GM", 3: "WM"}
 NET_ORDER = ("lncc", "mi16", "mi64", "mine", "kldiv", "deepsim", "nmi", "mse", "ncc")
+DEEPSIM = ("deepsim-ae", "deepsim-ae-mm")
 
 
 def net_key(label: str, dice_weight: float) -> str:
@@ -68,11 +98,40 @@ def net_order(key: str) -> int:
         len(NET_ORDER) * 2 if key.endswith("-dice") else 0)
 
 
-def loss_setting(name: str) -> tuple[str, dict]:
-    """``"mi64"`` -> ``("mi", {"bins": 64})``; other names unchanged."""
+def loss_setting(name: str, extractors: dict[str, Path] | None = None) -> tuple[str, dict]:
+    """``"mi64"`` -> ``("mi", {"bins": 64})``; ``"deepsim-ae"`` -> the registry name of the
+    extractor in `extractors` (``deepsim-ae-mm``: its deeper stages 2, 3); other names
+    unchanged."""
     if name.startswith("mi") and name[2:].isdigit():
         return "mi", {"bins": int(name[2:])}
+    if name in DEEPSIM:
+        return f"deepsim:{extractors[name]}", ({"stages": [2, 3]} if name.endswith("-mm")
+                                                else {})
     return name, {}
+
+
+def train_extractor(name: str, out: Path, kw: dict, seed: int, threads: int | None) -> Path:
+    """Train (or reuse) the DeepSim auto-encoder `name` (``deepsim-ae``: paper 004's, small
+    setting; ``deepsim-ae-mm``: with contrast invariance) on other phantom volumes: the
+    template T1 and the T2-like moving images of 8 pairs of seeds ``seed + 300000..``, none
+    of them a training, validation or test pair. 3D crops are 32^3 voxels."""
+    from itreg.train.deepsim import DeepSimTrainConfig, train_deepsim
+
+    path = out / f"{name}.pt"
+    if path.exists():
+        return path
+    src = PhantomPairs(8, seed=seed + 300_000, cache=False, **kw)
+    images = [src[0].fixed] + [src[i].moving for i in range(len(src))]
+    make = DeepSimTrainConfig.multimodal if name.endswith("-mm") else DeepSimTrainConfig.small
+    crop = {"crop_size": 32} if kw["ndim"] == 3 else {}
+    cfg = make(mode="ae", seed=seed, progress=False, threads=threads, **crop)
+    t = time.perf_counter()
+    res = train_deepsim(images, None, cfg, output=path, force=True)
+    train_s = time.perf_counter() - t
+    path.with_name(path.name + ".train_s.json").write_text(json.dumps({"train_s": train_s}))
+    print(f"{name}: trained in {train_s:.0f} s on {len(images)} volumes "
+          f"({len(res.train['history'])} epochs)", file=sys.stderr)
+    return path
 
 
 def evaluate(transform, sample, grid) -> dict:
@@ -289,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="none,nets,iterative",
                     help="rows to compute: none, nets (one per --losses, + --midice), "
                          "iterative, ants (same as --ants)")
-    ap.add_argument("--losses", default="lncc,mi16,mi64,mine,kldiv")
+    ap.add_argument("--losses", default="lncc,mi16,mi64,mine,kldiv",
+                    help="networks' losses: lncc, mi16, mi64 (MI bins), mine, kldiv, nmi, mse, "
+                         "deepsim:PATH, deepsim-ae (trained here on other phantom volumes, "
+                         "paper 004's auto-encoder), deepsim-ae-mm (contrast-invariant)")
     ap.add_argument("--midice", action="store_true", help="add MI-64 + soft Dice (labels)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--steps-per-epoch", type=int, default=16)
@@ -352,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         fill(r, test, lambda s: {**evaluate(Identity(grid.ndim), s, grid), "time_s": 0.0})
         results["none"] = r.result(test)
 
-    runs = [(name, *loss_setting(name), 0.0) for name in args.losses.split(",") if name]
+    names = [n for n in args.losses.split(",") if n] if "nets" in methods else []
+    extractors = {n: train_extractor(n, args.out, kw, args.seed, args.threads)
+                  for n in names if n in DEEPSIM}
+    runs = [(name, *loss_setting(name, extractors), 0.0) for name in names]
     if args.midice:
         runs.append(("mi64 + Dice (MIDice)", "mi", {"bins": 64}, 1.0))
     features = tuple(int(f) for f in args.features.split(","))
@@ -369,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         config = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
         r = row(f"net-{key}", f"DeformNet {label}", net_order(key), config=config,
                 n_train=args.train, n_val=args.val)
+        if label in extractors:
+            side = extractors[label].with_name(extractors[label].name + ".train_s.json")
+            r.data["extractor_train_s"] = (json.loads(side.read_text())["train_s"]
+                                           if side.is_file() else None)
         todo = r.missing(test)
         if todo or r.data["train_s"] is None:
             r.data["train_s"] = train_network(cfg, path, train, val, label)
