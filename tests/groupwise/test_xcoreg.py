@@ -144,3 +144,13 @@ def test_step_decay_runs_from_one_to_the_final_factor():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="final_lr_factor"):
             GroupStage("ffd", final_lr_factor=bad)
+
+
+def test_xcoreg_with_sampled_e_steps_between_full_ones_recovers_translations(shifted_group):
+    images, truths = shifted_group
+    grid = images[0].grid
+    result = register_group(images, transform="translation", k=4, seed=0,
+                            stages=[GroupStage("translation", (2, 1), 40)],
+                            full_update_every=5)
+    assert result.settings["metric"]["full_update_every"] == 5
+    assert residual_mm(result, truths, grid) < 0.5

@@ -207,3 +207,32 @@ def test_kmeans_start_separates_three_intensity_clusters():
     assert torch.equal(obj.gamma[:10], before)
     with pytest.raises(ConfigError):
         XMetric(init="zeros")
+
+
+def test_update_at_runs_the_e_step_on_the_sample_only():
+    from itreg.grid import Grid
+
+    # Four classes with distinct intensity vectors: starting from the true classes (clamped
+    # one-hot), one E-step at a sample keeps them there and leaves the other voxels alone.
+    values, labels = _piecewise_group()
+    obj = XMetric(k=4, levels=60, full_update_every=5)
+    obj.reset(3, None, torch.Generator().manual_seed(0), torch.float64, None)
+    obj.start_level(Grid((3000, 1)))
+    start = torch.full((3000, 4), 0.1, dtype=torch.float64)
+    start[torch.arange(3000), labels] = 0.7  # true class most likely, not certain
+    obj.gamma = start.clone()
+    index = torch.arange(0, 3000, 3)
+    overlap = torch.ones(index.numel(), dtype=torch.bool)
+    overlap[:5] = False  # sample points outside the overlap are not updated either
+    obj.update_at(values[:, index], overlap, index)
+    updated = index[overlap]
+    assert torch.equal(obj.gamma[updated].argmax(dim=1), labels[updated])
+    assert float(obj.gamma[updated].max(dim=1).values.min()) > 0.98  # sharpened from 0.7
+    untouched = torch.ones(3000, dtype=torch.bool)
+    untouched[updated] = False
+    assert torch.equal(obj.gamma[untouched], start[untouched])
+    # pi is the sample's mean posterior: the class frequencies of the sample.
+    freq = torch.bincount(labels[updated], minlength=4).double() / updated.numel()
+    torch.testing.assert_close(obj.pi, freq, atol=3e-3, rtol=0)
+    with pytest.raises(ConfigError):
+        XMetric(full_update_every=0)

@@ -77,6 +77,9 @@ class GroupObjective(abc.ABC):
             common anatomy): the loop then passes the intensities at every voxel to
             :meth:`update` (without gradient) before each :meth:`evaluate`.
         sample_rate: fraction of the overlap used for density estimates.
+        full_update_every: with :attr:`needs_all_voxels`, the loop calls :meth:`update` on
+            every voxel at iterations ``0, m, 2m, ...`` and :meth:`update_at` on the step's
+            sample in between (1: every iteration).
     """
 
     name: ClassVar[str] = ""
@@ -85,6 +88,7 @@ class GroupObjective(abc.ABC):
 
     def __init__(self, sample_rate: float = 0.1) -> None:
         self.sample_rate = check_rate(sample_rate)
+        self.full_update_every = 1
         self.n_images = 0
         self.reference: int | None = None
 
@@ -122,6 +126,16 @@ class GroupObjective(abc.ABC):
         Args:
             values: ``(N, P)`` intensities of the warped images at every level voxel.
             overlap: ``(P,)`` bool, the overlap region ``Omega^phi`` (and region of interest).
+        """
+
+    def update_at(self, values: Tensor, overlap: Tensor, index: Tensor) -> None:
+        """Update the latent state at the step's sample only (iterations between full
+        :meth:`update` calls, see :attr:`full_update_every`); called under ``no_grad``.
+
+        Args:
+            values: ``(N, S)`` intensities at the sample.
+            overlap: ``(S,)`` bool, sample points inside every image (and the ROI).
+            index: ``(S,)`` flat voxel indices of the sample in the level grid.
         """
 
     @abc.abstractmethod

@@ -523,7 +523,8 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
                     break
                 transforms = [state.transform(j) for j in range(n)]
                 eligible = roi_l
-                if objective.needs_all_voxels:  # E-step over the whole level grid, no gradient
+                full = objective.needs_all_voxels and it % objective.full_update_every == 0
+                if full:  # E-step over the whole level grid, no gradient
                     with torch.no_grad():
                         values_all, inside_all = overlap_mask(level_images, transforms,
                                                               points_all)
@@ -543,6 +544,9 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
                             "points); check their origins and directions")
                     reason = "no-overlap"
                     break
+                if objective.needs_all_voxels and not full:  # E-step at the sample only
+                    with torch.no_grad():
+                        objective.update_at(values.detach(), overlap, index)
                 optimizer.zero_grad()
                 loss, quantity = objective.evaluate(values, overlap, index)
                 reg = kind.regulariser(state, stage, lgrid, active)

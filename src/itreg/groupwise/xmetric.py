@@ -210,6 +210,11 @@ class XMetric(GroupObjective):
             the k-means start separates the tissues (mean gWI over 3 BrainWeb-style groups
             0.91 -> 0.80 mm with the default FFD schedule). It is not the default because on
             small translation-only groups in group-to-reference mode it did worse than Eq. 22.
+        full_update_every: ``m``: steps 3-4 run on every overlap voxel at every ``m``-th
+            iteration of a level (from the first) and, in between, only at the step's sample
+            (appearance model, E-step and ``pi`` from the sample's intensities, the other
+            voxels keep their ``Gamma``). 1 (default) is Algorithm 1; larger values save the
+            ``N`` full-grid warps per step that dominate small groups' time.
     """
 
     name = "xmetric"
@@ -218,8 +223,13 @@ class XMetric(GroupObjective):
 
     def __init__(self, k: int = 4, levels: int = 64, sample_rate: float = 0.1,
                  eps: float = POSTERIOR_EPS, segmentations: Sequence[Image] | None = None,
-                 warmup: int = 0, init: str = "random") -> None:
+                 warmup: int = 0, init: str = "random", full_update_every: int = 1) -> None:
         super().__init__(sample_rate)
+        if isinstance(full_update_every, bool) or int(full_update_every) != full_update_every \
+                or int(full_update_every) < 1:
+            raise ConfigError(f"full_update_every must be an integer >= 1, got "
+                              f"{full_update_every!r}")
+        self.full_update_every = int(full_update_every)
         if init not in INITS:
             raise ConfigError(f"unknown X-metric init {init!r}; valid: {', '.join(INITS)}")
         self.init = init
@@ -316,6 +326,28 @@ class XMetric(GroupObjective):
             for _ in range(self.warmup):
                 self.update(values, overlap)
 
+    @torch.no_grad()
+    def update_at(self, values: Tensor, overlap: Tensor, index: Tensor) -> None:
+        """Steps 3-4 of Algorithm 1 at the sample only: ``f^t`` from the sample's previous
+        ``Gamma``, the E-step there, ``pi`` as the sample's mean posterior."""
+        if int(overlap.sum()) == 0:
+            return
+        idx = index[overlap]
+        v = values[:, overlap]
+        self.ranges = self.fixed_ranges or intensity_ranges(v, None)
+        coords = bin_coordinates(v, None, self.levels, ranges=self.ranges)
+        if self.fixed_appearance is not None:
+            f = self.fixed_appearance.to(coords.dtype)
+        else:
+            f = appearance_model(coords, self.gamma[idx], self.bins)
+        ll = class_log_likelihood(coords, f, self._weights(v.shape[0], coords.dtype,
+                                                           coords.device))
+        gamma = self.gamma.clone()
+        gamma[idx] = e_step(ll, self.pi, self.eps).to(gamma.dtype)
+        self.gamma = gamma
+        self.pi = update_proportions(gamma[idx])
+        self._updates += 1
+
     def _kmeans_start(self, values: Tensor, overlap: Tensor) -> None:
         """``Gamma`` from k-means++ clusters of the overlap's intensity vectors (``init``)."""
         labels = kmeans(values[:, overlap].T.contiguous(), self.k, self.generator)
@@ -350,6 +382,7 @@ class XMetric(GroupObjective):
         return {"name": self.name, "k": self.k, "levels": self.levels,
                 "sample_rate": self.sample_rate, "posterior_clamp": self.eps,
                 "warmup": self.warmup, "init": self.init,
+                "full_update_every": self.full_update_every,
                 "appearance": "ground-truth (Eq. 48)" if self.segmentations is not None
                 else "estimated (Eq. 20)"}
 
