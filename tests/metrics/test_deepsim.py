@@ -25,8 +25,11 @@ def test_extractor_shapes(ndim, mode):
                                                    for i in range(3)]
     enc0 = net.encoder[0].block
     kinds = [type(m).__name__ for m in enc0]
-    assert kinds[0].startswith("BatchNorm") and kinds[-1].startswith("Dropout")
+    assert kinds[0].startswith("BatchNorm")
+    assert type(net.encoder[0].drop).__name__.startswith("Dropout")
     assert enc0[1].kernel_size == (4,) * ndim and enc0[1].stride == (2,) * ndim
+    y, f2 = net.forward_features(x)
+    assert torch.equal(y, out) and all(torch.equal(a, b) for a, b in zip(f2, feats))
 
 
 def test_bad_settings():
@@ -119,3 +122,66 @@ def test_gradient_reaches_moving(model_file):
 def test_feature_cosine_clamps_zero_features():
     z = torch.zeros(1, 3, 4, 4)
     assert torch.isfinite(feature_cosine(z, z))
+
+
+def _blobs(shape=(48, 40), seed=0):
+    """A smooth image: a sum of random Gaussian blobs (no symmetry, so one true alignment)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape),
+                            indexing="ij")
+    img = torch.zeros(shape)
+    for _ in range(12):
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor(shape, dtype=torch.float32))
+        s = 2.0 + 4.0 * float(torch.rand(1, generator=g))
+        img += float(torch.rand(1, generator=g)) * torch.exp(
+            -((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    return img[None]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("shift", [(3.0, 0.0), (-1.0, 2.0)])
+def test_landscape_peaks_at_known_shift_mono_modal(model_file, shift):
+    """DeepSim of an image against its shifted copy peaks exactly where the landscape undoes the
+    shift, with the same sign convention as MI: feature maps of both images are computed on
+    the same (fixed) grid, so padding, strides and the coarse stage grids cannot offset the
+    optimum. The shifts are odd and even numbers of voxels, so a stage-grid (stride) or
+    half-voxel misalignment would show."""
+    from itreg.evaluate.landscape import metric_landscape
+    from itreg.grid import Grid
+    from itreg.image import Image
+
+    grid = Grid((32, 40), (1.0, 1.0), (0.0, 0.0))  # size in x, y order
+    fixed = Image(_blobs((40, 32)), grid)
+    sx, sy = shift
+    # content moved by +shift: moving(x, y) = fixed(x - sx, y - sy) (rolled copy, then
+    # compared away from the wrapped border by the landscape's mask)
+    moving = Image(torch.roll(fixed.data, (int(sy), int(sx)), dims=(1, 2)), grid)
+    mask = torch.zeros(40, 32, dtype=torch.bool)
+    mask[6:-6, 6:-6] = True
+    for metric in (f"deepsim:{model_file}", "mi"):
+        land = metric_landscape(fixed, moving, metric, axes=("tx", "ty"),
+                                ranges=[(-3.0, 3.0, 1.0)], fixed_mask=mask)
+        assert land.best_offset == (sx, sy), metric
+
+
+def test_stages_select_encoder_levels(model_file):
+    from itreg.nets.modelfile import build_model
+
+    net, _ = build_model(model_file, "deepsim")
+    a, b = _image(9), _image(10)
+
+    def scale(x):
+        return (x - x.min()) / (x.max() - x.min())
+    with torch.no_grad():
+        fa, fb = net.features(scale(a)[None]), net.features(scale(b)[None])
+    cos = [float(torch.nn.functional.cosine_similarity(u, v, dim=1, eps=0.0).mean())
+           for u, v in zip(fb, fa)]
+    for stages in ([3], [2, 3], [1, 3]):
+        metric = get_metric(f"deepsim:{model_file}", stages=stages)
+        expected = 1 - sum(cos[k - 1] for k in stages) / len(stages)
+        assert float(metric(a, b)) == pytest.approx(expected, abs=1e-5)
+        assert metric.config()["stages"] == stages
+    assert get_metric(f"deepsim:{model_file}", stages=2).stages == (2,)
+    for bad in ([0], [4], [2, 2], []):
+        with pytest.raises(ConfigError, match="stages"):
+            get_metric(f"deepsim:{model_file}", stages=bad)

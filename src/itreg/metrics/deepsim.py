@@ -13,12 +13,19 @@ Intensities are min-max scaled to ``[0, 1]`` (the scaling of :mod:`itreg.train.d
 the ranges the engine passes once per level, or from the images. With a mask, each level
 averages over the positions whose (average-pooled) mask weight is positive, weighted by it.
 
-Registered as ``"deepsim:model.pt"``; the model file says which extractor it holds.
+``stages`` picks the encoder stages that are averaged (1 = 1/2 resolution, 2 = 1/4, 3 = 1/8;
+default all three, the paper's L = 3). The deeper stages of an extractor trained on several
+contrasts with intensity augmentation (:mod:`itreg.train.deepsim`) are the most
+contrast-invariant; the first stage stays close to the intensities.
+
+Registered as ``"deepsim:model.pt"`` (``--set stages=[2,3]`` on the command line); the model
+file says which extractor it holds.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +69,7 @@ class DeepSimMetric(FrozenNetworkMetric):
         network: a trained :class:`~itreg.nets.deepsim.DeepSimNet` (frozen, eval mode).
         intensity: ``"minmax"`` (default, as in training), ``"percentile"`` or ``"none"``.
         source: the model file it came from (for reports).
+        stages: encoder stages (1-based, from 1 to 3) averaged in Eq. 5; None: all three.
 
     Shapes:
         ``forward(fixed, moving, mask)``: ``(C, *S)`` images (C = the network's input
@@ -76,10 +84,18 @@ class DeepSimMetric(FrozenNetworkMetric):
     model_kind = MODEL_KIND
 
     def __init__(self, network: DeepSimNet, intensity: str = "minmax",
-                 source: str | None = None) -> None:
+                 source: str | None = None, stages: Sequence[int] | None = None) -> None:
         super().__init__(network, intensity=intensity)
+        n = len(network.channels)
+        if isinstance(stages, (int, float, str)):
+            stages = [stages]
+        picked = list(range(1, n + 1)) if stages is None else [int(k) for k in stages]
+        if not picked or len(set(picked)) != len(picked) or any(k < 1 or k > n for k in picked):
+            raise ConfigError(f"DeepSim stages must be distinct numbers from 1 to {n}, "
+                              f"got {stages}")
+        self.stages = tuple(sorted(picked))
         self.settings = {"model": source, "extractor": network.mode,
-                         "channels": list(network.channels)}
+                         "channels": list(network.channels), "stages": list(self.stages)}
 
     def quantity(self, loss: Tensor | float) -> Tensor | float:
         """DeepSim (mean cosine, 1 = identical features) from the loss."""
@@ -109,15 +125,17 @@ class DeepSimMetric(FrozenNetworkMetric):
             for _ in feats_f:
                 w = pool(w, 2)
                 weights.append(w)
-        sims = [feature_cosine(a, b, None if weights is None else w)
-                for a, b, w in zip(feats_m, feats_f, weights or [None] * len(feats_f))]
+        weights = weights or [None] * len(feats_f)
+        sims = [feature_cosine(feats_m[k - 1], feats_f[k - 1], weights[k - 1])
+                for k in self.stages]
         value = torch.stack(sims).mean()
         return (1.0 - value).to(fixed.dtype)
 
 
-def deepsim_metric(path: str | os.PathLike, intensity: str = "minmax") -> DeepSimMetric:
+def deepsim_metric(path: str | os.PathLike, intensity: str = "minmax",
+                   stages: Sequence[int] | None = None) -> DeepSimMetric:
     """Registry factory of ``"deepsim:model.pt"``: :meth:`DeepSimMetric.from_file`."""
-    return DeepSimMetric.from_file(path, intensity=intensity)
+    return DeepSimMetric.from_file(path, intensity=intensity, stages=stages)
 
 
 register_metric("deepsim", deepsim_metric, overwrite=True)

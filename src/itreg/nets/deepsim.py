@@ -5,7 +5,8 @@ section 5):
 
 - **encoder stage**: BatchNorm on the stage input -> conv k4 s2 p1 -> LeakyReLU(0.2) -> conv k3
   s1 p1 -> LeakyReLU(0.2) -> channel dropout (``Dropout2d``/``Dropout3d``, p=0.5). Three stages
-  at 1/2, 1/4 and 1/8 resolution; their outputs are the DeepSim features.
+  at 1/2, 1/4 and 1/8 resolution; their outputs are the DeepSim features (in eval mode, where
+  dropout is the identity).
 - **decoder stage**: conv k3 -> LeakyReLU -> conv k3 -> LeakyReLU -> channel dropout (no BN),
   then x2 (bi/tri)linear upsampling and, in the segmentation U-Net, concatenation of the skip
   connection (the encoder stage input of that resolution). The auto-encoder is the same net
@@ -54,10 +55,13 @@ class _EncoderStage(nn.Module):
         conv, bn, drop = _layers(ndim)
         self.block = nn.Sequential(
             bn(c_in), conv(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            conv(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.2), drop(dropout))
+            conv(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.2))
+        self.drop = drop(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block(x)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(features before dropout, stage output after dropout)``; equal in eval mode."""
+        h = self.block(x)
+        return h, self.drop(h)
 
 
 class _DecoderStage(nn.Module):
@@ -148,27 +152,36 @@ class DeepSimNet(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Outputs of the three encoder stages (the DeepSim features)."""
-        x, _ = self._pad(x)
-        out = []
-        for stage in self.encoder:
-            x = stage(x)
-            out.append(x)
-        return out
+        return self.forward_features(x)[1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction logits (``"ae"``) or class logits (``"seg"``), cropped to ``S``."""
+    def forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward` and the encoder features of the same pass.
+
+        In training mode the features are the stage outputs before channel dropout (what the
+        frozen metric sees in eval mode), while the next stage and the decoder take the
+        dropped-out outputs.
+
+        Returns:
+            ``(output (B, out, *S), [features (B, C_l, *S_l) for the three stages])``.
+        """
         x, size = self._pad(x)
         skips = [x]
+        feats = []
         h = x
         for stage in self.encoder:
-            h = stage(h)
+            f, h = stage(h)
+            feats.append(f)
             skips.append(h)
         for i, stage in enumerate(self.decoder):
             h = stage(h)
             if self.mode == "seg":
                 h = torch.cat([h, skips[2 - i]], dim=1)
         out = self.head(self.smooth(h))
-        return out[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
+        return out[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)], feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction logits (``"ae"``) or class logits (``"seg"``), cropped to ``S``."""
+        return self.forward_features(x)[0]
 
 
 def build_deepsim(config: Mapping[str, Any]) -> DeepSimNet:

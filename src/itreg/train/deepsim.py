@@ -11,6 +11,27 @@ the metric :mod:`itreg.metrics.deepsim`. Two variants:
 Training samples are random crops (``crop_size`` voxels, padded with 0 where the image is
 smaller) of the images min-max scaled to ``[0, 1]``, with random flips along every axis (the
 authors augment with random affines; flips are the part that needs no resampling of labels).
+
+**Contrast invariance (not in paper 004; off by default).** Paper 004 compares images of one
+contrast, and its features follow the intensities: on a T1 / T2-like pair the DeepSim optimum
+lies millimetres off alignment (``benchmarks/results/2026-11-22-landscapes.md``). Two options
+make the features contrast-invariant, for multimodal pairs:
+
+- ``intensity_remap = p``: with probability ``p`` a crop's intensities go through a random
+  piecewise-linear map (:func:`random_remap`, ``remap_knots`` knots): increasing (a monotone
+  change of contrast) or, with probability ``nonmonotone``, arbitrary (T1 -> T2-like changes
+  are non-monotone), re-scaled to ``[0, 1]`` as the metric scales its inputs. The
+  auto-encoder then reconstructs the crop *before* remapping, so its code has to describe the
+  anatomy whatever the contrast of its input.
+- ``invariance_weight = w``: every crop is shown in two independent random remappings (one
+  batch, so BatchNorm sees both) and ``w * (1 - mean_l cos(F_l(view 1), F_l(view 2)))`` is added
+  to the task loss: the DeepSim of a crop with its own remapping is pushed to 1, which is what
+  the metric needs on multimodal pairs. Features are taken before channel dropout (as the
+  frozen metric sees them).
+
+Train on images of every contrast the metric will compare (with their label maps for
+``"seg"``) and compare the deeper stages (``DeepSimMetric(stages=[2, 3])``) when the pair is
+multimodal.
 Adam (paper: lr 1e-4), validation on held-out images (when there are >= 3, else on fresh crops
 of the training images with another seed), early stopping, the best weights kept, and a
 non-finite loss stops training with :class:`~itreg.train.TrainingError` after writing the last
@@ -43,6 +64,7 @@ from torch import Tensor, nn
 
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, OutputExistsError
 from itreg.image import Image
+from itreg.metrics.deepsim import feature_cosine
 from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.nets.deepsim import MODEL_KIND, MODES, DeepSimNet
 from itreg.nets.modelfile import save_model
@@ -50,7 +72,8 @@ from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CropSampler", "DeepSimTrainConfig", "DeepSimTrainingResult", "train_deepsim"]
+__all__ = ["CropSampler", "DeepSimTrainConfig", "DeepSimTrainingResult", "random_remap",
+           "train_deepsim"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,12 @@ class DeepSimTrainConfig:
         learning_rate: Adam step size (paper: 1e-4).
         weight_decay: Adam weight decay.
         flips: random flips along every axis (augmentation).
+        intensity_remap: probability of a random intensity remapping of a crop (0: none, the
+            paper's setting; see the module docstring).
+        nonmonotone: probability that a remapping is non-monotone.
+        remap_knots: knots of the random piecewise-linear intensity maps (>= 2).
+        invariance_weight: weight of the feature-consistency term between two random
+            remappings of each crop (0: none, the paper's setting).
         val_fraction: fraction of images held out for validation when there are >= 3.
         seed: seed of the weights, crops and augmentation.
         threads: torch CPU threads while training (None: unchanged).
@@ -88,6 +117,10 @@ class DeepSimTrainConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     flips: bool = True
+    intensity_remap: float = 0.0
+    nonmonotone: float = 0.5
+    remap_knots: int = 6
+    invariance_weight: float = 0.0
     val_fraction: float = 0.2
     seed: int = 0
     threads: int | None = None
@@ -107,6 +140,14 @@ class DeepSimTrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("intensity_remap", "nonmonotone"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ConfigError(f"{name} is a probability in [0, 1], got "
+                                  f"{getattr(self, name)}")
+        if int(self.remap_knots) < 2:
+            raise ConfigError(f"remap_knots must be >= 2, got {self.remap_knots}")
+        if not float(self.invariance_weight) >= 0.0:
+            raise ConfigError(f"invariance_weight must be >= 0, got {self.invariance_weight}")
 
     @classmethod
     def small(cls, **overrides: Any) -> DeepSimTrainConfig:
@@ -116,6 +157,16 @@ class DeepSimTrainConfig:
                 "learning_rate": 1e-3}
         base.update(overrides)
         return cls(**base)
+
+    @classmethod
+    def multimodal(cls, **overrides: Any) -> DeepSimTrainConfig:
+        """The small setting with contrast invariance: every crop remapped (half of the maps
+        non-monotone), the two-view feature-consistency term with weight 1, and up to 15
+        epochs (patience 5), since the two-view loss is noisier."""
+        base = {"intensity_remap": 1.0, "nonmonotone": 0.5, "invariance_weight": 1.0,
+                "epochs": 15, "patience": 5}
+        base.update(overrides)
+        return cls.small(**base)
 
     @classmethod
     def full(cls, **overrides: Any) -> DeepSimTrainConfig:
@@ -130,6 +181,44 @@ class DeepSimTrainConfig:
         out = dataclasses.asdict(self)
         out["channels"] = None if self.channels is None else list(self.channels)
         return out
+
+
+def random_remap(x: Tensor, generator: torch.Generator, knots: int = 6,
+                 nonmonotone: float = 0.5, probability: float = 1.0) -> Tensor:
+    """Random piecewise-linear intensity maps of ``[0, 1]`` crops, one map per crop.
+
+    A map has ``knots`` equally spaced knots on ``[0, 1]``. Monotone maps are increasing from 0
+    to 1 (sorted uniform values in between); non-monotone maps (probability `nonmonotone`) take
+    independent uniform values, and their output is rescaled by the map's own minimum and
+    maximum, so every remapped crop lies in ``[0, 1]``.
+
+    Args:
+        x: crops ``(B, 1, *S)`` with values in ``[0, 1]``.
+        generator: the generator of all draws (on the CPU).
+        knots: number of knots (>= 2).
+        nonmonotone: probability of a non-monotone map.
+        probability: probability that a crop is remapped at all (else it is returned as is).
+
+    Returns:
+        Remapped crops, same shape and dtype.
+    """
+    n = x.shape[0]
+    k = int(knots)
+    values = torch.rand(n, k, generator=generator, dtype=torch.float64)
+    mono = torch.sort(values, dim=1).values
+    mono[:, 0], mono[:, -1] = 0.0, 1.0
+    free = torch.rand(n, generator=generator) < nonmonotone
+    lut = torch.where(free[:, None], values, mono)
+    lo, hi = lut.min(1, keepdim=True).values, lut.max(1, keepdim=True).values
+    lut = (lut - lo) / (hi - lo).clamp_min(1e-6)
+    keep = torch.rand(n, generator=generator) >= probability
+    lut = lut.to(device=x.device, dtype=x.dtype)
+    flat = x.reshape(n, -1).clamp(0.0, 1.0) * (k - 1)
+    idx = flat.floor().clamp(max=k - 2).long()
+    t = flat - idx.to(x.dtype)
+    y = torch.gather(lut, 1, idx) * (1 - t) + torch.gather(lut, 1, idx + 1) * t
+    y = torch.where(keep.to(x.device)[:, None], x.reshape(n, -1), y)
+    return y.reshape(x.shape)
 
 
 class CropSampler:
@@ -270,23 +359,44 @@ def train_deepsim(images: Sequence[Image], labels: Sequence[Image] | None = None
                                   make_generator(cfg.seed + 104729), flips=False)
         vx, vy = val_sampler.draw(cfg.val_crops)
 
-        def objective(x: Tensor, y: Tensor | None) -> Tensor:
-            out = net(x)
+        two_views = cfg.invariance_weight > 0
+
+        def views(x: Tensor, y: Tensor | None, g: torch.Generator
+                  ) -> tuple[Tensor, Tensor | None, Tensor]:
+            # (inputs, labels, auto-encoder targets = the crops before remapping)
+            if two_views:
+                remapped = torch.cat([random_remap(x, g, cfg.remap_knots, cfg.nonmonotone,
+                                                   cfg.intensity_remap) for _ in range(2)])
+                return remapped, None if y is None else torch.cat([y, y]), torch.cat([x, x])
+            if cfg.intensity_remap > 0:
+                return random_remap(x, g, cfg.remap_knots, cfg.nonmonotone,
+                                    cfg.intensity_remap), y, x
+            return x, y, x
+
+        def objective(x: Tensor, y: Tensor | None, target: Tensor) -> Tensor:
+            out, feats = net.forward_features(x)
             if cfg.mode == "ae":
-                return nn.functional.mse_loss(torch.sigmoid(out), x)
-            return nn.functional.cross_entropy(out, y)
+                task = nn.functional.mse_loss(torch.sigmoid(out), target)
+            else:
+                task = nn.functional.cross_entropy(out, y)
+            if not two_views:
+                return task
+            half = x.shape[0] // 2
+            sim = torch.stack([feature_cosine(f[:half], f[half:]) for f in feats]).mean()
+            return task + cfg.invariance_weight * (1.0 - sim)
 
         def batches(epoch: int):
             for _ in range(cfg.steps_per_epoch):
-                yield sampler.draw(cfg.batch_size)
+                yield views(*sampler.draw(cfg.batch_size), gen)
+
+        val_gen = make_generator(cfg.seed + 7919)
+        val_batches = [views(vx[s:s + cfg.batch_size],
+                             None if vy is None else vy[s:s + cfg.batch_size], val_gen)
+                       for s in range(0, vx.shape[0], cfg.batch_size)]
 
         def validate():
-            total = 0.0
-            for s in range(0, vx.shape[0], cfg.batch_size):
-                yb = None if vy is None else vy[s:s + cfg.batch_size]
-                total += float(objective(vx[s:s + cfg.batch_size], yb)) * min(
-                    cfg.batch_size, vx.shape[0] - s)
-            return {"val_loss": total / vx.shape[0]}
+            total = sum(float(objective(*b)) * b[0].shape[0] for b in val_batches)
+            return {"val_loss": total / sum(b[0].shape[0] for b in val_batches)}
 
         def write(extra: dict[str, Any]) -> None:
             save_model(output, MODEL_KIND, net.config(), net.state_dict(),
