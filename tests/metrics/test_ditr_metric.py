@@ -37,7 +37,7 @@ def test_registered_under_prefix(model_file):
 
 def test_equals_sum_of_logits_computed_independently(model_file):
     path, net = model_file
-    metric = get_metric(f"ditr:{path}", stride=6)
+    metric = get_metric(f"ditr:{path}", stride=6, min_patches=0)
     fixed, moving, mask = _images()
     loss = metric(fixed, moving, mask)
     # Independent computation: scale to [0, 1] by min-max, crop 17x17 patches with zero
@@ -61,7 +61,8 @@ def test_equals_sum_of_logits_computed_independently(model_file):
             count += 1
     assert count > 5
     assert float(loss) == pytest.approx(-total, rel=1e-5, abs=1e-5)
-    mean = get_metric(f"ditr:{path}", stride=6, reduction="mean")(fixed, moving, mask)
+    mean = get_metric(f"ditr:{path}", stride=6, min_patches=0,
+                      reduction="mean")(fixed, moving, mask)
     assert float(mean) == pytest.approx(-total / count, rel=1e-5, abs=1e-6)
 
 
@@ -115,6 +116,17 @@ def test_patch_centres_always_nonempty():
     mask[3, 4] = True  # off the stride-8 grid
     c = patch_centres(mask, 8)
     assert c.tolist() == [[3, 4]]
+
+
+def test_patch_grid_is_refined_until_min_count_centres():
+    mask = torch.zeros(33, 33, dtype=torch.bool)
+    mask[4:29, 4:29] = True  # 25 x 25 voxels
+    # Stride 8 on 33 voxels: rows/cols 0, 8, 16, 24, 32 -> 3 x 3 = 9 inside (8, 16, 24).
+    assert patch_centres(mask, 8).shape[0] == 9
+    # 100 wanted: strides 7, 6, 5, 4, 3 give <= 81 inside; stride 2 (even rows 4..28: 13 x 13).
+    c = patch_centres(mask, 8, min_count=100)
+    assert c.shape[0] == 169 and bool((c % 2 == 0).all())
+    assert patch_centres(mask, 8, min_count=10_000).shape[0] == 625  # stride 1: every voxel
 
 
 def test_engine_registers_with_ditr_and_powell(model_file):

@@ -29,6 +29,10 @@ def test_default_channels_and_rebuild():
     x = torch.rand(2, 2, 17, 17)
     assert torch.equal(net(x), again(x))
     assert again.spacing_mm == 4.0
+    sym = DITRNet(2, spacing_mm=4.0, symmetric=True)
+    assert build_ditr(sym.config()).symmetric
+    old = {k: v for k, v in net.config().items() if k != "symmetric"}  # files before the flag
+    assert not build_ditr(old).symmetric
 
 
 def test_bad_settings():

@@ -11,6 +11,16 @@ convolution class differs.
 The output is the **pre-sigmoid** logit: ``p(z=1 | u, v) = sigmoid(f(u, v))`` (Eq. 9) and the
 registration metric sums ``f`` over patch pairs (Eq. 11, :mod:`itreg.metrics.ditr`).
 
+**Flip symmetry** (``symmetric=True``, our addition): the logit is the mean of ``f`` over the
+``2^D`` axis flips applied to both channels, ``f_sym(u, v) = mean_F f(Fu, Fv)``. A plain CNN is
+trained only on exactly corresponding (z=1) and far-apart (z=0) pairs, so nothing makes its
+logit peak at zero displacement among small shifts; with strided layers its response to a
+small shift of ``v`` is lopsided and the registration optimum lands a fraction of a voxel off
+(measured: about 1 mm at 3 mm voxels, even with perfectly aligned training pairs). The flip
+average satisfies ``f_sym(u, S_d v) = f_sym(Fu, S_{Fd} Fv)``: the network itself prefers no
+direction, so a remaining shift of the optimum can only come from the images. It costs
+``2^D`` forward passes. Models saved before this option load with ``symmetric=False``.
+
 The model-file kind is ``"ditr"`` (:data:`MODEL_KIND`); :func:`build_ditr` rebuilds the module
 from the stored config.
 """
@@ -48,13 +58,16 @@ class DITRNet(nn.Module):
         patch_size: edge length of the (square or cubic) patches in voxels, odd.
         spacing_mm: voxel spacing in mm of the images the classifier was trained on (recorded
             for users of the model; patches must be cropped at this spacing).
+        symmetric: average the logit over the ``2^ndim`` axis flips of the pair (see the
+            module docstring).
 
     Shapes:
         ``forward(pairs)``: ``pairs (B, 2, *[patch_size] * ndim)`` -> logits ``(B,)``.
     """
 
     def __init__(self, ndim: int = 3, channels: Sequence[int] = DEFAULT_CHANNELS,
-                 patch_size: int = PATCH_SIZE, spacing_mm: float = 1.0) -> None:
+                 patch_size: int = PATCH_SIZE, spacing_mm: float = 1.0,
+                 symmetric: bool = False) -> None:
         super().__init__()
         if ndim not in (2, 3):
             raise ConfigError(f"a DITR classifier is 2D or 3D, got ndim={ndim}")
@@ -69,6 +82,7 @@ class DITRNet(nn.Module):
         self.channels = channels
         self.patch_size = int(patch_size)
         self.spacing_mm = float(spacing_mm)
+        self.symmetric = bool(symmetric)
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         layers: list[nn.Module] = []
         widths = (2, *channels)
@@ -80,7 +94,8 @@ class DITRNet(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor settings as plain data (stored in model files)."""
         return {"ndim": self.ndim, "channels": list(self.channels),
-                "patch_size": self.patch_size, "spacing_mm": self.spacing_mm}
+                "patch_size": self.patch_size, "spacing_mm": self.spacing_mm,
+                "symmetric": self.symmetric}
 
     def forward(self, pairs: Tensor) -> Tensor:
         """Logits ``f(u, v)`` of patch pairs.
@@ -96,15 +111,20 @@ class DITRNet(nn.Module):
             raise ConfigError(
                 f"DITR expects patch pairs (B, 2, {', '.join(['P'] * self.ndim)}), got "
                 f"{tuple(pairs.shape)}")
-        out = self.features(pairs)
-        return out.flatten(2).mean(dim=2)[:, 0]
+        if not self.symmetric:
+            return self.features(pairs).flatten(2).mean(dim=2)[:, 0]
+        flips = [[2 + a for a in range(self.ndim) if (k >> a) & 1] for k in range(2 ** self.ndim)]
+        batch = torch.cat([torch.flip(pairs, f) if f else pairs for f in flips])
+        out = self.features(batch).flatten(2).mean(dim=2)[:, 0]
+        return out.reshape(len(flips), pairs.shape[0]).mean(dim=0)
 
 
 def build_ditr(config: Mapping[str, Any]) -> DITRNet:
     """Rebuild a :class:`DITRNet` from its stored config (model-file builder)."""
     return DITRNet(ndim=int(config["ndim"]), channels=config.get("channels", DEFAULT_CHANNELS),
                    patch_size=int(config.get("patch_size", PATCH_SIZE)),
-                   spacing_mm=float(config.get("spacing_mm", 1.0)))
+                   spacing_mm=float(config.get("spacing_mm", 1.0)),
+                   symmetric=bool(config.get("symmetric", False)))
 
 
 register_model_kind(MODEL_KIND, build_ditr, overwrite=True)
