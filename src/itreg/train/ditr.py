@@ -152,6 +152,11 @@ class DITRTrainConfig:
             every stage on the initial transforms (plain maximum likelihood on rough data).
         register_iterations: Powell iterations per re-registration.
         stride: patch-centre stride of the metric during re-registration, in voxels.
+        min_patches: the metric's least number of patches during re-registration (the stride
+            shrinks until the mask holds that many; see :mod:`itreg.metrics.ditr`).
+        symmetric: build a flip-symmetric classifier (logit averaged over the axis flips of
+            the pair, :class:`~itreg.nets.ditr.DITRNet`), so the response peaks without a
+            direction preferred by the network.
         val_fraction: fraction of pairs held out for validation when there are >= 5 pairs.
         seed: seed of the initial weights, sampling and augmentation.
         threads: torch CPU threads while training (None: unchanged). On a shared CPU, 1 is
@@ -174,6 +179,8 @@ class DITRTrainConfig:
     reregister: bool = True
     register_iterations: int = 20
     stride: int = 8
+    min_patches: int = 256
+    symmetric: bool = True
     val_fraction: float = 0.2
     seed: int = 0
     threads: int | None = None
@@ -440,7 +447,8 @@ def classifier_accuracy(net: DITRNet, pairs: Tensor, labels: Tensor,
 
 def reregister(images: Sequence[StageImages], transforms: Sequence[Transform | None],
                model_path: str | os.PathLike, transform: str = "rigid",
-               iterations: int = 20, stride: int = 8, seed: int = 0) -> list[Transform]:
+               iterations: int = 20, stride: int = 8, seed: int = 0,
+               min_patches: int = 256) -> list[Transform]:
     """Eq. 12: re-register every pair with the DITR metric of `model_path` (Powell).
 
     Args:
@@ -451,6 +459,7 @@ def reregister(images: Sequence[StageImages], transforms: Sequence[Transform | N
         iterations: Powell iterations.
         stride: patch-centre stride of the metric.
         seed: engine seed.
+        min_patches: the metric's least number of patches (it reduces the stride for these).
 
     Returns:
         The new fixed -> moving transforms (linear).
@@ -460,6 +469,7 @@ def reregister(images: Sequence[StageImages], transforms: Sequence[Transform | N
     out = []
     overrides = ditr_overrides(model_path, iterations=iterations)
     overrides["metric.stride"] = stride
+    overrides["metric.min_patches"] = min_patches
     for st, t in zip(images, transforms):
         mask = Image(st.mask.to(torch.uint8)[None], st.fixed.grid, is_label=True)
         res = itreg.register(st.fixed, st.moving, transform, metric=f"ditr:{model_path}",
@@ -536,7 +546,8 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
     gen = make_generator(cfg.seed)
     if network is None:
         with seeded(cfg.seed):
-            network = DITRNet(ndim, cfg.channels, cfg.patch_size, spacing_mm=base)
+            network = DITRNet(ndim, cfg.channels, cfg.patch_size, spacing_mm=base,
+                              symmetric=cfg.symmetric)
     net = network.to(device)
     train_idx, val_idx = _split(len(pairs), cfg.val_fraction, gen)
     transforms: list[Transform | None] = [p.init for p in pairs]
@@ -604,7 +615,8 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
                 path = Path(tmpdir.name) / f"stage{si + 1}.pt"
                 write(path, {})
                 transforms = reregister(images, transforms, path, cfg.transform,
-                                        cfg.register_iterations, cfg.stride, cfg.seed)
+                                        cfg.register_iterations, cfg.stride, cfg.seed,
+                                        cfg.min_patches)
                 result.transforms = transforms
             result.stages.append(info)
             logger.info("DITR IML%d(%d, %g): val accuracy %.3f -> %.3f", si + 1, stage.factor,
