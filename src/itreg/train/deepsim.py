@@ -31,7 +31,10 @@ make the features contrast-invariant, for multimodal pairs:
 
 Train on images of every contrast the metric will compare (with their label maps for
 ``"seg"``) and compare the deeper stages (``DeepSimMetric(stages=[2, 3])``) when the pair is
-multimodal.
+multimodal. :meth:`DeepSimTrainConfig.multimodal` is the small setting with both options; on
+the command line: ``itreg train-metric --kind deepsim-seg --small --set intensity_remap=1
+--set invariance_weight=1 --set epochs=15 --set patience=5 ...`` and ``--metric
+deepsim:model.pt --set stages=[2,3]`` where the metric is used.
 Adam (paper: lr 1e-4), validation on held-out images (when there are >= 3, else on fresh crops
 of the training images with another seed), early stopping, the best weights kept, and a
 non-finite loss stops training with :class:`~itreg.train.TrainingError` after writing the last
