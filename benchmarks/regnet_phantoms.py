@@ -161,26 +161,33 @@ def summarise(rows: list[dict]) -> dict:
     out = {"dice": {}, "n": len(rows)}
     if not rows:
         return {**out, "dice": dict.fromkeys(LABELS.values(), math.nan), "dice_mean": math.nan,
-                "hd95": math.nan, "folding": math.nan, "time_s": math.nan}
+                "hd95": math.nan, "folding": math.nan, "time_s": math.nan, "cpu_s": math.nan,
+                "n_cpu": 0}
     for name in LABELS.values():
         out["dice"][name] = sum(r["dice"][name] for r in rows) / len(rows)
     out["dice_mean"] = sum(out["dice"].values()) / len(LABELS)
     out["hd95"] = sum(r["hd95"] for r in rows) / len(rows)
     out["folding"] = sum(r["folding"] for r in rows) / len(rows)
     out["time_s"] = sum(r["time_s"] for r in rows) / len(rows)
+    cpu = [r["cpu_s"] for r in rows if "cpu_s" in r]
+    out["cpu_s"] = sum(cpu) / len(cpu) if cpu else math.nan
+    out["n_cpu"] = len(cpu)
     return out
 
 
 def table(results: dict) -> str:
     lines = [("| method | n pairs | Dice CSF | Dice GM | Dice WM | Dice mean | HD95 (mm) "
-              "| det J <= 0 (%) | time / pair (s) | training (s) |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              "| det J <= 0 (%) | time / pair (s) | CPU / pair (s) | training (s) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         s = r["summary"]
         train = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
+        cpu = s.get("cpu_s", math.nan)
+        cpu = "-" if not math.isfinite(cpu) else (
+            f"{cpu:.3f}" if s["n_cpu"] == s["n"] else f"{cpu:.3f} ({s['n_cpu']} pairs)")
         lines.append(f"| {name} | {s['n']} | {s['dice']['CSF']:.3f} | {s['dice']['GM']:.3f} | "
                      f"{s['dice']['WM']:.3f} | {s['dice_mean']:.3f} | {s['hd95']:.2f} | "
-                     f"{100 * s['folding']:.2f} | {s['time_s']:.3f} | {train} |")
+                     f"{100 * s['folding']:.2f} | {s['time_s']:.3f} | {cpu} | {train} |")
     return "\n".join(lines)
 
 
@@ -216,7 +223,7 @@ class Row:
         return [i for i in range(len(test)) if str(test.seed + i) not in self.data["pairs"]]
 
     def add(self, seed: int, measures: dict) -> None:
-        self.data["pairs"][str(seed)] = measures
+        self.data["pairs"][str(seed)] = {**measures, "load1": os.getloadavg()[0]}
         self.save()
 
     def save(self) -> None:
@@ -258,10 +265,10 @@ def assemble(folder: Path) -> str:
 # ---------------------------------------------------------------------------------- methods
 def network_measure(net, grid):
     def measure(s) -> dict:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         tf = net.predict(s.fixed, s.moving)
-        dt = time.perf_counter() - t
-        return {**evaluate(tf, s, grid), "time_s": dt}
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        return {**evaluate(tf, s, grid), "time_s": dt, "cpu_s": dc}
     return measure
 
 
@@ -271,9 +278,11 @@ def refine_measure(path: Path, grid, args):
     from itreg.nets.inference import register_with_net
 
     def measure(s) -> dict:
+        c = time.process_time()
         res = register_with_net(s.fixed, s.moving, path, refine=True, progress=False,
                                 threads=args.threads, seed=args.seed)
-        return {**evaluate(res.transform, s, grid), "time_s": res.wall_time_s}
+        return {**evaluate(res.transform, s, grid), "time_s": res.wall_time_s,
+                "cpu_s": time.process_time() - c}
     return measure
 
 
@@ -281,15 +290,19 @@ def iterative_measure(grid, args):
     import itreg
 
     def measure(s) -> dict:
+        c = time.process_time()
         res = itreg.register(s.fixed, s.moving, "bspline", "mi", progress=False,
                              threads=args.threads, seed=args.seed)
-        return {**evaluate(res.transform, s, grid), "time_s": res.wall_time_s}
+        return {**evaluate(res.transform, s, grid), "time_s": res.wall_time_s,
+                "cpu_s": time.process_time() - c}
     return measure
 
 
 def ants_measure(grid, args, tmp: Path):
     """ANTsPy SyNOnly through its own resampler (warped labels by nearest neighbour); the
-    folding fraction is not measured for it (NaN)."""
+    folding fraction is not measured for it (NaN). Its CPU time is the runner process's
+    (ANTs, its Python start and image I/O); its time is ANTs' own registration time."""
+    import resource
     import subprocess
 
     from itreg.image import Image
@@ -304,35 +317,42 @@ def ants_measure(grid, args, tmp: Path):
         write_image(s.moving, case / "moving.nii.gz")
         write_image(s.moving_labels, case / "moving_labels.nii.gz")
         out = case / "ants"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([args.ants_python, str(runner), str(case), str(out), "--method",
                         "SyNOnly", "--threads", str(args.threads or 2), "--seed",
                         str(args.seed + 1)], check=True, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         info = json.loads((out / "result.json").read_text())
         warped = read_image(out / info["warped_labels"], is_label=True)
         labels = Image(warped.data.to(s.fixed_labels.data.dtype), grid, is_label=True)
         return {**label_measures(s.fixed_labels, labels, grid), "folding": math.nan,
-                "time_s": info["wall_s"]}
+                "time_s": info["wall_s"], "cpu_s": cpu}
     return measure
 
 
 def train_network(cfg: TrainNetConfig, path: Path, train, val, label: str) -> float | None:
     """Train (or resume, or reuse) the network at `path`; returns the training time summed
-    over the runs that trained it (kept beside the model in ``<path>.train_s.json``)."""
+    over the runs that trained it (kept beside the model in ``<path>.train_s.json`` with the
+    CPU time, ``train_cpu_s``)."""
     side = path.with_name(path.name + ".train_s.json")
-    before = json.loads(side.read_text())["train_s"] if side.is_file() else 0.0
+    old = json.loads(side.read_text()) if side.is_file() else {}
+    before, before_cpu = old.get("train_s", 0.0), old.get("train_cpu_s", 0.0)
     if path.exists():
         return before or load_regnet(path).extra.get("wall_time_s")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
 
     def log(record: dict) -> None:
-        side.write_text(json.dumps({"train_s": before + time.perf_counter() - t}))
+        side.write_text(json.dumps({"train_s": before + time.perf_counter() - t,
+                                    "train_cpu_s": before_cpu + time.process_time() - c}))
         print(f"{label}: epoch {int(record['epoch']) + 1} train loss "
               f"{record['train_loss']:.4f} val Dice {record.get('val_dice', math.nan):.4f} "
               f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
 
     res = train_regnet(cfg, train, val, path, progress=False, callback=log)
     train_s = before + time.perf_counter() - t
-    side.write_text(json.dumps({"train_s": train_s}))
+    side.write_text(json.dumps({"train_s": train_s,
+                                "train_cpu_s": before_cpu + time.process_time() - c}))
     print(f"{label}: {res.last.message} ({train_s:.0f} s)", file=sys.stderr)
     return train_s
 
@@ -411,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     if "none" in methods:
         r = row("none", "none", 0)
-        fill(r, test, lambda s: {**evaluate(Identity(grid.ndim), s, grid), "time_s": 0.0})
+        fill(r, test, lambda s: {**evaluate(Identity(grid.ndim), s, grid), "time_s": 0.0,
+                                 "cpu_s": 0.0})
         results["none"] = r.result(test)
 
     names = [n for n in args.losses.split(",") if n] if "nets" in methods else []
@@ -441,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         todo = r.missing(test)
         if todo or r.data["train_s"] is None:
             r.data["train_s"] = train_network(cfg, path, train, val, label)
+            side = path.with_name(path.name + ".train_s.json")
+            if side.is_file():
+                r.data["train_cpu_s"] = json.loads(side.read_text()).get("train_cpu_s")
             r.save()
         if todo:
             fill(r, test, network_measure(load_regnet(path), grid))
