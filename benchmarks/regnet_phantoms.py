@@ -36,7 +36,7 @@ several processes or sessions, each doing some rows (``--methods`` picks ``none`
 reused; an interrupted training resumes from its checkpoint ``net-<key>.pt.ckpt``, and the
 training time summed over the runs is kept in ``net-<key>.pt.train_s.json``. ``--table`` only
 assembles whatever rows exist into ``--out/table.md`` (with the number of test pairs per row,
-so partial rows show).
+so partial rows show) and ``--out/table.json`` (the rows with their per-pair measures).
 
 3D setting (paper 003's phantoms at 2 mm, 94 x 116 x 98 voxels; chosen to fit two shared CPU
 cores, no GPU): 150 training, 4 validation and 50 test pairs; DeformNet widths
@@ -254,12 +254,13 @@ def fill(row: Row, test, measure) -> None:
         row.save()
 
 
-def assemble(folder: Path) -> str:
-    """The Markdown table of every row in `folder` (over the pairs each holds)."""
+def assemble(folder: Path) -> tuple[str, list[dict]]:
+    """The Markdown table of every row in `folder` (over the pairs each holds), and the rows
+    (each with its summary recomputed)."""
     rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows = [{**r, "summary": summarise(list(r["pairs"].values()))} for r in rows if r["pairs"]]
     rows.sort(key=lambda r: (r["order"], r["label"]))
-    return table({r["label"]: {"summary": summarise(list(r["pairs"].values())),
-                               "train_s": r.get("train_s")} for r in rows if r["pairs"]})
+    return table({r["label"]: r for r in rows}), rows
 
 
 # ---------------------------------------------------------------------------------- methods
@@ -398,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows_dir = args.out / "rows"
     if args.table:
-        md = assemble(rows_dir)
+        md, rows = assemble(rows_dir)
         print(md)
         (args.out / "table.md").write_text(md + "\n")
+        (args.out / "table.json").write_text(json.dumps(rows, indent=1, default=str))
         return 0
     methods = {m for m in args.methods.split(",") if m}
     unknown = methods - {"none", "nets", "iterative", "ants"}
