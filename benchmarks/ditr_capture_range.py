@@ -202,8 +202,15 @@ def response(metric_name: str, fixed, moving_aligned_fn, mask, offsets):
 
 
 def fwhm(offsets, v) -> tuple[float, float]:
+    """FWHM (mm, on the sample grid) and the peak position (mm, parabola through the maximum
+    and its two neighbours, so not quantised to the sampling step)."""
     i = int(v.argmax())
     peak = float(offsets[i])
+    if 0 < i < len(v) - 1:
+        a, b, c = float(v[i - 1]), float(v[i]), float(v[i + 1])
+        den = a - 2 * b + c
+        if den < 0:
+            peak += 0.5 * (a - c) / den * float(offsets[i + 1] - offsets[i])
     lo = i
     while lo > 0 and v[lo] >= 0.5:
         lo -= 1
@@ -214,7 +221,7 @@ def fwhm(offsets, v) -> tuple[float, float]:
 
 
 def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges"),
-             ditr_only: bool = False) -> dict:
+             ditr_only: bool = False, only=None) -> dict:
     tissues, _, test = slices(spacing)
     g = torch.Generator().manual_seed(11)
     models = {k: out / f"ditr-{k}.pt" for k in MODELS}
@@ -229,12 +236,15 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
     }
     results: dict = {"spacing_mm": spacing, "sizes_mm": list(sizes), "cases": cases,
                      "tables": {}, "response": {}}
-    methods = {k: [r for r in v if not ditr_only or r[1].startswith("ditr:")]
+    methods = {k: [r for r in v if (not ditr_only or r[1].startswith("ditr:"))
+                   and (not only or any(w in r[0] for w in only))]
                for k, v in methods.items() if k in tasks}
     for task, rows in methods.items():
-        table = {name: {"success": [], "median_error": [], "initial": []} for name, _, _ in rows}
+        table = {name: {"success": [], "median_error": [], "initial": [], "errors": [],
+                        "seconds_per_case": []} for name, _, _ in rows}
         for size in sizes:
             errs = {name: [] for name, _, _ in rows}
+            secs = {name: 0.0 for name, _, _ in rows}
             inits = []
             for c in range(cases):
                 z = test[int(torch.randint(len(test), (1,), generator=g))]
@@ -249,13 +259,17 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
                 pts = fixed.grid.points()[mask.data[0] > 0]
                 inits.append(mean_error(Rigid(2), true, pts))
                 for name, metric, preset in rows:
+                    t0 = time.time()
                     res = run_case(metric, fixed, moving, mask, spacing, preset)
+                    secs[name] += (time.time() - t0) / cases
                     errs[name].append(mean_error(res.transform, true, pts))
             for name, values in errs.items():
                 e = torch.tensor(values)
                 table[name]["success"].append(float((e < spacing).float().mean()))
                 table[name]["median_error"].append(float(e.median()))
                 table[name]["initial"].append(float(torch.tensor(inits).mean()))
+                table[name]["errors"].append(values)
+                table[name]["seconds_per_case"].append(secs[name])
             print(f"[{task}] size {size:g} mm done", file=sys.stderr, flush=True)
         results["tables"][task] = table
     # Response widths on aligned held-out pairs.
@@ -279,7 +293,9 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
                 ws.append(w)
                 ps.append(p)
             widths[name] = {"fwhm_mm": float(torch.tensor(ws).mean()),
-                            "mean_abs_peak_mm": float(torch.tensor(ps).abs().mean())}
+                            "mean_abs_peak_mm": float(torch.tensor(ps).abs().mean()),
+                            "mean_peak_mm": float(torch.tensor(ps).mean()),
+                            "peaks_mm": ps}
         results["response"][task] = widths
     return results
 
@@ -302,9 +318,11 @@ def print_tables(results: dict) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
     for task, widths in results["response"].items():
         print(f"\nResponse to x-translation ({task}, aligned held-out pairs): FWHM and |peak|")
-        print("| method | FWHM (mm) | mean abs peak offset (mm) |\n|---|---|---|")
+        print("| method | FWHM (mm) | mean abs peak offset (mm) | mean peak offset (mm) |\n"
+              "|---|---|---|---|")
         for name, w in widths.items():
-            print(f"| {name} | {w['fwhm_mm']:.1f} | {w['mean_abs_peak_mm']:.1f} |")
+            print(f"| {name} | {w['fwhm_mm']:.1f} | {w['mean_abs_peak_mm']:.2f} | "
+                  f"{w.get('mean_peak_mm', float('nan')):+.2f} |")
 
 
 def main() -> None:
@@ -319,6 +337,9 @@ def main() -> None:
     ap.add_argument("--task", choices=["t1", "edges"], help="evaluate one task only")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results")
     ap.add_argument("--ditr-only", action="store_true", help="skip the MI rows")
+    ap.add_argument("--rows", nargs="+", help="evaluate only the rows whose name contains one "
+                    "of these words (e.g. 'MI' 'no dither'), with the models already in --out; "
+                    "results-*.json merge in --report")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -332,12 +353,13 @@ def main() -> None:
             if not merged:
                 merged = r
             else:
-                merged["tables"].update(r["tables"])
-                merged["response"].update(r["response"])
+                for key in ("tables", "response"):
+                    for task, part in r[key].items():
+                        merged[key].setdefault(task, {}).update(part)
         print_tables(merged)
         return
     tasks = (args.task,) if args.task else ("t1", "edges")
-    needed = [k for k in MODELS if MODELS[k][0] in tasks]
+    needed = [] if args.rows else [k for k in MODELS if MODELS[k][0] in tasks]
     for kind in needed:
         if not (args.out / f"ditr-{kind}.json").exists():
             train_model(kind, args.out, args.spacing, args.train_shift, args.quick)
@@ -345,8 +367,13 @@ def main() -> None:
         info = args.out / f"ditr-{kind}.json"
         if info.exists():
             print(f"model {kind}: {info.read_text()}", file=sys.stderr)
-    results = evaluate(args.out, args.spacing, args.cases, args.sizes, tasks, args.ditr_only)
-    (args.out / f"results-{'-'.join(tasks)}.json").write_text(json.dumps(results, indent=1))
+    t0 = time.time()
+    results = evaluate(args.out, args.spacing, args.cases, args.sizes, tasks, args.ditr_only,
+                       args.rows)
+    results["eval_wall_s"] = time.time() - t0
+    tag = "-".join(tasks) + ("-" + "-".join(w.replace(" ", "_") for w in args.rows)
+                             if args.rows else "")
+    (args.out / f"results-{tag}.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
 
 
