@@ -28,7 +28,8 @@ full-resolution setting (2D slice; the paper's landscape is over 3D AAL volumes)
 
 Run ``python benchmarks/landscapes.py --out bench-landscape``: prints one Markdown table and
 writes ``<metric>/landscape.png``, ``landscape.csv`` and ``summary.json`` per metric,
-``profiles.png`` (central tx and ty profiles of every metric, rescaled to [0, 1]) and
+``profiles.png`` (central tx and ty profiles of every metric, rescaled to [0, 1]),
+``surfaces.png`` (contour maps of every metric with its optima) and
 ``results.json`` (rows of earlier runs into the same ``--out`` with the same image settings are
 kept, so metrics can be run in separate processes; the extractors are cached in ``--out``).
 """
@@ -178,6 +179,40 @@ def profiles_figure(out: Path, names: list[str], title: str) -> Path:
     return path
 
 
+def surfaces_figure(out: Path, names: list[str], title: str) -> Path:
+    """Contour maps of every metric's response over (tx, ty), rescaled to [0, 1], with the
+    local optima (plateau tolerance of the run) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [n for n in names if (out / n / "landscape.csv").exists()]
+    cols = min(4, max(1, len(found)))
+    rows = -(-len(found) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), found):
+        tx, ty, loss = read_loss(out / name / "landscape.csv")
+        r = -loss
+        r = (r - np.nanmin(r)) / max(np.nanmax(r) - np.nanmin(r), 1e-12)
+        ax.set_visible(True)
+        ax.contourf(tx, ty, r.T, levels=15, cmap="viridis")
+        summary = json.loads((out / name / "summary.json").read_text())
+        for x, y in summary["optima_offsets"]:
+            ax.plot(x, y, "o", color="red", ms=3)
+        ax.set_title(f"{name}: {summary['n_optima']} optim.", fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_aspect("equal")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path = out / "surfaces.png"
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-landscape"))
@@ -250,6 +285,7 @@ def main() -> None:
     title = (f"{what}{' (no noise/bias)' if args.clean else ''}, {args.spacing:g} mm {where}, "
              f"tx/ty in [{args.range[0]:g}, {args.range[1]:g}] mm step {args.range[2]:g}")
     profiles_figure(args.out, [r["metric"] for r in rows], title)
+    surfaces_figure(args.out, [r["metric"] for r in rows], title)
     tols = " / ".join(f"{t:g}" for t in args.tolerances)
     print(f"\n{title}; plateau tolerance {args.plateau_tol:g} of the loss range\n")
     print(f"| metric | local optima | optima at tol {tols} | deepest secondary | "
