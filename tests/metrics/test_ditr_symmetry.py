@@ -37,7 +37,7 @@ def _shift_x(img, d):
 
 
 def _response(net, img, mask, shifts):
-    metric = DITRMetric(net, stride=2, min_patches=0)
+    metric = DITRMetric(net, stride=4, min_patches=0)  # grid symmetric in x (0..40)
     with torch.no_grad():
         return torch.stack([-metric(img, _shift_x(img, d), mask) for d in shifts])
 
@@ -47,7 +47,7 @@ def test_symmetric_network_response_is_even_in_the_shift(seed):
     img, mask = _mirror_image()
     torch.manual_seed(seed)
     net = DITRNet(2, channels=(8, 8, 16, 16), symmetric=True).double()
-    shifts = [1, 2, 3]
+    shifts = [1, 2]
     plus = _response(net, img.double(), mask, shifts)
     minus = _response(net, img.double(), mask, [-d for d in shifts])
     assert torch.allclose(plus, minus, rtol=1e-10, atol=1e-10)
