@@ -6,7 +6,7 @@ Small CPU setting, 2D axial slices of the MNI template at ``--spacing`` mm (defa
   around the middle of the brain, each misaligned by a **small random rigid transform**
   (translation up to ``--train-shift`` mm per axis, rotation up to 0.05 rad); the IML starts
   from the identity, so no perfectly aligned pair is ever used.
-* Models: DITR with the small IML schedule ``(2, 100) -> (1, 15) -> (1, 0)`` (factors of the
+* Models (flip-symmetric classifiers, the training default): DITR with the small IML schedule ``(2, 100) -> (1, 15) -> (1, 0)`` (factors of the
   input spacing), the same schedule without dithering (all sigma^2 = 0), and for the edge
   experiment (paper 000, Exp. 3) a model on a Canny edge map of T1 (fixed) vs T2-like with the
   edge schedule ``(2, 20) -> (2, 10) -> (1, 0)``.

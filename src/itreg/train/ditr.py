@@ -33,7 +33,10 @@ Settings:
   Adam lr 1e-3 and weight decay 1e-4 (the paper's 5e-5 needs far more steps than a CPU run
   affords), 10 Powell iterations per re-registration. ``benchmarks/ditr_capture_range.py``
   trains three such models (17 slices at 3 mm, channels 16-32-64-128, 8,192 pairs x 5 epochs
-  per stage) in about 8 minutes each on a shared two-core machine.
+  per stage). With flip-symmetric classifiers and at least 256 patches per re-registration,
+  that took 20-38 minutes each on two cores that other jobs were also loading (load 11-16),
+  against about 3 minutes each before those two changes
+  (``benchmarks/results/2026-11-22-ditr-capture-range.md``).
 - **Full-scale GPU setting** (:meth:`DITRTrainConfig.full`, paper 000 scale): 3D volumes at
   1 mm, the paper's schedule ``(4, 100) -> (2, 15) -> (0, 0)``, 17^3 patches, 1,000,000 patch
   pairs per stage (200,000 per epoch, 5+ epochs), batch 256, lr 5e-5, weight decay 0.005,
