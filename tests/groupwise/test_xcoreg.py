@@ -80,7 +80,10 @@ def test_xcoreg_recovers_known_rigid_motions_of_a_2d_group():
     images, truths = make_group(shifts=[(3.0, -2.0), (-2.0, 3.0), (1.0, 2.0)],
                                 angles=[math.radians(5), math.radians(-4), math.radians(2)])
     grid = images[0].grid
-    stages = [GroupStage("translation", (2,), 30), GroupStage("rigid", (2, 1), 40)]
+    # The step size decays (cosine, to a tenth) so that the stochastic steps settle: with a
+    # constant 1 mm step the result jitters between 0.4 and 0.85 mm with the seed.
+    stages = [GroupStage("translation", (2,), 30, final_lr_factor=0.1),
+              GroupStage("rigid", (2, 1), 100, final_lr_factor=0.1)]
     result = register_group(images, transform="rigid", stages=stages, seed=1)
     before = residual_mm(register_group(images, iterations=0), truths, grid)
     after = residual_mm(result, truths, grid)
