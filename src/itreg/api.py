@@ -40,9 +40,6 @@ from itreg.image import Image
 from itreg.runtime import limited_threads
 from itreg.transforms import Transform
 
-#: Still imported under this name by :mod:`itreg.groupwise.api`.
-_threads = limited_threads
-
 logger = logging.getLogger(__name__)
 
 #: The preset used when neither a preset nor a transform is given.

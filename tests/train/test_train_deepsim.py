@@ -38,7 +38,10 @@ def _cfg(mode, **kw):
 def test_training_lowers_validation_loss_and_saves(slices, tmp_path, mode):
     imgs, labs = slices
     out = tmp_path / f"{mode}.pt"
-    res = train_deepsim(imgs, labs if mode == "seg" else None, _cfg(mode), output=out)
+    before = torch.get_num_threads()
+    res = train_deepsim(imgs, labs if mode == "seg" else None,
+                        _cfg(mode, threads=before + 1), output=out)
+    assert torch.get_num_threads() == before  # the threads option holds for the call only
     hist = res.train["history"]
     assert res.train["best_value"] < hist[0]["val_loss"]
     net, extra = build_model(out, "deepsim")

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from itreg.api import _threads
 from itreg.engine.callbacks import CallbackList, Progress
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, unknown_name
 from itreg.grid import Grid
@@ -42,6 +41,7 @@ from itreg.groupwise.coreg import (
 )
 from itreg.groupwise.em import check_classes
 from itreg.image import Image
+from itreg.runtime import limited_threads
 from itreg.transforms import Compose, LinearTransform, Transform
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def register_group(
     for i, img in enumerate(imgs):  # N4 needs finite, non-constant images: check first
         NORMALISATIONS["zscore"](img, i)
     t_bias = time.perf_counter()
-    with _threads(threads):
+    with limited_threads(threads):
         imgs = correct_bias_fields(imgs, bias_correction)
     bias_time = time.perf_counter() - t_bias
     imgs = [NORMALISATIONS[normalize](img, i) for i, img in enumerate(imgs)]
@@ -291,7 +291,7 @@ def register_group(
         if tuple(roi_t.shape) != common.shape:
             raise GeometryError(f"roi has shape {tuple(roi_t.shape)}, the common grid "
                                 f"{common.shape}")
-    _check_overlap(imgs, common)
+    check_overlap(imgs, common)
     cbs = list(callbacks or [])
     if progress:
         cbs.append(Progress())
@@ -304,7 +304,7 @@ def register_group(
                 "unbiased" if reference is None else "group-to-reference"}
     t0 = time.perf_counter()
     try:
-        with _threads(threads):
+        with limited_threads(threads):
             state, records = co_register(imgs, objective, stages, grid=common,
                                          reference=reference, roi=roi_t, seed=seed,
                                          callbacks=callback_list)
@@ -340,7 +340,7 @@ def load_group(images: Sequence[Image | PathLike], normalize: str, what: str) ->
     return imgs
 
 
-def _check_overlap(images: Sequence[Image], grid: Grid) -> None:
+def check_overlap(images: Sequence[Image], grid: Grid) -> None:
     """Raise GeometryError when the images' extents share no point of the common grid."""
     pts = grid.points(dtype=images[0].dtype, device=images[0].device).reshape(-1, grid.ndim)
     _, overlap = overlap_mask(images, [None] * len(images), pts)

@@ -215,7 +215,7 @@ def apply_dcc(
         GeometryError: mixed dimensions, a model of another dimension, no overlap.
         InvalidImageError: NaN/Inf or constant images.
     """
-    from itreg.groupwise.api import NORMALISATIONS, _check_overlap, load_group
+    from itreg.groupwise.api import NORMALISATIONS, check_overlap, load_group
     from itreg.nets.dcc import (
         clip_probabilities,
         common_anatomy,
@@ -238,7 +238,7 @@ def apply_dcc(
     if grid is None and net.spacing_mm is not None and not all(
             abs(a - b) < 1e-6 for a, b in zip(common.spacing, net.spacing_mm)):
         common = common.with_spacing(net.spacing_mm)
-    _check_overlap(imgs, common)
+    check_overlap(imgs, common)
     zeta = float(inference.get("zeta", 0.01) if zeta is None else zeta)
     pri = [int(j) for j in (inference.get("priors", []) if priors is None else priors)]
     for j in pri:

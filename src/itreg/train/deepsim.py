@@ -71,6 +71,7 @@ from itreg.metrics.deepsim import feature_cosine
 from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.nets.deepsim import MODEL_KIND, MODES, DeepSimNet
 from itreg.nets.modelfile import save_model
+from itreg.runtime import limited_threads
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
 
 logger = logging.getLogger(__name__)
@@ -338,10 +339,7 @@ def train_deepsim(images: Sequence[Image], labels: Sequence[Image] | None = None
         raise OutputExistsError(f"model file {str(output)!r} exists; pass force to replace it")
     data, labs, ndim, classes = _prepare(list(images), labels, cfg.mode)
     device = data[0].device
-    old_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    try:
+    with limited_threads(cfg.threads):
         gen = make_generator(cfg.seed)
         with seeded(cfg.seed):
             net = DeepSimNet(ndim, cfg.mode, cfg.channels, classes, 1, cfg.dropout).to(device)
@@ -428,6 +426,3 @@ def train_deepsim(images: Sequence[Image], labels: Sequence[Image] | None = None
             result.path = Path(output)
         logger.info("DeepSim-%s: %s", cfg.mode, tr.message)
         return result
-    finally:
-        if cfg.threads is not None:
-            torch.set_num_threads(old_threads)

@@ -53,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -72,6 +73,7 @@ from itreg.metrics.ditr import ditr_overrides
 from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.nets.ditr import DEFAULT_CHANNELS, MODEL_KIND, PATCH_SIZE, DITRNet, extract_patches
 from itreg.nets.modelfile import save_model
+from itreg.runtime import limited_threads
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
 from itreg.transforms import Transform
 
@@ -543,9 +545,6 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
         raise OutputExistsError(f"model file {str(output)!r} exists; pass force to replace it")
     device = pairs[0].fixed.device
     base = min(pairs[0].fixed.grid.spacing)
-    old_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
     gen = make_generator(cfg.seed)
     if network is None:
         with seeded(cfg.seed):
@@ -556,7 +555,9 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
     transforms: list[Transform | None] = [p.init for p in pairs]
     result = DITRTrainingResult(net, transforms)
     state: dict[str, Any] = {"stage": 0}
-    tmpdir = tempfile.TemporaryDirectory(prefix="itreg-ditr-")
+    cleanup = contextlib.ExitStack()
+    tmpdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="itreg-ditr-"))
+    cleanup.enter_context(limited_threads(cfg.threads))
 
     def write(path: str | os.PathLike, extra: dict[str, Any]) -> None:
         save_model(path, MODEL_KIND, net.config(), net.state_dict(),
@@ -615,7 +616,7 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
                     "val_accuracy": after[1], "train": tr.to_dict()}
             last = si == len(cfg.schedule) - 1
             if cfg.reregister and not last:
-                path = Path(tmpdir.name) / f"stage{si + 1}.pt"
+                path = Path(tmpdir) / f"stage{si + 1}.pt"
                 write(path, {})
                 transforms = reregister(images, transforms, path, cfg.transform,
                                         cfg.register_iterations, cfg.stride, cfg.seed,
@@ -630,6 +631,4 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
             result.path = Path(output)
         return result
     finally:
-        tmpdir.cleanup()
-        if cfg.threads is not None:
-            torch.set_num_threads(old_threads)
+        cleanup.close()
