@@ -24,7 +24,9 @@ Small CPU setting, 2D axial slices of the MNI template at ``--spacing`` mm (defa
 
 Run ``python benchmarks/ditr_capture_range.py --out bench-ditr`` (``--train-only KIND`` trains
 one model, so the three models can be trained in parallel processes; models are cached in
-``--out``). Prints the tables; writes ``results.json``.
+``--out``; ``--zero-mean`` / ``--no-zero-mean`` set ``DITRTrainConfig.zero_mean_updates``).
+Prints the tables; writes ``results.json``. Each model's ``ditr-KIND.json`` also records the
+error of its final IML training labels against the true training transforms.
 """
 
 from __future__ import annotations
@@ -137,31 +139,53 @@ MODELS = {
 }
 
 
-def train_model(kind: str, out: Path, spacing: float, shift: float, quick: bool) -> Path:
+def train_model(kind: str, out: Path, spacing: float, shift: float, quick: bool,
+                zero_mean: bool | None = None) -> Path:
     path = out / f"ditr-{kind}.pt"
     if (out / f"ditr-{kind}.json").exists():
         return path
     tissues, train, _ = slices(spacing)
     fixed_kind, schedule = MODELS[kind]
     g = torch.Generator().manual_seed(7)
-    pairs = []
+    pairs, truths = [], []
     for i, z in enumerate(train):
         sl = axial_slices(tissues, z)
         c = brain_center(sl["mask"])
         t = (torch.rand(2, generator=g) * 2 - 1) * shift
         a = float((torch.rand(1, generator=g) * 2 - 1) * 0.05)
-        fixed, moving, mask = moved_pair(sl, rigid(c, t.tolist(), a), 1000 + i, fixed_kind)
+        truth = rigid(c, t.tolist(), a)
+        fixed, moving, mask = moved_pair(sl, truth, 1000 + i, fixed_kind)
         pairs.append(TrainingPair(fixed, moving, mask))
+        truths.append(truth)
     extra = {"patches_per_epoch": 4096, "epochs": 2, "val_patches": 1024} if quick else {
         "patches_per_epoch": 8192, "epochs": 5, "val_patches": 2048}
+    if zero_mean is not None:
+        extra["zero_mean_updates"] = zero_mean
     cfg = DITRTrainConfig.small(schedule=schedule, seed=1, threads=1, progress=False,
                                 channels=CHANNELS, **extra)
     t0 = time.time()
     res = train_ditr(pairs, cfg, output=path, force=True)
     info = {"kind": kind, "time_s": time.time() - t0, "pairs": len(pairs),
-            "stages": [{k: v for k, v in s.items() if k != "train"} for s in res.stages]}
+            "zero_mean_updates": cfg.zero_mean_updates,
+            "stages": [{k: v for k, v in s.items() if k != "train"} for s in res.stages],
+            "label_error_mm": label_errors(pairs, res.transforms, truths)}
     (out / f"ditr-{kind}.json").write_text(json.dumps(info, indent=1))
     return path
+
+
+def label_errors(pairs, transforms, truths) -> dict:
+    """Errors of the final IML training labels against the true transforms: mean distance
+    over each fixed mask (mm), and the mean over pairs of the mean displacement (the common
+    bias, mm, x then y)."""
+    errs, bias = [], []
+    for p, est, true in zip(pairs, transforms, truths):
+        pts = p.fixed.grid.points()[p.mask.data[0] > 0]
+        with torch.no_grad():
+            diff = (est(pts) if est is not None else pts) - true(pts)
+        errs.append(float(diff.norm(dim=-1).mean()))
+        bias.append(diff.mean(0).tolist())
+    return {"mean_error_mm": float(torch.tensor(errs).mean()), "per_pair_mm": errs,
+            "common_bias_mm": torch.tensor(bias).mean(0).tolist()}
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -334,6 +358,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=list(SIZES))
     ap.add_argument("--train-only", choices=sorted(MODELS))
     ap.add_argument("--quick", action="store_true", help="tiny training (smoke test)")
+    ap.add_argument("--zero-mean", action=argparse.BooleanOptionalAction, default=None,
+                    help="train with (or without) zero-mean IML updates "
+                    "(DITRTrainConfig.zero_mean_updates; default: the config's default)")
     ap.add_argument("--task", choices=["t1", "edges"], help="evaluate one task only")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results")
     ap.add_argument("--ditr-only", action="store_true", help="skip the MI rows")
@@ -344,7 +371,8 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.train_only:
-        train_model(args.train_only, args.out, args.spacing, args.train_shift, args.quick)
+        train_model(args.train_only, args.out, args.spacing, args.train_shift, args.quick,
+                    args.zero_mean)
         return
     if args.report:
         merged: dict = {}
@@ -362,7 +390,8 @@ def main() -> None:
     needed = [] if args.rows else [k for k in MODELS if MODELS[k][0] in tasks]
     for kind in needed:
         if not (args.out / f"ditr-{kind}.json").exists():
-            train_model(kind, args.out, args.spacing, args.train_shift, args.quick)
+            train_model(kind, args.out, args.spacing, args.train_shift, args.quick,
+                        args.zero_mean)
     for kind in needed:
         info = args.out / f"ditr-{kind}.json"
         if info.exists():

@@ -19,6 +19,23 @@ rigid/affine ``(4, 100) -> (2, 15) -> (0, 0)``, edges ``(2, 20) -> (2, 10) -> (0
 Optionally the same random 90-degree rotation / flip is applied to both channels of a training
 pair (augmentation, paper 000 Exp. 2).
 
+**Zero-mean updates** (:attr:`DITRTrainConfig.zero_mean_updates`, an addition to the paper): the
+common mode of the training set's alignment is not identifiable by IML, because a classifier
+can only learn what the data call "aligned": moving every pair by the same small transform
+gives data that are just as consistent. Left free, it drifts, and the classifier learns the
+drift (measured: a common +0.44 mm x bias of the re-registered labels and a +0.41 mm offset
+of the response peak, ``benchmarks/results/2026-11-22-ditr-capture-range.md``). With the
+option, each re-registration's updates are projected to zero mean over the pairs, as in the
+zero-sum constraint of groupwise registration (:func:`remove_mean_update`): for pair ``i``
+with start ``t_i`` and re-registered ``T_i`` (linear fixed -> moving), the update is the
+fixed-space map ``V_i = t_i^-1 o T_i``, written about the centroid ``c_i`` of the pair's fixed
+mask as ``V_i(x) = c_i + d_i + A_i (x - c_i)``. The mean translation ``mean(d_i)`` and the
+log-Euclidean mean of the linear parts ``mean(log A_i)`` are removed:
+``V_i'(x) = c_i + d_i - mean(d) + expm(log A_i - mean(log A)) (x - c_i)`` and
+``T_i' = t_i o V_i'``. Differences between pairs are kept exactly; a rotation stays a rotation
+(the log of a rotation is skew-symmetric); the alignment's common mode stays that of the
+initial transforms ``beta^0``.
+
 Training per stage: Adam (lr ``5e-5`` and L2 weight decay ``0.005`` as in the paper), batch 256,
 fresh random patches every epoch, a fixed validation set (from held-out pairs when there are at
 least 5 pairs, otherwise from the training pairs with another seed), early stopping on the
@@ -81,7 +98,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SCHEDULES", "DITRTrainConfig", "DITRTrainingResult", "IMLStage", "PatchSampler",
            "StageImages", "TrainingPair", "augment_pairs", "classifier_accuracy",
-           "prepare_stage", "reregister", "train_ditr"]
+           "prepare_stage", "remove_mean_update", "reregister", "train_ditr"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +179,10 @@ class DITRTrainConfig:
         symmetric: build a flip-symmetric classifier (logit averaged over the axis flips of
             the pair, :class:`~itreg.nets.ditr.DITRNet`), so the response peaks without a
             direction preferred by the network.
+        zero_mean_updates: after every re-registration, remove the mean update over all
+            training pairs (translation at the fixed-mask centroids and log-Euclidean mean of
+            the linear parts, :func:`remove_mean_update`), so IML cannot drift in the common
+            mode that the data do not identify.
         val_fraction: fraction of pairs held out for validation when there are >= 5 pairs.
         seed: seed of the initial weights, sampling and augmentation.
         threads: torch CPU threads while training (None: unchanged). On a shared CPU, 1 is
@@ -186,6 +207,7 @@ class DITRTrainConfig:
     stride: int = 8
     min_patches: int = 256
     symmetric: bool = True
+    zero_mean_updates: bool = False
     val_fraction: float = 0.2
     seed: int = 0
     threads: int | None = None
@@ -484,6 +506,110 @@ def reregister(images: Sequence[StageImages], transforms: Sequence[Transform | N
     return out
 
 
+def _linear_parts(t: Transform | None, ndim: int) -> tuple[Tensor, Tensor]:
+    """``(A, b)`` in float64 on the CPU with ``t(x) = A x + b`` (None: the identity)."""
+    if t is None:
+        return torch.eye(ndim, dtype=torch.float64), torch.zeros(ndim, dtype=torch.float64)
+    lin = t
+    if not hasattr(lin, "matrix") and getattr(t, "is_linear", False) and hasattr(t,
+                                                                                "linear_part"):
+        lin = t.linear_part()
+    if lin is None or not hasattr(lin, "matrix") or not hasattr(lin, "offset"):
+        raise ConfigError(f"zero-mean IML updates need linear transforms, got "
+                          f"{type(t).__name__}")
+    with torch.no_grad():
+        return (lin.matrix().detach().to("cpu", torch.float64),
+                lin.offset().detach().to("cpu", torch.float64))
+
+
+def _logm(a: Tensor) -> Tensor:
+    import numpy as np
+    import scipy.linalg
+
+    out = scipy.linalg.logm(a.numpy())
+    if np.iscomplexobj(out):
+        if float(np.abs(out.imag).max()) > 1e-8:
+            raise ConfigError("zero-mean IML updates: an update's linear part has no real "
+                              "logarithm (a reflection or a rotation by pi)")
+        out = out.real
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float64))
+
+
+def remove_mean_update(starts: Sequence[Transform | None], updated: Sequence[Transform],
+                       centres: Sequence[Tensor | Sequence[float]]
+                       ) -> tuple[list[Transform], dict[str, Any]]:
+    """Project re-registration updates to zero mean over the pairs (zero-mean IML updates).
+
+    For pair ``i`` with start ``t_i`` and re-registered ``T_i`` (linear fixed -> moving world
+    maps), the update is the fixed-space map ``V_i = t_i^-1 o T_i``, written about the centre
+    ``c_i`` (world, mm; the centroid of the pair's fixed mask) as
+    ``V_i(x) = c_i + d_i + A_i (x - c_i)`` with ``d_i = V_i(c_i) - c_i``. The result is
+    ``T_i' = t_i o V_i'`` with
+
+        ``V_i'(x) = c_i + (d_i - mean_j d_j) + expm(log A_i - mean_j log A_j) (x - c_i)``,
+
+    so the mean translation at the centres is zero and the log-Euclidean mean of the linear
+    parts is the identity, while every difference ``d_i - d_j`` and ``log A_i - log A_j`` is
+    kept. A common translation ``o`` added to every ``d_i`` (or a common ``L`` added to every
+    ``log A_i``) is removed exactly. Rotations stay rotations (skew-symmetric logs), scaled
+    rotations stay scaled rotations. Computed in float64.
+
+    Args:
+        starts: the start transforms ``t_i`` (None: identity).
+        updated: the re-registered transforms ``T_i``.
+        centres: the centre ``c_i`` of each pair (world coordinates of its fixed image).
+
+    Returns:
+        ``(transforms, removed)``: the projected ``T_i'`` as :class:`~itreg.transforms.Affine`
+        with centre ``c_i`` (dtype and device of ``T_i``), and the removed mean update
+        ``{"translation_mm": mean d, "log_linear": mean log A}`` as lists.
+
+    Raises:
+        ConfigError: a non-linear transform, or lists of different lengths.
+    """
+    from itreg.transforms import Affine
+
+    if not (len(starts) == len(updated) == len(centres)) or not updated:
+        raise ConfigError(f"remove_mean_update needs as many starts, updates and centres "
+                          f"(at least one), got {len(starts)}, {len(updated)}, {len(centres)}")
+    nd = updated[0].ndim
+    cs, ds, logs, starts_ab = [], [], [], []
+    for t0, t1, c in zip(starts, updated, centres):
+        a0, b0 = _linear_parts(t0, nd)
+        a1, b1 = _linear_parts(t1, nd)
+        c = torch.as_tensor(c, dtype=torch.float64).reshape(-1).cpu()
+        if c.numel() != nd:
+            raise ConfigError(f"a centre needs {nd} coordinates, got {c.numel()}")
+        a0_inv = torch.linalg.inv(a0)
+        av = a0_inv @ a1                      # V = t0^-1 o T: x -> a0^-1 (a1 x + b1 - b0)
+        bv = a0_inv @ (b1 - b0)
+        cs.append(c)
+        ds.append(av @ c + bv - c)
+        logs.append(_logm(av))
+        starts_ab.append((a0, b0))
+    mean_d = torch.stack(ds).mean(0)
+    mean_log = torch.stack(logs).mean(0)
+    out: list[Transform] = []
+    for (a0, b0), c, d, lg, t1 in zip(starts_ab, cs, ds, logs, updated):
+        av = torch.linalg.matrix_exp(lg - mean_log)
+        bv = c + (d - mean_d) - av @ c        # V'(x) = av x + bv
+        a = a0 @ av                           # T' = t0 o V'
+        b = a0 @ bv + b0
+        ref = next(iter(t1.buffers()), None) if hasattr(t1, "buffers") else None
+        out.append(Affine.from_matrix(a, b, center=c,
+                                      dtype=ref.dtype if ref is not None else torch.float32,
+                                      device=ref.device if ref is not None else None))
+    return out, {"translation_mm": mean_d.tolist(), "log_linear": mean_log.tolist()}
+
+
+def _mask_centroid(pair: TrainingPair) -> Tensor:
+    """World centroid (mm) of a pair's fixed mask at full resolution."""
+    mask = _mask_tensor(pair)
+    idx = torch.nonzero(mask, as_tuple=False).to(torch.float64).mean(0)
+    return pair.fixed.grid.index_to_world(idx.flip(-1)[None].cpu()).reshape(-1).to(
+        torch.float64)
+
+
 @dataclass
 class DITRTrainingResult:
     """What :func:`train_ditr` produced.
@@ -618,9 +744,15 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
             if cfg.reregister and not last:
                 path = Path(tmpdir) / f"stage{si + 1}.pt"
                 write(path, {})
-                transforms = reregister(images, transforms, path, cfg.transform,
-                                        cfg.register_iterations, cfg.stride, cfg.seed,
-                                        cfg.min_patches)
+                new = reregister(images, transforms, path, cfg.transform,
+                                 cfg.register_iterations, cfg.stride, cfg.seed, cfg.min_patches)
+                if cfg.zero_mean_updates:
+                    new, removed = remove_mean_update(
+                        transforms, new, [_mask_centroid(p) for p in pairs])
+                    info["removed_mean_update"] = removed
+                    logger.info("DITR IML%d: removed mean update, translation %s mm", si + 1,
+                                [round(v, 3) for v in removed["translation_mm"]])
+                transforms = new
                 result.transforms = transforms
             result.stages.append(info)
             logger.info("DITR IML%d(%d, %g): val accuracy %.3f -> %.3f", si + 1, stage.factor,
