@@ -383,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--reg-weight", type=float, default=0.1, help="diffusion weight")
     ap.add_argument("--features", default="8,16,16,16,16")
+    ap.add_argument("--crop", type=int, default=None,
+                    help="train on random crops of this many voxels per axis (TrainNetConfig."
+                         "crop_size); prediction and validation use whole images")
+    ap.add_argument("--crop-margin", type=int, default=6,
+                    help="crop voxels per face left out of the similarity and Dice terms")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-iterative", action="store_true")
     ap.add_argument("--refine", default="",
@@ -454,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                                    steps_per_epoch=args.steps_per_epoch,
                                    batch_size=args.batch_size, lr=args.lr,
                                    reg_weight=args.reg_weight, seed=args.seed,
-                                   threads=args.threads, patience=args.patience)
+                                   threads=args.threads, patience=args.patience,
+                                   crop_size=args.crop, crop_margin=args.crop_margin)
         config = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
         r = row(f"net-{key}", f"DeformNet {label}", net_order(key), config=config,
                 n_train=args.train, n_val=args.val)

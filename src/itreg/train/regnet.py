@@ -181,6 +181,14 @@ class TrainNetConfig:
         critic_steps: critic steps per network step (>= 1).
         critic_warmup: critic-only steps before the first network step.
         val_max_pairs: validate on at most this many pairs (None: all).
+        crop_size: train on random crops of this many voxels per axis (one int for every
+            axis, or one per axis in ``(Z, Y, X)`` order; larger than an image: the whole
+            axis), the same crop of both images and their labels, a new place every step; None
+            trains on whole images. The networks are fully convolutional, so prediction and
+            validation still use whole images. A 3D setting for CPUs (see the module docstring).
+        crop_margin: voxels at each face of a crop that the similarity and Dice terms leave
+            out (their moving values may come from outside the crop, which the crop lacks);
+            the regulariser covers the whole crop.
         seed: seed of the weights, batch order, augmentation and critic.
         device: ``"cpu"``, ``"cuda"``, ...
         threads: torch CPU threads while training (None: unchanged).
@@ -220,6 +228,8 @@ class TrainNetConfig:
     critic_steps: int = 1
     critic_warmup: int = 50
     val_max_pairs: int | None = None
+    crop_size: int | tuple[int, ...] | None = None
+    crop_margin: int = 8
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -251,8 +261,17 @@ class TrainNetConfig:
                      "aug_scale", "aug_translation_mm", "weight_decay"):
             _positive(name, getattr(self, name), zero=True)
         _positive("lr", self.lr)
-        for name in ("epochs", "patience", "critic_warmup"):
+        for name in ("epochs", "patience", "critic_warmup", "crop_margin"):
             _positive(name, getattr(self, name), integer=True, zero=True)
+        if self.crop_size is not None:
+            sizes = (tuple(self.crop_size) if isinstance(self.crop_size, (list, tuple))
+                     else (self.crop_size,))
+            if not sizes or len(sizes) > 3 or any(
+                    isinstance(s, bool) or not isinstance(s, int) or s <= 2 * self.crop_margin
+                    for s in sizes):
+                raise ConfigError("crop_size must be None, or one or one-per-axis integers "
+                                  f"larger than 2 * crop_margin, got {self.crop_size!r}")
+            object.__setattr__(self, "crop_size", sizes[0] if len(sizes) == 1 else sizes)
         for name in ("batch_size", "critic_steps"):
             _positive(name, getattr(self, name), integer=True)
         for name in ("steps_per_epoch", "val_max_pairs", "threads"):
@@ -339,6 +358,35 @@ class _Batch:
     moving: Tensor
     fixed_labels: Tensor | None
     moving_labels: Tensor | None
+    #: The voxels the similarity and Dice terms count (a crop's interior), None: all.
+    region: tuple[slice, ...] | None = None
+
+    def inner(self, t: Tensor) -> Tensor:
+        """`t` (``(B, C, *S)``) restricted to :attr:`region`."""
+        return t if self.region is None else t[(slice(None), slice(None), *self.region)]
+
+
+def _crop(batch: _Batch, grid: Grid, size: int | tuple[int, ...], margin: int,
+          gen: torch.Generator) -> tuple[_Batch, Grid]:
+    """One random crop (the same for every tensor of the batch) and its grid: the crop's voxel
+    ``i`` is the whole grid's voxel ``corner + i`` (same spacing and direction, origin moved),
+    so world coordinates are unchanged."""
+    shape = grid.shape  # (Z, Y, X)
+    sizes = (size,) * len(shape) if isinstance(size, int) else tuple(size)
+    if len(sizes) != len(shape):
+        raise ConfigError(f"crop_size {size!r} has {len(sizes)} sizes for {len(shape)}D images")
+    sizes = tuple(min(s, n) for s, n in zip(sizes, shape))
+    corner = [int(torch.randint(n - s + 1, (1,), generator=gen)) for s, n in zip(sizes, shape)]
+    window = tuple(slice(c, c + s) for c, s in zip(corner, sizes))
+
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[(slice(None), slice(None), *window)]
+
+    origin = grid.index_to_world(torch.tensor([list(reversed(corner))], dtype=torch.float64))
+    sub = Grid(tuple(reversed(sizes)), grid.spacing, tuple(origin[0].tolist()), grid.direction)
+    region = tuple(slice(margin, s - margin) if s > 2 * margin else slice(None) for s in sizes)
+    return _Batch(cut(batch.fixed), cut(batch.moving), cut(batch.fixed_labels),
+                  cut(batch.moving_labels), region), sub
 
 
 def _load(source: Any, indices: list[int], net: RegNet, device: torch.device) -> tuple[_Batch,
@@ -533,7 +581,7 @@ class _Trainer:
 
     def _loss(self, out: RegOutput, batch: _Batch, grid: Grid) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config
-        sim = self._similarity(batch.fixed, out.warped)
+        sim = self._similarity(batch.inner(batch.fixed), batch.inner(out.warped))
         total = cfg.loss_weight * sim
         parts = {"similarity": float(sim.detach())}
         if self.reg is not None and out.field is not None and cfg.reg_weight > 0:
@@ -542,7 +590,8 @@ class _Trainer:
             parts["regulariser"] = float(r.detach())
         if cfg.dice_weight > 0 and batch.fixed_labels is not None:
             warped = warp_batch(_one_hot(batch.moving_labels, self.classes), grid, out.points)
-            d = soft_dice(_one_hot(batch.fixed_labels, self.classes), warped)
+            d = soft_dice(batch.inner(_one_hot(batch.fixed_labels, self.classes)),
+                          batch.inner(warped))
             total = total + cfg.dice_weight * (1.0 - d)
             parts["soft_dice"] = float(d.detach())
         return total, parts
@@ -567,6 +616,11 @@ class _Trainer:
             gen = make_generator(self.config.seed * 7_919 + stage_index * 1_000_003
                                  + epoch * 10_007 + step)
             batch = _augment(batch, grid, self.config, gen)
+        if self.config.crop_size is not None:
+            gen = make_generator(self.config.seed * 6_007 + stage_index * 1_000_033
+                                 + epoch * 10_009 + step)
+            batch, grid = _crop(batch, grid, self.config.crop_size, self.config.crop_margin,
+                                gen)
         return batch, grid
 
     # ------------------------------------------------------------ EMA
@@ -780,7 +834,8 @@ class _Trainer:
                                for p in self.metric.critic_parameters()):
                             copt.step()
                         for _ in range(cfg.critic_steps - 1):
-                            self._critic_step(copt, batch.fixed, out.warped)
+                            self._critic_step(copt, batch.inner(batch.fixed),
+                                              batch.inner(out.warped))
                     result.steps += 1
                     self._ema_update(ema, result.steps)
                     losses.append(value)
