@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                          "crop_size); prediction and validation use whole images")
     ap.add_argument("--crop-margin", type=int, default=6,
                     help="crop voxels per face left out of the similarity and Dice terms")
+    ap.add_argument("--norm", default="instance", choices=("instance", "batch", "none"),
+                    help="the networks' normalisation (none with --crop: instance statistics "
+                         "of a crop differ from those of a whole volume)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-iterative", action="store_true")
     ap.add_argument("--refine", default="",
@@ -461,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, lr=args.lr,
                                    reg_weight=args.reg_weight, seed=args.seed,
                                    threads=args.threads, patience=args.patience,
-                                   crop_size=args.crop, crop_margin=args.crop_margin)
+                                   crop_size=args.crop, crop_margin=args.crop_margin,
+                                   norm=args.norm)
         config = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
         r = row(f"net-{key}", f"DeformNet {label}", net_order(key), config=config,
                 n_train=args.train, n_val=args.val)

@@ -59,7 +59,7 @@ def test_training_on_crops_registers_whole_images(tmp_path):
     cfg = TrainNetConfig(kind="deform", loss="mse", features=(4, 8, 8), levels=2,
                          batch_size=4, steps_per_epoch=4, epochs=8, lr=1e-2, ema_decay=0.0,
                          patience=0, reg_weight=0.01, val_max_pairs=2, threads=1,
-                         crop_size=24, crop_margin=3)
+                         crop_size=24, crop_margin=3, norm="none")
     metric = get_metric("mse")
 
     def mean_mse(net) -> float:
@@ -77,3 +77,13 @@ def test_training_on_crops_registers_whole_images(tmp_path):
     after = mean_mse(res.net)
     assert after < 0.8 * before, (before, after)
     assert load_regnet(tmp_path / "crop.pt").extra["train"]["crop_size"] == 24
+
+
+def test_crops_with_instance_normalisation_are_warned_about(tmp_path, caplog):
+    cfg = TrainNetConfig(kind="deform", loss="mse", features=(4, 8, 8), levels=2,
+                         batch_size=2, steps_per_epoch=1, epochs=1, ema_decay=0.0, patience=0,
+                         val_max_pairs=1, threads=1, crop_size=20, crop_margin=2,
+                         norm="instance")
+    with caplog.at_level("WARNING", logger="itreg.train.regnet"):
+        train_regnet(cfg, TinyPairs(2, size=24), None, tmp_path / "w.pt", progress=False)
+    assert "norm='none'" in caplog.text
