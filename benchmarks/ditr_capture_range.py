@@ -20,7 +20,11 @@ Small CPU setting, 2D axial slices of the MNI template at ``--spacing`` mm (defa
 * Error: mean distance over the fixed brain mask between the estimated and true transforms
   (mm); success = mean error < 1 voxel.
 * Response width: the metric along x-translations of aligned held-out pairs, normalised to
-  [0, 1]; FWHM in mm and the position of the peak.
+  [0, 1]; FWHM in mm and the position of the peak. The k-th pair's T2-like image has its own
+  bias field and noise (synthesis seed 77 + k). ``--response-seed 77`` gives every pair the
+  same one, as in the 2026-11-22 run: that bias field alone shifts every peak by about
+  +0.3 mm, for DITR and (with the opposite sign) MI alike
+  (``results/2026-12-06-ditr-zero-mean.md``). ``--response-only`` skips the registrations.
 
 Run ``python benchmarks/ditr_capture_range.py --out bench-ditr`` (``--train-only KIND`` trains
 one model, so the three models can be trained in parallel processes; models are cached in
@@ -245,7 +249,7 @@ def fwhm(offsets, v) -> tuple[float, float]:
 
 
 def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges"),
-             ditr_only: bool = False, only=None) -> dict:
+             ditr_only: bool = False, only=None, response_seed: int | None = None) -> dict:
     tissues, _, test = slices(spacing)
     g = torch.Generator().manual_seed(11)
     models = {k: out / f"ditr-{k}.pt" for k in MODELS}
@@ -263,7 +267,7 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
     methods = {k: [r for r in v if (not ditr_only or r[1].startswith("ditr:"))
                    and (not only or any(w in r[0] for w in only))]
                for k, v in methods.items() if k in tasks}
-    for task, rows in methods.items():
+    for task, rows in (methods.items() if sizes else ()):
         table = {name: {"success": [], "median_error": [], "initial": [], "errors": [],
                         "seconds_per_case": []} for name, _, _ in rows}
         for size in sizes:
@@ -303,10 +307,12 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
         for name, metric, preset in rows:
             if preset:
                 continue
-            ws, ps = [], []
-            for z in test[::3]:
+            ws, ps, seeds = [], [], []
+            for k, z in enumerate(test[::3]):
                 sl = axial_slices(tissues, z)
-                fixed, moving, mask = moved_pair(sl, Rigid(2), 77, task)
+                seed = 77 + k if response_seed is None else response_seed
+                seeds.append(seed)
+                fixed, moving, mask = moved_pair(sl, Rigid(2), seed, task)
 
                 def warp_fn(t, moving=moving, fixed=fixed):
                     from itreg.warp import resample_with_mask
@@ -319,7 +325,7 @@ def evaluate(out: Path, spacing: float, cases: int, sizes, tasks=("t1", "edges")
             widths[name] = {"fwhm_mm": float(torch.tensor(ws).mean()),
                             "mean_abs_peak_mm": float(torch.tensor(ps).abs().mean()),
                             "mean_peak_mm": float(torch.tensor(ps).mean()),
-                            "peaks_mm": ps}
+                            "peaks_mm": ps, "synthesis_seeds": seeds}
         results["response"][task] = widths
     return results
 
@@ -364,6 +370,12 @@ def main() -> None:
     ap.add_argument("--task", choices=["t1", "edges"], help="evaluate one task only")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results")
     ap.add_argument("--ditr-only", action="store_true", help="skip the MI rows")
+    ap.add_argument("--response-only", action="store_true",
+                    help="only the response widths (no registration cases)")
+    ap.add_argument("--response-seed", type=int, default=None,
+                    help="one synthesis seed (bias field and noise of the T2-like image) for "
+                    "every response pair; 77 is the 2026-11-22 definition. Default: seed 77+k "
+                    "for the k-th pair, so one bias field does not shift every peak alike")
     ap.add_argument("--rows", nargs="+", help="evaluate only the rows whose name contains one "
                     "of these words (e.g. 'MI' 'no dither'), with the models already in --out; "
                     "results-*.json merge in --report")
@@ -397,11 +409,13 @@ def main() -> None:
         if info.exists():
             print(f"model {kind}: {info.read_text()}", file=sys.stderr)
     t0 = time.time()
-    results = evaluate(args.out, args.spacing, args.cases, args.sizes, tasks, args.ditr_only,
-                       args.rows)
+    results = evaluate(args.out, args.spacing, args.cases,
+                       [] if args.response_only else args.sizes, tasks, args.ditr_only,
+                       args.rows, args.response_seed)
+    results["response_seed"] = args.response_seed
     results["eval_wall_s"] = time.time() - t0
     tag = "-".join(tasks) + ("-" + "-".join(w.replace(" ", "_") for w in args.rows)
-                             if args.rows else "")
+                             if args.rows else "") + ("-response" if args.response_only else "")
     (args.out / f"results-{tag}.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
 
