@@ -87,3 +87,15 @@ def test_crops_with_instance_normalisation_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="itreg.train.regnet"):
         train_regnet(cfg, TinyPairs(2, size=24), None, tmp_path / "w.pt", progress=False)
     assert "norm='none'" in caplog.text
+
+
+def test_background_only_crops_are_drawn_again():
+    grid = Grid((40, 40), (1.0, 1.0))
+    fixed = torch.zeros(1, 1, 40, 40)
+    fixed[..., 20:, 20:] = torch.rand(1, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    batch = _Batch(fixed, fixed.clone(), None, None)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        sub, _ = _crop(batch, grid, 16, 2, gen)
+        inner = sub.inner(sub.fixed)
+        assert float(inner.max()) > float(inner.min())

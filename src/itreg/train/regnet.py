@@ -379,21 +379,28 @@ def _crop(batch: _Batch, grid: Grid, size: int | tuple[int, ...], margin: int,
           gen: torch.Generator) -> tuple[_Batch, Grid]:
     """One random crop (the same for every tensor of the batch) and its grid: the crop's voxel
     ``i`` is the whole grid's voxel ``corner + i`` (same spacing and direction, origin moved),
-    so world coordinates are unchanged."""
+    so world coordinates are unchanged. A crop whose fixed images are constant inside the
+    region (background only: no similarity there) is drawn again, up to 20 times."""
     shape = grid.shape  # (Z, Y, X)
     sizes = (size,) * len(shape) if isinstance(size, int) else tuple(size)
     if len(sizes) != len(shape):
         raise ConfigError(f"crop_size {size!r} has {len(sizes)} sizes for {len(shape)}D images")
     sizes = tuple(min(s, n) for s, n in zip(sizes, shape))
-    corner = [int(torch.randint(n - s + 1, (1,), generator=gen)) for s, n in zip(sizes, shape)]
-    window = tuple(slice(c, c + s) for c, s in zip(corner, sizes))
+    region = tuple(slice(margin, s - margin) if s > 2 * margin else slice(None) for s in sizes)
+    for _ in range(20):
+        corner = [int(torch.randint(n - s + 1, (1,), generator=gen))
+                  for s, n in zip(sizes, shape)]
+        window = tuple(slice(c, c + s) for c, s in zip(corner, sizes))
+        inner = batch.fixed[(slice(None), slice(None), *window)][
+            (slice(None), slice(None), *region)].flatten(1)
+        if bool((inner.amax(1) > inner.amin(1)).all()):
+            break
 
     def cut(t: Tensor | None) -> Tensor | None:
         return None if t is None else t[(slice(None), slice(None), *window)]
 
     origin = grid.index_to_world(torch.tensor([list(reversed(corner))], dtype=torch.float64))
     sub = Grid(tuple(reversed(sizes)), grid.spacing, tuple(origin[0].tolist()), grid.direction)
-    region = tuple(slice(margin, s - margin) if s > 2 * margin else slice(None) for s in sizes)
     return _Batch(cut(batch.fixed), cut(batch.moving), cut(batch.fixed_labels),
                   cut(batch.moving_labels), region), sub
 
