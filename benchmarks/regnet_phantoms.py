@@ -390,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop-margin", type=int, default=6,
                     help="crop voxels per face left out of the similarity and Dice terms")
     ap.add_argument("--norm", default="instance", choices=("instance", "batch", "none"),
-                    help="the networks' normalisation (none with --crop: instance statistics "
-                         "of a crop differ from those of a whole volume)")
+                    help="the networks' normalisation (batch or none with --crop: instance "
+                         "statistics of a crop differ from those of a whole volume)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-iterative", action="store_true")
     ap.add_argument("--refine", default="",

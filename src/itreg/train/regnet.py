@@ -53,10 +53,9 @@ Settings:
 - **Small CPU setting** (:meth:`TrainNetConfig.small`, minutes on two cores): 2D phantom slices
   at 2-4 mm (or 3D at 4 mm), features 8-16, batch 4, 20 epochs of at most 16 steps, lr 1e-3.
 - **3D at 2 mm on a CPU**: train on random crops (``crop_size=64``, ``crop_margin=6``,
-  ``norm="none"``): a
-  DeformNet step (features 8-16, batch 1, one thread) costs about 1 s of CPU on a 64^3 crop
-  against 5 s on a whole 94 x 116 x 98 volume; validation and prediction use whole volumes
-  (``benchmarks/regnet_phantoms.py`` documents the setting of its 3D table).
+  ``norm="batch"``): a DeformNet step (features 8-16, batch 1, one thread) costs about 1 s of
+  CPU on a 64^3 crop against 5 s on a whole 94 x 116 x 98 volume; validation and prediction
+  use whole volumes (``benchmarks/regnet_phantoms.py`` documents its 3D table).
 - **Full scale on a GPU**: 3D phantoms at 2 mm (150 training pairs, paper 003), the default
   features (16/32/32/32/32, 4 levels), batch 2-4, lr 1e-4 to 1e-3, 100-300 epochs, patience 20,
   ``ema_decay=0.999``, ``device="cuda"``.
@@ -191,10 +190,10 @@ class TrainNetConfig:
             axis), the same crop of both images and their labels, a new place every step; None
             trains on whole images. The networks are fully convolutional, so prediction and
             validation still use whole images. A 3D setting for CPUs (see the module docstring).
-            Use it with ``norm="none"``: instance normalisation's statistics over a crop
-            differ from those over a whole image, so such a network meets other features at
-            prediction (measured in 3D: validation Dice below the identity's; a warning is
-            logged).
+            Use it with ``norm="batch"`` (evaluated with its running statistics) or
+            ``"none"``: instance normalisation's statistics over a crop differ from those over
+            a whole image, so such a network meets other features at prediction (measured in
+            3D: validation Dice fell below the identity's; a warning is logged).
         crop_margin: voxels at each face of a crop that the similarity and Dice terms leave
             out (their moving values may come from outside the crop, which the crop lacks);
             the regulariser covers the whole crop.
@@ -931,7 +930,7 @@ def train_regnet(
     if config.crop_size is not None and config.norm == "instance":
         logger.warning("training on crops with instance normalisation: its statistics over a "
                        "crop differ from those over a whole image at prediction; "
-                       "norm='none' is advised")
+                       "norm='batch' or 'none' is advised")
     if val_source is None:
         val_source = train_source
     check_source(val_source, "validation source")
