@@ -28,7 +28,9 @@ Small CPU setting, 2D axial slices of the MNI template at ``--spacing`` mm (defa
 
 Run ``python benchmarks/ditr_capture_range.py --out bench-ditr`` (``--train-only KIND`` trains
 one model, so the three models can be trained in parallel processes; models are cached in
-``--out``; ``--zero-mean`` / ``--no-zero-mean`` set ``DITRTrainConfig.zero_mean_updates``).
+``--out``; ``--zero-mean`` / ``--no-zero-mean`` set ``DITRTrainConfig.zero_mean_updates``,
+``--bias-augment S`` sets ``DITRTrainConfig.bias_augment`` and ``--normalize`` /
+``--no-normalize`` set ``DITRTrainConfig.normalize_patches``).
 Prints the tables; writes ``results.json``. Each model's ``ditr-KIND.json`` also records the
 error of its final IML training labels against the true training transforms.
 """
@@ -144,7 +146,8 @@ MODELS = {
 
 
 def train_model(kind: str, out: Path, spacing: float, shift: float, quick: bool,
-                zero_mean: bool | None = None) -> Path:
+                zero_mean: bool | None = None, bias_augment: float | None = None,
+                normalize: bool | None = None) -> Path:
     path = out / f"ditr-{kind}.pt"
     if (out / f"ditr-{kind}.json").exists():
         return path
@@ -165,12 +168,17 @@ def train_model(kind: str, out: Path, spacing: float, shift: float, quick: bool,
         "patches_per_epoch": 8192, "epochs": 5, "val_patches": 2048}
     if zero_mean is not None:
         extra["zero_mean_updates"] = zero_mean
+    if bias_augment is not None:
+        extra["bias_augment"] = bias_augment
+    if normalize is not None:
+        extra["normalize_patches"] = normalize
     cfg = DITRTrainConfig.small(schedule=schedule, seed=1, threads=1, progress=False,
                                 channels=CHANNELS, **extra)
     t0 = time.time()
     res = train_ditr(pairs, cfg, output=path, force=True)
     info = {"kind": kind, "time_s": time.time() - t0, "pairs": len(pairs),
             "zero_mean_updates": cfg.zero_mean_updates,
+            "bias_augment": cfg.bias_augment, "normalize_patches": cfg.normalize_patches,
             "stages": [{k: v for k, v in s.items() if k != "train"} for s in res.stages],
             "label_error_mm": label_errors(pairs, res.transforms, truths)}
     (out / f"ditr-{kind}.json").write_text(json.dumps(info, indent=1))
@@ -367,6 +375,12 @@ def main() -> None:
     ap.add_argument("--zero-mean", action=argparse.BooleanOptionalAction, default=None,
                     help="train with (or without) zero-mean IML updates "
                     "(DITRTrainConfig.zero_mean_updates; default: the config's default)")
+    ap.add_argument("--bias-augment", type=float, default=None,
+                    help="amplitude of the bias-field augmentation of the training patches "
+                    "(DITRTrainConfig.bias_augment; default: the config's default)")
+    ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="per-patch intensity normalisation in the classifier "
+                    "(DITRTrainConfig.normalize_patches; default: the config's default)")
     ap.add_argument("--task", choices=["t1", "edges"], help="evaluate one task only")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results")
     ap.add_argument("--ditr-only", action="store_true", help="skip the MI rows")
@@ -384,7 +398,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.train_only:
         train_model(args.train_only, args.out, args.spacing, args.train_shift, args.quick,
-                    args.zero_mean)
+                    args.zero_mean, args.bias_augment, args.normalize)
         return
     if args.report:
         merged: dict = {}
@@ -403,7 +417,7 @@ def main() -> None:
     for kind in needed:
         if not (args.out / f"ditr-{kind}.json").exists():
             train_model(kind, args.out, args.spacing, args.train_shift, args.quick,
-                        args.zero_mean)
+                        args.zero_mean, args.bias_augment, args.normalize)
     for kind in needed:
         info = args.out / f"ditr-{kind}.json"
         if info.exists():

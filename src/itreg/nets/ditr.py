@@ -21,6 +21,14 @@ average satisfies ``f_sym(u, S_d v) = f_sym(Fu, S_{Fd} Fv)``: the network itself
 direction, so a remaining shift of the optimum can only come from the images. It costs
 ``2^D`` forward passes. Models saved before this option load with ``symmetric=False``.
 
+**Per-patch normalisation** (``normalize=True``, our addition): before the convolutions, each
+channel of each patch pair is standardised by its own mean and standard deviation,
+``(u - mean u) / max(std u, eps)``, so the logit is invariant to an affine intensity change
+``a u + b`` (``a > 0``) of either channel of a patch (exactly where ``a std u >= eps``). A smooth
+multiplicative bias field is nearly a constant gain over one patch, so this removes most of
+its effect; patches that are (nearly) constant become zero. Models saved before this option
+load with ``normalize=False`` and behave as before.
+
 The model-file kind is ``"ditr"`` (:data:`MODEL_KIND`); :func:`build_ditr` rebuilds the module
 from the stored config.
 """
@@ -37,8 +45,8 @@ from torch import Tensor, nn
 from itreg.errors import ConfigError
 from itreg.nets.modelfile import register_model_kind
 
-__all__ = ["DEFAULT_CHANNELS", "MODEL_KIND", "PATCH_SIZE", "DITRNet", "build_ditr",
-           "extract_patches"]
+__all__ = ["DEFAULT_CHANNELS", "MODEL_KIND", "NORMALIZE_EPS", "PATCH_SIZE", "DITRNet",
+           "build_ditr", "extract_patches", "normalize_patches"]
 
 #: Model-file kind of DITR classifiers.
 MODEL_KIND = "ditr"
@@ -46,6 +54,24 @@ MODEL_KIND = "ditr"
 DEFAULT_CHANNELS = (32, 64, 128, 256)
 #: Default patch edge length in voxels (paper 000: 17^3).
 PATCH_SIZE = 17
+#: Least standard deviation used by the per-patch normalisation (intensities scaled to ~[0, 1]).
+NORMALIZE_EPS = 1e-3
+
+
+def normalize_patches(pairs: Tensor, eps: float = NORMALIZE_EPS) -> Tensor:
+    """Each channel of each patch standardised: ``(x - mean x) / max(std x, eps)``.
+
+    Args:
+        pairs: ``(B, C, *P)``.
+        eps: least standard deviation divided by (constant patches become 0).
+
+    Returns:
+        The standardised patches, same shape.
+    """
+    flat = pairs.flatten(2)
+    mean = flat.mean(dim=2, keepdim=True)
+    std = flat.std(dim=2, unbiased=False, keepdim=True).clamp_min(eps)
+    return ((flat - mean) / std).reshape(pairs.shape)
 
 
 class DITRNet(nn.Module):
@@ -60,6 +86,8 @@ class DITRNet(nn.Module):
             for users of the model; patches must be cropped at this spacing).
         symmetric: average the logit over the ``2^ndim`` axis flips of the pair (see the
             module docstring).
+        normalize: standardise each channel of each patch by its own mean and standard
+            deviation before the convolutions (see the module docstring).
 
     Shapes:
         ``forward(pairs)``: ``pairs (B, 2, *[patch_size] * ndim)`` -> logits ``(B,)``.
@@ -67,7 +95,7 @@ class DITRNet(nn.Module):
 
     def __init__(self, ndim: int = 3, channels: Sequence[int] = DEFAULT_CHANNELS,
                  patch_size: int = PATCH_SIZE, spacing_mm: float = 1.0,
-                 symmetric: bool = False) -> None:
+                 symmetric: bool = False, normalize: bool = False) -> None:
         super().__init__()
         if ndim not in (2, 3):
             raise ConfigError(f"a DITR classifier is 2D or 3D, got ndim={ndim}")
@@ -83,6 +111,7 @@ class DITRNet(nn.Module):
         self.patch_size = int(patch_size)
         self.spacing_mm = float(spacing_mm)
         self.symmetric = bool(symmetric)
+        self.normalize = bool(normalize)
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         layers: list[nn.Module] = []
         widths = (2, *channels)
@@ -95,7 +124,7 @@ class DITRNet(nn.Module):
         """Constructor settings as plain data (stored in model files)."""
         return {"ndim": self.ndim, "channels": list(self.channels),
                 "patch_size": self.patch_size, "spacing_mm": self.spacing_mm,
-                "symmetric": self.symmetric}
+                "symmetric": self.symmetric, "normalize": self.normalize}
 
     def forward(self, pairs: Tensor) -> Tensor:
         """Logits ``f(u, v)`` of patch pairs.
@@ -111,6 +140,8 @@ class DITRNet(nn.Module):
             raise ConfigError(
                 f"DITR expects patch pairs (B, 2, {', '.join(['P'] * self.ndim)}), got "
                 f"{tuple(pairs.shape)}")
+        if self.normalize:
+            pairs = normalize_patches(pairs)
         if not self.symmetric:
             return self.features(pairs).flatten(2).mean(dim=2)[:, 0]
         flips = [[2 + a for a in range(self.ndim) if (k >> a) & 1] for k in range(2 ** self.ndim)]
@@ -124,7 +155,8 @@ def build_ditr(config: Mapping[str, Any]) -> DITRNet:
     return DITRNet(ndim=int(config["ndim"]), channels=config.get("channels", DEFAULT_CHANNELS),
                    patch_size=int(config.get("patch_size", PATCH_SIZE)),
                    spacing_mm=float(config.get("spacing_mm", 1.0)),
-                   symmetric=bool(config.get("symmetric", False)))
+                   symmetric=bool(config.get("symmetric", False)),
+                   normalize=bool(config.get("normalize", False)))
 
 
 register_model_kind(MODEL_KIND, build_ditr, overwrite=True)
