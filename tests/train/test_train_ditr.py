@@ -91,7 +91,8 @@ def tiny_iml(tmp_path_factory):
     cfg = DITRTrainConfig(schedule=((2, 16.0), (1, 0.0)), channels=(8, 8, 16, 16),
                           patches_per_epoch=2048, val_patches=512, epochs=2, patience=0,
                           batch_size=128, learning_rate=3e-3, weight_decay=0.0,
-                          register_iterations=3, seed=0, progress=False, threads=1)
+                          register_iterations=3, seed=0, progress=False, threads=1,
+                          normalize_patches=False)  # thresholds set for the plain classifier
     out = tmp_path_factory.mktemp("ditr") / "ditr.pt"
     return train_ditr(train, cfg, output=out), pairs
 
