@@ -30,8 +30,7 @@ Run ``python benchmarks/ditr_capture_range.py --out bench-ditr`` (``--train-only
 one model, so the three models can be trained in parallel processes; models are cached in
 ``--out``; ``--zero-mean`` / ``--no-zero-mean`` set ``DITRTrainConfig.zero_mean_updates``,
 ``--bias-augment S`` sets ``DITRTrainConfig.bias_augment`` and ``--normalize`` /
-``--no-normalize`` set ``DITRTrainConfig.normalize_patches``, on by default since
-2026-12-06: ``--no-normalize`` reproduces the earlier models).
+``--no-normalize`` set ``DITRTrainConfig.normalize_patches``).
 Prints the tables; writes ``results.json``. Each model's ``ditr-KIND.json`` also records the
 error of its final IML training labels against the true training transforms.
 """

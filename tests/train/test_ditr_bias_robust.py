@@ -99,7 +99,7 @@ def test_config_validates_and_records_the_options(tmp_path):
     with pytest.raises(ConfigError):
         DITRTrainConfig(bias_augment=-0.1)
     d = DITRTrainConfig().to_dict()
-    assert d["bias_augment"] == 0.0 and d["normalize_patches"] is True  # the measured default
+    assert d["bias_augment"] == 0.0 and d["normalize_patches"] is False
     fixed, mask = _blob_pair()
     cfg = DITRTrainConfig(schedule=((1, 0.0),), channels=(4, 4, 4, 4), patches_per_epoch=64,
                           val_patches=64, epochs=1, batch_size=32, patience=0, reregister=False,
