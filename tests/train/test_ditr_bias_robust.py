@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from ditr_data import blob_pair
 
 from itreg.errors import ConfigError
-from itreg.image import Image
 from itreg.nets.ditr import DITRNet, normalize_patches
 from itreg.nets.modelfile import build_model, load_model, save_model
 from itreg.train.ditr import (
@@ -20,15 +20,6 @@ from itreg.train.ditr import (
     random_bias_fields,
     train_ditr,
 )
-
-
-def _blob_pair(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(44.0), indexing="ij")
-    r = ((yy - 24) ** 2 / 300 + (xx - 22) ** 2 / 250)
-    fixed = (r < 1).float() * (0.4 + 0.6 * (r < 0.4).float())
-    fixed = fixed + 0.02 * torch.rand(fixed.shape, generator=g)
-    return Image.from_tensor(fixed, spacing=(2.0, 2.0)), (r < 1)
 
 
 def _plane_residual(logf: torch.Tensor) -> float:
@@ -71,7 +62,7 @@ def test_bias_fields_reproducible_per_seed_and_identity_at_zero_amplitude():
 
 
 def test_sampler_multiplies_both_labels_by_smooth_fields_and_keeps_labels():
-    fixed, mask = _blob_pair()
+    fixed, mask = blob_pair()
     st = prepare_stage(TrainingPair(fixed, fixed, mask), IMLStage(0, 4.0))
     plain = PatchSampler([st], [None], 9, 4.0, torch.Generator().manual_seed(0))
     aug = PatchSampler([st], [None], 9, 4.0, torch.Generator().manual_seed(0), bias_augment=0.1)
@@ -100,7 +91,7 @@ def test_config_validates_and_records_the_options(tmp_path):
         DITRTrainConfig(bias_augment=-0.1)
     d = DITRTrainConfig().to_dict()
     assert d["bias_augment"] == 0.0 and d["normalize_patches"] is False
-    fixed, mask = _blob_pair()
+    fixed, mask = blob_pair()
     cfg = DITRTrainConfig(schedule=((1, 0.0),), channels=(4, 4, 4, 4), patches_per_epoch=64,
                           val_patches=64, epochs=1, batch_size=32, patience=0, reregister=False,
                           progress=False, threads=1, bias_augment=0.1, normalize_patches=True)

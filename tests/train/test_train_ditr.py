@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from ditr_data import blob_pair
 
-from itreg.image import Image
 from itreg.nets.ditr import DITRNet
 from itreg.nets.modelfile import build_model
 from itreg.train import EarlyStopping, TrainingError, fit
@@ -21,17 +21,8 @@ from itreg.train.ditr import (
 from itreg.transforms import Rigid
 
 
-def _blob_pair(seed=0, shift=(0.0, 0.0)):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(44.0), indexing="ij")
-    r = ((yy - 24) ** 2 / 300 + (xx - 22) ** 2 / 250)
-    fixed = (r < 1).float() * (0.4 + 0.6 * (r < 0.4).float())
-    fixed = fixed + 0.02 * torch.rand(fixed.shape, generator=g)
-    return Image.from_tensor(fixed, spacing=(2.0, 2.0)), (r < 1)
-
-
 def test_positive_patches_without_dither_are_corresponding():
-    fixed, mask = _blob_pair()
+    fixed, mask = blob_pair()
     pair = TrainingPair(fixed, fixed, mask)
     st = prepare_stage(pair, IMLStage(0, 0.0))
     sampler = PatchSampler([st], [None], 9, 0.0, torch.Generator().manual_seed(0))
@@ -43,7 +34,7 @@ def test_positive_patches_without_dither_are_corresponding():
 
 
 def test_dither_moves_the_moving_patch():
-    fixed, mask = _blob_pair()
+    fixed, mask = blob_pair()
     st = prepare_stage(TrainingPair(fixed, fixed, mask), IMLStage(0, 16.0))
     x, y = PatchSampler([st], [None], 9, 16.0, torch.Generator().manual_seed(0)).draw(64)
     pos = y > 0.5
@@ -155,7 +146,7 @@ class _NaNAfter(DITRNet):
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
-    fixed, mask = _blob_pair()
+    fixed, mask = blob_pair()
     pair = TrainingPair(fixed, fixed, mask)
     cfg = DITRTrainConfig(schedule=((1, 0.0),), channels=(4, 4, 4, 4), patches_per_epoch=64,
                           val_patches=64, epochs=5, batch_size=32, patience=0,
