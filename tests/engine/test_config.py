@@ -22,7 +22,7 @@ def test_presets_ship_and_load():
         assert config.name == name
         assert [s.transform for s in config.stages] == stages
         assert all(s.metric.name == "mi" for s in config.stages)
-    assert load_preset("bspline").stages[-1].regularisers == {"bending": 0.01}
+    assert load_preset("bspline").stages[-1].regularisers == {"bending": 1.0}
     assert "diffusion" in load_preset("dense").stages[-1].regularisers
 
 
