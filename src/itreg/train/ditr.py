@@ -682,14 +682,6 @@ def remove_mean_update(starts: Sequence[Transform | None], updated: Sequence[Tra
     return out, {"translation_mm": mean_d.tolist(), "log_linear": mean_log.tolist()}
 
 
-def _mask_centroid(pair: TrainingPair) -> Tensor:
-    """World centroid (mm) of a pair's fixed mask at full resolution."""
-    mask = _mask_tensor(pair)
-    idx = torch.nonzero(mask, as_tuple=False).to(torch.float64).mean(0)
-    return pair.fixed.grid.index_to_world(idx.flip(-1)[None].cpu()).reshape(-1).to(
-        torch.float64)
-
-
 @dataclass
 class DITRTrainingResult:
     """What :func:`train_ditr` produced.
@@ -761,6 +753,11 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
     transforms: list[Transform | None] = [p.init for p in pairs]
     result = DITRTrainingResult(net, transforms)
     state: dict[str, Any] = {"stage": 0}
+    centres: list[Tensor] = []  # of the fixed masks (world, full resolution): zero-mean updates
+    if cfg.zero_mean_updates:
+        from itreg.phantoms._geometry import centroid
+
+        centres = [centroid(p.fixed.grid, _mask_tensor(p).cpu()) for p in pairs]
     cleanup = contextlib.ExitStack()
     tmpdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="itreg-ditr-"))
     cleanup.enter_context(limited_threads(cfg.threads))
@@ -827,8 +824,7 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
                 new = reregister(images, transforms, path, cfg.transform,
                                  cfg.register_iterations, cfg.stride, cfg.seed, cfg.min_patches)
                 if cfg.zero_mean_updates:
-                    new, removed = remove_mean_update(
-                        transforms, new, [_mask_centroid(p) for p in pairs])
+                    new, removed = remove_mean_update(transforms, new, centres)
                     info["removed_mean_update"] = removed
                     logger.info("DITR IML%d: removed mean update, translation %s mm", si + 1,
                                 [round(v, 3) for v in removed["translation_mm"]])
