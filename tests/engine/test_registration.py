@@ -9,6 +9,7 @@ import torch
 from engine_data import RAD, blob_image, blob_values, make_pair, mean_error_vox, quick, remap
 
 from itreg.api import register
+from itreg.engine.config import RegistrationConfig, load_preset
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.transforms import Affine, Identity, LinearTransform, Rigid, Similarity, Translation
@@ -198,6 +199,41 @@ def test_nonlinear_init_stays_outermost(grid2d):
     torch.testing.assert_close(result.linear.offset().detach(), torch.tensor([2.0, -2.5]),
                                atol=0.25, rtol=0)
     assert mean_error_vox(result.transform, true, grid2d, margin=4) < 0.2
+
+
+def _ffd_only(spacing_mm: float, iterations) -> RegistrationConfig:
+    stage = next(s for s in load_preset("bspline").stages if s.transform == "bspline")
+    config = RegistrationConfig(stages=(stage,))
+    return config.with_overrides(quick(**{"control_spacing_mm": spacing_mm,
+                                          "iterations": iterations}))
+
+
+def test_an_initial_ffd_on_the_stage_control_grid_continues_in_the_stage(grid2d):
+    """A B-spline start on the first (B-spline) stage's control grid is that stage's starting
+    point, not a frozen outer map: the result is one FFD, and with no iterations it is the
+    start."""
+    true = _smooth_deformation(grid2d, 16.0, 2.0, seed=3)
+    fixed, moving = _deformable_pair(grid2d, true)
+    start = BSpline.fit(true, grid2d, 16.0)
+    result = register(fixed, moving, preset=_ffd_only(16.0, 0), init=start, progress=False)
+    ffds = [t for t in result.transform if isinstance(t, BSpline)]
+    assert len(ffds) == 1
+    torch.testing.assert_close(ffds[0].coefficients.detach(), true.coefficients.float(),
+                               atol=1e-4, rtol=0)
+    # Half-way start: the stage optimises it towards the truth.
+    half = BSpline.fit(true, grid2d, 16.0)
+    with torch.no_grad():
+        half.coefficients.mul_(0.5)
+    before = _foreground_error(half, true, fixed)
+    result = register(fixed, moving, preset=_ffd_only(16.0, [80, 60]), init=half,
+                      progress=False)
+    assert len([t for t in result.transform if isinstance(t, BSpline)]) == 1
+    assert _foreground_error(result.transform, true, fixed) < 0.5 * before
+    # On another control grid the start stays a frozen outer map.
+    result = register(fixed, moving, preset=_ffd_only(12.0, 0), init=start, progress=False)
+    assert isinstance(result.transform[0], BSpline)
+    assert result.transform[0].control_grid == start.control_grid
+    assert len([t for t in result.transform if isinstance(t, BSpline)]) == 2
 
 
 @pytest.mark.slow

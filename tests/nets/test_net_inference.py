@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from itreg.engine.config import load_preset
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, ModelFileError
 from itreg.grid import Grid
 from itreg.image import Image
@@ -19,7 +20,7 @@ from itreg.nets.inference import refine_config, register_with_net
 from itreg.nets.modelfile import save_model
 from itreg.nets.regnets import AffineNet, DeformNet, save_regnet
 from itreg.outputs import save_registration
-from itreg.transforms import Affine, Translation
+from itreg.transforms import Affine, BSpline, Translation
 
 SHIFT = (3.0, -2.0)
 
@@ -123,6 +124,13 @@ def test_refine_keeps_the_training_metrics_options(pair, tmp_path):
 def test_refine_config_drops_the_stages_the_network_replaces():
     deform = refine_config("regnet-deform")
     assert [s.transform for s in deform.stages] == ["bspline"]
+    # The network did the coarse work: the FFD stage starts at the preset's second level.
+    full = next(s for s in load_preset("bspline").stages if s.transform == "bspline")
+    stage = deform.stages[0]
+    assert stage.shrink == full.shrink[1:] and stage.iterations == full.iterations[1:]
+    assert stage.smoothing_mm == full.smoothing_mm[1:]
+    assert stage.learning_rate == full.learning_rate[1:]
+    assert stage.sampling.count == full.sampling.count[1:]
     cascade = refine_config("regnet-cascade", metric="nmi", transform="svf")
     assert all(not s.is_linear for s in cascade.stages)
     assert {s.metric.name for s in cascade.stages} == {"nmi"}
@@ -130,6 +138,38 @@ def test_refine_config_drops_the_stages_the_network_replaces():
     assert [s.transform for s in affine.stages] == ["affine", "bspline"]
     with pytest.raises(ConfigError, match="cannot refine"):
         refine_config("dcc")
+
+
+def _bumpy_deform_net() -> DeformNet:
+    torch.manual_seed(5)
+    net = DeformNet(2, features=(4, 4, 4, 4, 4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.3)
+    return net
+
+
+@pytest.mark.parametrize("how", ["fit", "compose"])
+def test_refine_of_a_deformable_prediction_starts_where_refine_init_says(pair, tmp_path, how):
+    fixed, moving, _ = pair
+    path = save_regnet(tmp_path / "deform.pt", _bumpy_deform_net(),
+                       extra={"train": {"loss": "mi"}})
+    # No iterations: the refinement returns its starting transform.
+    res = register_with_net(fixed, moving, path, refine=True, refine_init=how, progress=False,
+                            overrides={"stages.0.iterations": 0})
+    grid = fixed.grid
+    with torch.no_grad():
+        predicted = res.prediction.displacement(grid, dtype=torch.float64)
+        got = res.transform.displacement(grid, dtype=torch.float64)
+    assert float(predicted.abs().max()) > 0.5  # a non-trivial prediction
+    spacing = res.refinement.config.stages[0].control_spacing_mm
+    want = (BSpline.fit(predicted, grid, spacing, dtype=torch.float64).displacement(grid)
+            if how == "fit" else predicted)
+    torch.testing.assert_close(got, want.detach(), atol=1e-4, rtol=0)
+    if how == "fit":  # the fit is smoother than the network's field
+        assert float((got - predicted).abs().max()) > 1e-3
+    with pytest.raises(ConfigError, match="refine_init"):
+        register_with_net(fixed, moving, path, refine=True, refine_init="warp")
 
 
 def test_non_network_model_file_is_refused(pair, tmp_path):
@@ -182,7 +222,10 @@ def test_cli_register_with_net_and_refine(pair, tmp_path, cli):
     code, _, err = cli(["register", str(f), str(m), "--net", str(model), "--metric", "mi",
                          "-o", str(tmp_path / "d")])
     assert code == 2 and "--refine" in err
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    code, _, err = cli(["register", str(f), str(m), "--net", str(model), "--refine-init",
+                         "compose", "-o", str(tmp_path / "e")])
+    assert code == 2 and "--refine-init" in err
+    assert not any((tmp_path / d).exists() for d in "cde")
 
 
 def test_affine_prediction_is_an_affine_about_the_fixed_centre(pair):

@@ -35,10 +35,14 @@ from itreg.errors import ConfigError
 @click.option("--refine", is_flag=True,
               help="With --net: continue from the network's prediction with the iterative "
                    "engine and the network's training metric (or --metric).")
+@click.option("--refine-init", type=click.Choice(["fit", "compose"]), default=None,
+              help="With --refine: start a B-spline refinement from the least-squares FFD of "
+                   "a deformable prediction (fit, the default) or keep the prediction as a "
+                   "fixed outer transform (compose).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, init, seed,
-             threads, sets, net, refine, force, quiet) -> None:
+             threads, sets, net, refine, refine_init, force, quiet) -> None:
     """Register MOVING to FIXED.
 
     Writes OUTPUT/warped.nii.gz, OUTPUT/transform.tfm (linear part, fixed -> moving),
@@ -58,6 +62,8 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
     moving_img = io.read_image(moving, is_label=False)
     fmask = io.read_mask(fixed_mask, fixed_img.grid) if fixed_mask else None
     mmask = io.read_mask(moving_mask, moving_img.grid) if moving_mask else None
+    if refine_init is not None and not refine:
+        raise ConfigError("--refine-init applies with --net MODEL.pt --refine")
     if refine and net is None:
         raise ConfigError("--refine continues from a network's prediction; give --net MODEL.pt")
     if net is not None:
@@ -65,7 +71,8 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
             raise ConfigError("--init does not apply with --net (the network predicts the "
                               "starting transform)")
         _register_with_net(fixed, moving, output, fixed_img, moving_img, fmask, mmask, net,
-                           refine, transform, metric, seed, threads, sets, force, quiet)
+                           refine, refine_init or "fit", transform, metric, seed, threads,
+                           sets, force, quiet)
         return
     init_arg: object = init
     if init not in ("centers", "moments", "none"):
@@ -85,7 +92,8 @@ def register(fixed, moving, output, transform, metric, fixed_mask, moving_mask, 
 
 
 def _register_with_net(fixed, moving, output, fixed_img, moving_img, fmask, mmask, net, refine,
-                       transform, metric, seed, threads, sets, force, quiet) -> None:
+                       refine_init, transform, metric, seed, threads, sets, force,
+                       quiet) -> None:
     from itreg.nets.inference import register_with_net
     from itreg.outputs import save_registration
 
@@ -94,7 +102,8 @@ def _register_with_net(fixed, moving, output, fixed_img, moving_img, fmask, mmas
         raise ConfigError("--transform, --metric and --set configure the refinement; add "
                           "--refine or leave them out")
     result = register_with_net(
-        fixed_img, moving_img, net, refine=refine, metric=metric, transform=transform,
+        fixed_img, moving_img, net, refine=refine, refine_init=refine_init, metric=metric,
+        transform=transform,
         fixed_mask=fmask, moving_mask=mmask, seed=seed, threads=threads,
         progress=not quiet, overrides=overrides)
     save_registration(result, output, force=force, inputs={

@@ -358,6 +358,19 @@ class StageConfig:
         """Whether the stage optimises a linear transform."""
         return self.transform in LINEAR_TRANSFORM_NAMES
 
+    def finest_levels(self, n: int) -> StageConfig:
+        """This stage with only its `n` finest levels: every per-level setting (shrink,
+        smoothing, learning rate, iterations, sample count) keeps its last `n` values."""
+        n = _as_int(n, "levels", low=1)
+        if n >= self.levels:
+            return self
+        data = self.to_dict()
+        for key in ("shrink", "smoothing_mm", "learning_rate", "iterations"):
+            data[key] = data[key][-n:]
+        if isinstance(data["sampling"]["count"], list):
+            data["sampling"]["count"] = data["sampling"]["count"][-n:]
+        return StageConfig.from_dict(data)
+
     def to_dict(self) -> dict:
         return {
             "transform": self.transform,

@@ -380,6 +380,11 @@ def run(
     min_overlap = config.min_overlap * reference
     logger.info("initial overlap %.3f of the fixed points; init=%s", reference,
                 init if isinstance(init, str) else type(init).__name__)
+    # An initial FFD on the control grid of the first non-linear stage continues in it.
+    ffd_stage = _continuing_stage(outer_init, config, fixed)
+    ffd_start = outer_init if ffd_stage is not None else None
+    if ffd_start is not None:
+        outer_init = None
 
     range_cache: dict = {}
     residual: list[Transform] = []  # frozen linear factors a stage could not absorb
@@ -405,6 +410,8 @@ def run(
                 outer = ([outer_init] if outer_init is not None else []) + residual
             else:
                 current = None
+                if si == ffd_stage:
+                    current = ffd_start.to(dtype=dtype, device=device)
                 outer = (([outer_init] if outer_init is not None else []) + residual
                          + [linear] + nonlinear)
             for li, level in enumerate(levels):
@@ -437,6 +444,20 @@ def run(
                 ", ".join(r.stop_reason for r in records))
     return RegistrationResult(transform, linear_part, records, wall, config, fixed, moving,
                               settings or {})
+
+
+def _continuing_stage(init: Transform | None, config: RegistrationConfig,
+                      fixed: Image) -> int | None:
+    """0 when the first stage is a B-spline stage whose control grid `init` (a B-spline)
+    already has, else None (linear stages before it would have to see the FFD as an outer
+    map, so the FFD then stays one)."""
+    from itreg.transforms.bspline import BSpline, control_grid_for
+
+    first = config.stages[0]
+    if not isinstance(init, BSpline) or first.transform != "bspline":
+        return None
+    return 0 if init.control_grid == control_grid_for(fixed.grid, first.control_spacing_mm) \
+        else None
 
 
 def _compose(*transforms: Transform) -> Transform:

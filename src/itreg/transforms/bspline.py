@@ -176,7 +176,8 @@ def _subdivision_matrix(m: int, dtype: torch.dtype, device) -> Tensor:
     return s.to(dtype=dtype, device=device)
 
 
-def _control_grid(grid: Grid, control_spacing_mm) -> Grid:
+def control_grid_for(grid: Grid, control_spacing_mm) -> Grid:
+    """The control grid ``BSpline(grid, control_spacing_mm)`` builds (see :class:`BSpline`)."""
     d = grid.ndim
     spacing = np.asarray(control_spacing_mm, dtype=np.float64).ravel()
     if spacing.size == 1:
@@ -222,7 +223,7 @@ class BSpline(Transform):
         device=None,
     ) -> None:
         super().__init__(grid.ndim)
-        self._setup(_control_grid(grid, control_spacing_mm), None, dtype, device)
+        self._setup(control_grid_for(grid, control_spacing_mm), None, dtype, device)
 
     def _setup(self, control_grid: Grid, coefficients: Tensor | None, dtype, device) -> None:
         if min(control_grid.size) < 4:
@@ -266,6 +267,53 @@ class BSpline(Transform):
         Transform.__init__(obj, control_grid.ndim)
         obj._setup(control_grid, coefficients, dtype, device)
         return obj
+
+    @classmethod
+    def fit(
+        cls,
+        source: Transform | Tensor,
+        grid: Grid,
+        control_spacing_mm: float | Sequence[float],
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> BSpline:
+        """The least-squares B-spline approximation of a displacement on `grid`.
+
+        Finds the coefficients on the control grid ``BSpline(grid, control_spacing_mm)``
+        would use that minimise the squared displacement error summed over the voxels of
+        `grid`. The FFD's weights are a Kronecker product of one matrix per axis, so the
+        solution is one pseudo-inverse per axis (exact, no iterations). A cubic B-spline
+        reproduces an affine displacement exactly; finer detail than the control spacing is
+        smoothed away (a dense network field becomes a smooth FFD).
+
+        Args:
+            source: a transform (its displacement on `grid` is fitted) or a displacement
+                ``(*grid.shape, D)`` in world mm.
+            grid: the grid of the displacement samples (and the FFD's domain).
+            control_spacing_mm: control point spacing in mm, a scalar or one per axis.
+            dtype, device: of the coefficients (default: float32, the source's device).
+
+        Raises:
+            GeometryError: `source` does not match `grid`.
+        """
+        if isinstance(source, Transform):
+            if source.ndim != grid.ndim:
+                raise GeometryError(f"cannot fit a {source.ndim}D transform on a "
+                                    f"{grid.ndim}D grid")
+            disp = source.displacement(grid, dtype=torch.float64)
+        else:
+            disp = torch.as_tensor(source)
+            if tuple(disp.shape) != (*grid.shape, grid.ndim):
+                raise GeometryError(f"displacement has shape {tuple(disp.shape)}, expected "
+                                    f"{(*grid.shape, grid.ndim)} for grid {grid}")
+        device = device if device is not None else disp.device
+        disp = disp.detach().to(dtype=torch.float64, device=device)
+        spline = cls(grid, control_spacing_mm, dtype=torch.float64, device=device)
+        inverses = [torch.linalg.pinv(m) for m in spline._axis_matrices(grid, torch.float64,
+                                                                       device)]
+        coefficients = _contract(torch.movedim(disp, -1, 0), inverses)
+        return cls.from_control_grid(spline.control_grid, coefficients, dtype=dtype,
+                                     device=device)
 
     @classmethod
     def from_itk_parameters(
