@@ -42,7 +42,7 @@ so partial rows show) and ``--out/table.json`` (the rows with their per-pair mea
 cores, no GPU): 150 training, 4 validation and 50 test pairs; DeformNet widths
 8,16,16,16,16 (4 levels) with batch normalisation, batch 1, trained on random 64^3 crops
 (``--crop 64``, 6 voxels per face left out of the similarity; a step costs about 1 s of CPU
-against 5 s on a whole volume), up to 50 epochs of 40 steps, no early stopping (the weights of
+against 5 s on a whole volume), 38 epochs of 40 steps, no early stopping (the weights of
 the best validation epoch are kept), Adam lr 1e-3, EMA 0.99, diffusion weight 0.1 (as in 2D);
 validation and test predictions on whole volumes. Settings that did not learn within 60-180
 steps (validation Dice within 0.005 of the identity's, or below it): instance normalisation on
@@ -50,13 +50,14 @@ crops, no normalisation, diffusion weight 1.0, lr 3e-3 (train loss rose), lr 1e-
 whole 4 mm volumes. Each network takes about an hour of one core::
 
     OUT=/work/bench-regnet3d; COMMON="--ndim 3 --spacing 2 --out $OUT --train 150 --val 4
-        --test 50 --epochs 50 --steps-per-epoch 40 --batch-size 1 --patience 0
+        --test 50 --epochs 38 --steps-per-epoch 40 --batch-size 1 --patience 0
         --reg-weight 0.1 --lr 1e-3 --threads 1 --crop 64 --crop-margin 6 --norm batch"
     nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods none,iterative
     nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods ants
     nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods nets --losses lncc
     nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods nets --losses mi64
-    ...
+    nice -n 10 python benchmarks/regnet_phantoms.py $COMMON --methods nets --losses deepsim-ae
+    ...  (mi16, mine, kldiv; --midice; --refine mi64)
     python benchmarks/regnet_phantoms.py --out $OUT --table
 
 Without ``--table`` the run prints the Markdown table of its own rows and writes
@@ -280,7 +281,8 @@ def network_measure(net, grid):
 
 def refine_measure(path: Path, grid, args):
     """The network's prediction refined by the engine (``register --net --refine``): the
-    bspline preset's FFD stage with the training metric, starting from the prediction."""
+    bspline preset's FFD stage from its second level on, with the training metric, starting
+    from the least-squares FFD of the prediction (``refine_init="fit"``)."""
     from itreg.nets.inference import register_with_net
 
     def measure(s) -> dict:

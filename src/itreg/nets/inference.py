@@ -19,7 +19,7 @@ network was trained with unless `metric` says otherwise:
   FFD of the prediction (:meth:`~itreg.transforms.BSpline.fit`; ``refine_init="fit"``): the
   network's detail finer than the control spacing is left out, and the engine optimises that
   FFD's coefficients, the same smooth model it would from scratch, from a close start (the
-  result is one FFD, written to ``transform.tfm`` as a B-spline). With ``refine_init="compose"``
+  result holds one FFD). With ``refine_init="compose"``
   (or a dense or velocity refinement) the prediction stays a frozen outer transform and the
   engine optimises a transform composed after it: ``Compose(prediction, identity-affine,
   ffd)``. Either way the result is written as one displacement field.
