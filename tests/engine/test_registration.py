@@ -204,8 +204,7 @@ def test_nonlinear_init_stays_outermost(grid2d):
 def _ffd_only(spacing_mm: float, iterations) -> RegistrationConfig:
     stage = next(s for s in load_preset("bspline").stages if s.transform == "bspline")
     config = RegistrationConfig(stages=(stage,))
-    return config.with_overrides(quick(**{"control_spacing_mm": spacing_mm,
-                                          "iterations": iterations}))
+    return config.with_overrides(quick(control_spacing_mm=spacing_mm, iterations=iterations))
 
 
 def test_an_initial_ffd_on_the_stage_control_grid_continues_in_the_stage(grid2d):

@@ -10,7 +10,8 @@
 - a :class:`~itreg.transforms.Transform` (for example read from a file): linear transforms
   (and compositions of them) start the linear stages; when the first stage is a ``bspline``
   stage, a B-spline FFD on its control grid (the same control spacing on the same fixed grid,
-  e.g. from :meth:`~itreg.transforms.BSpline.fit`) is its starting point; any other transform is kept, frozen, as the outermost factor of the result.
+  e.g. from :meth:`~itreg.transforms.BSpline.fit`) is its starting point; any other
+  transform is kept, frozen, as the outermost factor of the result.
 """
 
 from __future__ import annotations

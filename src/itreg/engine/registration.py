@@ -380,7 +380,7 @@ def run(
     min_overlap = config.min_overlap * reference
     logger.info("initial overlap %.3f of the fixed points; init=%s", reference,
                 init if isinstance(init, str) else type(init).__name__)
-    # An initial FFD on the control grid of the first non-linear stage continues in it.
+    # An initial FFD on the control grid of a leading B-spline stage continues in it.
     ffd_stage = _continuing_stage(outer_init, config, fixed)
     ffd_start = outer_init if ffd_stage is not None else None
     if ffd_start is not None:

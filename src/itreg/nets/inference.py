@@ -19,16 +19,17 @@ network was trained with unless `metric` says otherwise:
   FFD of the prediction (:meth:`~itreg.transforms.BSpline.fit`; ``refine_init="fit"``): the
   network's detail finer than the control spacing is left out, and the engine optimises that
   FFD's coefficients, the same smooth model it would from scratch, from a close start (the
-  result holds one FFD). With ``refine_init="compose"``
-  (or a dense or velocity refinement) the prediction stays a frozen outer transform and the
-  engine optimises a transform composed after it: ``Compose(prediction, identity-affine,
-  ffd)``. Either way the result is written as one displacement field.
+  result holds one FFD). With ``refine_init="compose"`` (or a dense or velocity refinement)
+  the prediction stays a frozen outer transform and the engine optimises a transform composed
+  after it: ``Compose(prediction, identity-affine, ffd)``. Either way the result is written
+  as one displacement field.
 
-  Why: on 3D 2 mm phantom pairs (test pairs 0-6 of ``benchmarks/regnet_phantoms.py``, a
-  DeformNet MI-64), composing gave mean Dice 0.80-0.82 where iterative registration alone got
-  0.83-0.85: the network's fine-scale errors sit outside the engine's 20 mm FFD, which cannot
-  undo them. Starting from the fitted FFD with all three levels gave 0.821-0.847, and from
-  its second level on 0.830-0.849, as iterative alone (0.825-0.851).
+  Why (``benchmarks/results/2026-12-06-regnet-phantoms-3d.md``, 50 3D 2 mm phantom pairs, a
+  DeformNet MI-64 at Dice 0.803): composing reached 0.814, below iterative registration
+  alone (0.845) on every pair, because the 20 mm FFD composed after the network's field
+  cannot undo its finer errors. The fit start reaches 0.846 with 11 % less CPU than
+  iterative. On pairs 0-6, the fit start with the coarsest level as well gave 0.821-0.847,
+  and from the second level on 0.830-0.849 (iterative 0.825-0.851).
 
 ``preset`` / ``transform`` / ``overrides`` change this refinement as for :func:`itreg.register`
 (for example ``overrides={"stages.0.iterations": [40, 30]}``).
