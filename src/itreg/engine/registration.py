@@ -381,10 +381,9 @@ def run(
     logger.info("initial overlap %.3f of the fixed points; init=%s", reference,
                 init if isinstance(init, str) else type(init).__name__)
     # An initial FFD on the control grid of a leading B-spline stage continues in it.
-    ffd_stage = _continuing_stage(outer_init, config, fixed)
-    ffd_start = outer_init if ffd_stage is not None else None
-    if ffd_start is not None:
-        outer_init = None
+    ffd_start = None
+    if _starts_first_stage(outer_init, config, fixed):
+        ffd_start, outer_init = outer_init, None
 
     range_cache: dict = {}
     residual: list[Transform] = []  # frozen linear factors a stage could not absorb
@@ -410,7 +409,7 @@ def run(
                 outer = ([outer_init] if outer_init is not None else []) + residual
             else:
                 current = None
-                if si == ffd_stage:
+                if si == 0 and ffd_start is not None:
                     current = ffd_start.to(dtype=dtype, device=device)
                 outer = (([outer_init] if outer_init is not None else []) + residual
                          + [linear] + nonlinear)
@@ -446,18 +445,15 @@ def run(
                               settings or {})
 
 
-def _continuing_stage(init: Transform | None, config: RegistrationConfig,
-                      fixed: Image) -> int | None:
-    """0 when the first stage is a B-spline stage whose control grid `init` (a B-spline)
-    already has, else None (linear stages before it would have to see the FFD as an outer
-    map, so the FFD then stays one)."""
+def _starts_first_stage(init: Transform | None, config: RegistrationConfig,
+                        fixed: Image) -> bool:
+    """Whether `init` is a B-spline on the control grid of the first stage, a B-spline stage
+    (one after linear stages would have to see the FFD as an outer map, so it stays one)."""
     from itreg.transforms.bspline import BSpline, control_grid_for
 
     first = config.stages[0]
-    if not isinstance(init, BSpline) or first.transform != "bspline":
-        return None
-    return 0 if init.control_grid == control_grid_for(fixed.grid, first.control_spacing_mm) \
-        else None
+    return (isinstance(init, BSpline) and first.transform == "bspline"
+            and init.control_grid == control_grid_for(fixed.grid, first.control_spacing_mm))
 
 
 def _compose(*transforms: Transform) -> Transform:
