@@ -442,10 +442,10 @@ def random_bias_fields(n: int, ndim: int, size: int, amplitude: float,
     coefs = torch.rand((n, channels, ndim + 1), generator=generator, dtype=torch.float64) * 2 - 1
     ar = torch.linspace(-1.0, 1.0, size, dtype=torch.float64) if size > 1 else torch.zeros(1)
     grids = torch.meshgrid(*([ar] * ndim), indexing="ij")
-    log = coefs[..., 0].reshape(n, channels, *([1] * ndim)).expand(n, channels,
-                                                                   *([size] * ndim)).clone()
+    shape = (n, channels, *([1] * ndim))
+    log = coefs[..., 0].reshape(shape)  # broadcast to (n, channels, *patch) by the ramps
     for d in range(ndim):
-        log = log + coefs[..., d + 1].reshape(n, channels, *([1] * ndim)) * grids[d]
+        log = log + coefs[..., d + 1].reshape(shape) * grids[d]
     return torch.exp(float(amplitude) * log).float()
 
 
