@@ -28,6 +28,7 @@ from torch import Tensor
 
 from itreg.engine.callbacks import Progress
 from itreg.engine.config import (
+    TRANSFORM_ALIASES,
     TRANSFORM_NAMES,
     RegistrationConfig,
     available_presets,
@@ -69,6 +70,8 @@ def resolve_config(transform: str | None = None, metric: str | None = None,
         ConfigError: unknown names, keys or invalid values (the message lists valid ones).
     """
     presets = available_presets()
+    if isinstance(transform, str):
+        transform = TRANSFORM_ALIASES.get(transform.lower(), transform)
     if preset is None:
         if transform is None:
             config = load_preset(DEFAULT_PRESET)
@@ -168,6 +171,40 @@ def _check_contrast(image: Image, name: str, mask: Tensor | None) -> None:
                                 "registration needs image contrast")
 
 
+#: Fewer voxels than this along an axis cannot carry a registration in that axis (the
+#: pyramid, the B-spline grid and the gradient all need a few voxels).
+MIN_AXIS_VOXELS = 4
+#: A ratio of voxel sizes above this (between the images, or between the axes of one image)
+#: is warned about: it is almost always a header error, and registration then fits noise.
+SPACING_RATIO_WARNING = 20.0
+
+
+def _check_extent(image: Image, name: str) -> None:
+    """GeometryError for an image too thin to register in its own dimension."""
+    shape = tuple(image.grid.shape)  # (Z, Y, X) or (Y, X)
+    axes = "xyz"[: image.ndim][::-1]
+    thin = [f"{a} ({n} voxel{'s' if n != 1 else ''})" for a, n in zip(axes, shape)
+            if n < MIN_AXIS_VOXELS]
+    if thin:
+        raise GeometryError(
+            f"{name} is too thin to register in {image.ndim}D along {', '.join(thin)}; at "
+            f"least {MIN_AXIS_VOXELS} voxels per axis are needed (register a single slice as "
+            "a 2D image)")
+
+
+def _check_spacings(fixed: Image, moving: Image, fname: str, mname: str) -> None:
+    """Warn about voxel sizes that differ wildly (between the images or within one)."""
+    f_sp, m_sp = fixed.grid.spacing, moving.grid.spacing
+    ratio = max(max(f_sp), max(m_sp)) / max(min(min(f_sp), min(m_sp)), 1e-12)
+    between = max(max(f_sp) / max(min(m_sp), 1e-12), max(m_sp) / max(min(f_sp), 1e-12))
+    if ratio > SPACING_RATIO_WARNING:
+        logger.warning(
+            "voxel sizes differ by a factor of %.3g (%s: %s mm, %s: %s mm)%s; check the image "
+            "headers", ratio, fname, "x".join(f"{v:g}" for v in f_sp), mname,
+            "x".join(f"{v:g}" for v in m_sp),
+            " between the images" if between > SPACING_RATIO_WARNING else " within an image")
+
+
 def _working_dtype(image: Image) -> torch.dtype:
     return image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -203,6 +240,9 @@ def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
             raise GeometryError(f"{name} has {img.channels} components; registration needs "
                                 "scalar images (pick one channel or convert to grey levels)")
         _check_finite(img, name)
+    for img, name in ((fixed_img, fname), (moving_img, mname)):
+        _check_extent(img, name)
+    _check_spacings(fixed_img, moving_img, fname, mname)
     fmask = _load_mask(fixed_mask, fixed_img, fname, "fixed")
     mmask = _load_mask(moving_mask, moving_img, mname, "moving")
     _check_contrast(fixed_img, fname, fmask)

@@ -14,15 +14,22 @@ from itreg.warp import resample
 
 
 def run_demo(output: str | Path, *, spacing_mm: float = 1.0, seed: int = 0,
-             threads: int | None = None, force: bool = False, progress: bool = True) -> str:
+             threads: int | None = None, device: str | None = None, force: bool = False,
+             progress: bool = True) -> str:
     """Register the MNI T1 (fixed) with a synthetic T2-like image under a random affine.
 
     Writes the usual registration outputs plus ``fixed.nii.gz``, ``moving.nii.gz``,
     ``true_transform.tfm``, ``before_after.png`` and an ``error`` entry in ``report.json``.
+    `device` is a ``--device`` name (:func:`itreg.runtime.resolve_device`; default: auto).
     Returns a one-paragraph summary with the error reached and the wall time.
     """
+    from itreg.runtime import resolve_device
+
+    io.check_output_dir(output, force=force)
+    dev = resolve_device(device)
     pair = brain_pair(spacing_mm=spacing_mm, contrast="t2", kind="affine", seed=seed)
-    result = register(pair.fixed, pair.moving, transform="affine", metric="mi", seed=seed,
+    result = register(pair.fixed.to(dev), pair.moving.to(dev), transform="affine", metric="mi",
+                      seed=seed,
                       threads=threads, progress=progress)
     mask = pair.fixed_mask.data[0]
     after = warping_error(result.transform, pair.true_transform, pair.fixed.grid, mask)

@@ -47,6 +47,11 @@ class OutputExistsError(ItregError):
     """An output file or folder exists and overwriting was not requested."""
 
 
+class OutputPathError(ItregError):
+    """An output path cannot be written (no permission, a file where a folder is needed, a full
+    disk)."""
+
+
 class ConvergenceError(ItregError):
     """The optimiser did not converge and the caller asked for strict convergence."""
 

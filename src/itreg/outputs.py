@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from itreg import io
-from itreg.transforms import Affine, LinearTransform
-from itreg.warp import resample
+from itreg.transforms import Affine
 
 #: Extensions read as displacement-field images rather than ITK transform files.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -22,11 +21,28 @@ def is_image_path(path: str | Path) -> bool:
 def write_registration(result, folder: str | Path, inputs: dict | None = None) -> list[str]:
     """Write a registration result's files into an existing `folder` (not atomic).
 
-    Files: ``warped.nii.gz`` (moving resampled onto the fixed grid), ``transform.tfm`` (the
-    linear part, fixed -> moving, ITK convention; the identity if there is none),
-    ``displacement.nii.gz`` for deformable runs (the whole transform, linear part included, as a
-    world-mm displacement field on the fixed grid), and ``report.json``. Returns the file names.
+    Files:
+
+    * ``warped.nii.gz``: the moving image resampled onto the fixed grid;
+    * ``transform.tfm``: the linear part, fixed -> moving, ITK convention (the identity if
+      there is none);
+    * ``transform.h5``: the whole fixed -> moving map as one exact ITK file (an affine, or a
+      ``CompositeTransform`` of the affine and the B-spline or displacement field, the latter
+      applied first) that ``SimpleITK.ReadTransform`` and ``antsApplyTransforms`` read;
+    * linear runs: ``inverse.tfm``, the exact inverse (moving -> fixed);
+    * deformable runs: ``displacement.nii.gz`` (the whole transform as a world-mm displacement
+      field on the fixed grid) and ``inverse_displacement.nii.gz`` (the moving -> fixed map as
+      a displacement field on the moving grid: exact linear part, negated velocity for SVF
+      runs, fixed-point inversion for B-spline and dense runs), with the inverse-consistency
+      residual ``|inverse(T(x)) - x|`` over the fixed mask (else over the fixed points that map
+      inside the moving image) in ``report.json`` under ``inverse_consistency``;
+    * ``report.json``.
+
+    Returns the file names.
     """
+    from itreg.pipeline import inverse_consistency, inverse_field
+    from itreg.transforms import exportable
+
     folder = Path(folder)
     grid = result.warped.grid
     io.write_image(result.warped, folder / "warped.nii.gz")
@@ -34,11 +50,24 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
     if linear is None:
         linear = Affine(grid.ndim, center=grid.center)
     io.write_transform(linear, folder / "transform.tfm")
-    files = ["warped.nii.gz", "transform.tfm"]
-    if not isinstance(result.transform, LinearTransform):
-        io.write_displacement_field(result.transform, grid, folder / "displacement.nii.gz")
-        files.append("displacement.nii.gz")
+    transform = result.transform
+    io.write_transform(exportable(transform), folder / "transform.h5")
+    files = ["warped.nii.gz", "transform.tfm", "transform.h5"]
     report = dict(result.report())
+    if transform.is_linear:
+        io.write_transform(linear.inverse(), folder / "inverse.tfm")
+        files.append("inverse.tfm")
+    else:
+        io.write_displacement_field(transform, grid, folder / "displacement.nii.gz")
+        moving_grid = result.moving.grid
+        inverse = inverse_field(transform, moving_grid)
+        io.write_displacement_field(inverse, moving_grid, folder / "inverse_displacement.nii.gz")
+        files += ["displacement.nii.gz", "inverse_displacement.nii.gz"]
+        written = io.read_displacement_field(folder / "inverse_displacement.nii.gz",
+                                             dtype=torch.float64)
+        region, where = _consistency_region(result, transform, inputs)
+        report["inverse_consistency"] = {
+            **inverse_consistency(transform, written, grid, region), "region": where}
     report["outputs"] = files + ["report.json"]
     if inputs:
         report["inputs"] = {k: str(v) for k, v in inputs.items() if v is not None}
@@ -46,14 +75,40 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
     return report["outputs"]
 
 
+def _consistency_region(result, transform, inputs):
+    """Fixed-grid points where the inverse is measured: the fixed mask when one was given,
+    else the points whose image lies inside the moving image."""
+    grid = result.warped.grid
+    mask_path = (inputs or {}).get("fixed_mask")
+    if mask_path:
+        try:
+            mask = io.read_mask(mask_path, grid)
+            return mask.data[0].bool(), "fixed mask"
+        except Exception:  # noqa: BLE001 - the report falls back to the overlap
+            pass
+    with torch.no_grad():
+        mapped = transform.on_grid(grid, dtype=torch.float64)
+        index = result.moving.grid.world_to_index(mapped.cpu())
+    upper = torch.tensor([n - 0.5 for n in result.moving.grid.size], dtype=index.dtype)
+    inside = ((index >= -0.5) & (index < upper)).all(dim=-1)
+    return inside, "overlap"
+
+
 def save_registration(result, outdir: str | Path, *, force: bool = False,
-                      inputs: dict | None = None) -> Path:
+                      inputs: dict | None = None, protect=None) -> Path:
     """Write a registration result to `outdir` atomically (see :func:`write_registration`).
 
+    With `force` an existing folder keeps every file that itreg did not write there
+    (:func:`itreg.io.atomic_output_dir`). `protect` lists paths that may not be overwritten
+    (the inputs); by default the path values of `inputs`.
+
     Raises:
-        OutputExistsError: `outdir` exists and `force` is False (nothing is touched).
+        OutputExistsError: `outdir` exists and is not empty and `force` is False, is a file, or
+            would overwrite an input (nothing is touched).
     """
-    with io.atomic_output_dir(outdir, force=force) as tmp:
+    if protect is None:
+        protect = [v for v in (inputs or {}).values() if isinstance(v, (str, Path)) and v]
+    with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
         write_registration(result, tmp, inputs)
     return Path(outdir)
 
@@ -61,24 +116,15 @@ def save_registration(result, outdir: str | Path, *, force: bool = False,
 def apply_transform_file(image_path: str | Path, reference_path: str | Path,
                          transform_path: str | Path, out_path: str | Path, *,
                          labels: bool = False, force: bool = False) -> Path:
-    """Resample `image_path` onto the grid of `reference_path` through a transform file.
+    """Resample `image_path` onto the grid of `reference_path` through one transform file.
 
     The transform maps reference-space points to image-space points (ITK convention). It is an
-    ITK transform file (``.tfm``, ``.txt``, ``.h5``) or a displacement-field image.
+    ITK transform file (``.tfm``, ``.txt``, ``.h5``, ``.mat``) or a displacement-field image.
     With `labels` the image is a label map, resampled label-preservingly with its integer type
-    kept; otherwise it is an intensity image (integer files included) resampled linearly.
+    kept; otherwise it is an intensity image resampled linearly. Chains, inverses and other
+    interpolations: :func:`itreg.pipeline.apply_to_image`.
     """
-    # Integer images are intensities (CT, MR) unless --labels says they are label maps.
-    image = io.read_image(image_path, is_label=labels)
-    reference_grid = io.read_header(reference_path).grid
-    if is_image_path(transform_path):
-        transform = io.read_displacement_field(transform_path)
-    else:
-        transform = io.read_transform(transform_path)
-    mode = "label" if labels else "linear"
-    if labels and image.data.is_floating_point():
-        image = image.with_data(image.data.round().to(torch.int64), is_label=True)
-    out = resample(image, transform, reference_grid, mode=mode)
-    with io.atomic_output_file(out_path, force=force) as tmp:
-        io.write_image(out, tmp)
-    return Path(out_path)
+    from itreg.pipeline import apply_to_image
+
+    return apply_to_image(image_path, reference_path, [transform_path], out_path,
+                          interpolation="label" if labels else "linear", force=force)

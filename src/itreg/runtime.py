@@ -13,7 +13,7 @@ import torch
 
 from itreg.errors import ConfigError
 
-__all__ = ["limited_threads"]
+__all__ = ["DEVICE_NAMES", "limited_threads", "provenance", "resolve_device"]
 
 
 @contextlib.contextmanager
@@ -34,3 +34,81 @@ def limited_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+#: The ``device`` names :func:`resolve_device` accepts (``cuda:N`` picks a GPU).
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The torch device a ``--device`` / ``device=`` value names.
+
+    ``auto`` (or None) is the first CUDA GPU when torch sees one, else the CPU; ``cuda`` and
+    ``cuda:N`` must exist.
+
+    Raises:
+        ConfigError: an unknown name, or a device that this machine or this torch build lacks
+            (the message says which and suggests ``cpu``).
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    text = "auto" if name is None else str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError("device 'mps' is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    if text == "cuda" or text.startswith("cuda:"):
+        index = 0
+        if text != "cuda":
+            suffix = text[len("cuda:"):]
+            if not suffix.isdigit():
+                raise ConfigError(f"device {name!r}: expected cuda:N with a GPU number N")
+            index = int(suffix)
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else \
+                "no CUDA GPU is visible"
+            raise ConfigError(f"device {name!r} is not available ({why}); use --device cpu or "
+                              "auto")
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"device {name!r} does not exist: {count} CUDA GPU"
+                              f"{'s are' if count != 1 else ' is'} visible (cuda:0.."
+                              f"cuda:{count - 1})")
+        return torch.device("cuda", index)
+    raise ConfigError(f"unknown device {name!r}; valid devices are: {', '.join(DEVICE_NAMES)}")
+
+
+def provenance() -> dict:
+    """What produced an output: itreg, torch, SimpleITK, numpy and Python versions, the
+    command line and the time (UTC), for ``report.json`` and model files."""
+    import datetime
+    import platform
+    import shlex
+    import sys
+    from importlib import metadata
+
+    from itreg._version import __version__
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("/itreg", "\\itreg", "itreg.exe")):
+        argv[0] = "itreg"
+    return {
+        "itreg": __version__,
+        "torch": torch.__version__,
+        "SimpleITK": version("SimpleITK"),
+        "numpy": version("numpy"),
+        "python": platform.python_version(),
+        "command": shlex.join(argv),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

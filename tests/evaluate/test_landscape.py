@@ -147,7 +147,8 @@ def test_cli_landscape(tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "1 local optima" in res.output
-    assert {p.name for p in out.iterdir()} == {"landscape.png", "landscape.csv", "summary.json"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == \
+        {"landscape.png", "landscape.csv", "summary.json"}
     res = runner.invoke(app, args)
     assert res.exit_code != 0
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0

@@ -33,7 +33,8 @@ def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files,
     code, _stdout, err = cli(["groupwise", *map(str, group_files), "-o", str(out),
                              "--transform", "translation", "--iterations", "15", "--quiet"])
     assert code == 0, err
-    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+             and not p.name.startswith(".")}
     expected = {f"{j}/{f}" for j in range(3) for f in ("warped.nii.gz", "transform.tfm")}
     expected |= {"segmentation.nii.gz", "probabilities.nii.gz", "template.nii.gz", "report.json"}
     assert names == expected

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,14 @@ import tomllib
 from itreg.errors import ConfigError, unknown_name
 
 #: Names of the transforms a stage can optimise (the registry lives in ``engine.stages``).
+#: The most iterations a level may run: a bound that catches typos such as 1e30, far above
+#: any useful schedule (the presets use at most a few hundred).
+MAX_ITERATIONS = 100_000
+
+#: Other names users of other tools (and itreg's groupwise command) give these transforms.
+TRANSFORM_ALIASES = {"ffd": "bspline", "b-spline": "bspline", "bsplines": "bspline",
+                     "syn": "svf", "demons": "dense", "displacement": "dense"}
+
 TRANSFORM_NAMES = ("translation", "rigid", "similarity", "affine", "bspline", "dense", "svf")
 #: Linear stage transforms; they must come before the non-linear ones.
 LINEAR_TRANSFORM_NAMES = ("translation", "rigid", "similarity", "affine")
@@ -58,11 +67,14 @@ def _as_float(value: Any, path: str, low: float = -math.inf, high: float = math.
     return v
 
 
-def _as_int(value: Any, path: str, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+def _as_int(value: Any, path: str, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not math.isfinite(value)) or int(value) != value:
         raise _fail(path, f"expected an integer, got {value!r}")
     if int(value) < low:
         raise _fail(path, f"expected an integer >= {low}, got {value!r}")
+    if high is not None and int(value) > high:
+        raise _fail(path, f"expected an integer <= {high}, got {value!r}")
     return int(value)
 
 
@@ -325,7 +337,7 @@ class StageConfig:
             smoothing = [0.5 * f if f > 1 else 0.0 for f in shrink]
         per_level = {
             "learning_rate": lambda v, p: _as_float(v, p, 0.0, low_open=True),
-            "iterations": lambda v, p: _as_int(v, p, low=0),
+            "iterations": lambda v, p: _as_int(v, p, low=0, high=MAX_ITERATIONS),
         }
         if isinstance(self.sampling.count, tuple):
             _broadcast(self.sampling.count, n, "sampling.count")
@@ -662,6 +674,50 @@ def load_preset(name: str) -> RegistrationConfig:
     return RegistrationConfig.from_dict(data)
 
 
+def preset_text(name: str) -> str:
+    """The TOML text of a shipped preset, comments included.
+
+    Raises:
+        ConfigError: no preset of that name (the message lists the presets).
+    """
+    names = available_presets()
+    if name not in names:
+        raise unknown_name("preset", name, names)
+    return _preset_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "inf" if value > 0 else "-inf" if value < 0 else "nan"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    raise ConfigError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def to_toml(config: RegistrationConfig) -> str:
+    """`config` as TOML text in the presets' layout (:func:`config_from_toml` reads it back)."""
+    data = config.to_dict()
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
+             if k != "stages" and v is not None]
+    for stage in data["stages"]:
+        lines += ["", "[[stages]]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in stage.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
 def config_from_toml(text: str) -> RegistrationConfig:
     """Parse a registration config from TOML text (same layout as the presets).
 
@@ -677,6 +733,8 @@ def config_from_toml(text: str) -> RegistrationConfig:
 
 __all__ = [
     "LINEAR_TRANSFORM_NAMES",
+    "MAX_ITERATIONS",
+    "TRANSFORM_ALIASES",
     "OPTIMIZER_NAMES",
     "TRANSFORM_NAMES",
     "ConvergenceConfig",
@@ -687,4 +745,6 @@ __all__ = [
     "available_presets",
     "config_from_toml",
     "load_preset",
+    "preset_text",
+    "to_toml",
 ]

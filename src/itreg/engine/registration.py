@@ -35,6 +35,7 @@ from itreg.engine.stages import LinearStage, StageSetup, get_stage_transform
 from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
+from itreg.runtime import provenance
 from itreg.transforms import Affine, LinearTransform, Transform
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class RegistrationResult:
             out["quantity"] = self.levels[-1].quantity_name
         if self.linear is not None:
             out["linear"] = linear_summary(self.linear)
+        out["provenance"] = provenance()
         return out
 
     def __repr__(self) -> str:

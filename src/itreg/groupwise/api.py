@@ -183,9 +183,12 @@ class GroupResult:
             lin = _linear_part(t)
             linear.append({"matrix": lin.matrix().detach().cpu().double().tolist(),
                            "offset": lin.offset().detach().cpu().double().tolist()})
+        from itreg.runtime import provenance
+
         return {
             "itreg_report": 1,
             "kind": "groupwise",
+            "provenance": provenance(),
             "wall_time_s": round(self.wall_time_s, 6),
             "settings": self.settings,
             "images": len(self.images),

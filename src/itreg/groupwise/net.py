@@ -129,7 +129,9 @@ class DCCResult:
 
     def report(self, history: bool = True) -> dict:
         """A JSON-serialisable summary (settings, grid, wall time)."""
-        return {"itreg_report": 1, "kind": "groupwise-dcc",
+        from itreg.runtime import provenance
+
+        return {"itreg_report": 1, "kind": "groupwise-dcc", "provenance": provenance(),
                 "wall_time_s": round(self.wall_time_s, 6), "settings": self.settings,
                 "images": len(self.images),
                 "grid": {"size": list(self.grid.size), "spacing": list(self.grid.spacing)},

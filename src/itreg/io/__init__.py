@@ -16,7 +16,12 @@ from itreg.io.images import (
     write_image,
 )
 from itreg.io.landmarks import read_landmarks, write_landmarks
-from itreg.io.outputs import atomic_output_dir, atomic_output_file
+from itreg.io.outputs import (
+    atomic_output_dir,
+    atomic_output_file,
+    check_output_dir,
+    check_output_file,
+)
 from itreg.io.transforms import (
     TRANSFORM_SUFFIXES,
     is_transform_path,
@@ -31,6 +36,8 @@ __all__ = [
     "ImageHeader",
     "atomic_output_dir",
     "atomic_output_file",
+    "check_output_dir",
+    "check_output_file",
     "check_image",
     "default_max_bytes",
     "from_sitk",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -138,6 +139,48 @@ def full_suffix(path: str | os.PathLike) -> str:
     return Path(name).suffix
 
 
+#: Temporary names: ``.itreg-<tag>-<pid>-<random>-<name>``; the pid lets a later run tell the
+#: leftovers of a killed process (cleaned) from those of a running one (kept).
+_TEMP_RE = re.compile(r"^\.itreg-(tmp|old)-(\d+)-[0-9a-f]{12}-(.*)$")
+
+
+def temporary_name(name: str, tag: str = "tmp") -> str:
+    """A hidden temporary name for `name` that records this process's id."""
+    return f".itreg-{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{name}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def parse_temporary_name(name: str) -> tuple[str, int, str] | None:
+    """``(tag, pid, original name)`` of a name made by :func:`temporary_name`, else None."""
+    m = _TEMP_RE.match(name)
+    return None if m is None else (m.group(1), int(m.group(2)), m.group(3))
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files and folders in `folder` left by itreg processes that no longer run."""
+    out = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return out
+    for entry in entries:
+        parsed = parse_temporary_name(entry.name)
+        if parsed is not None and not _pid_alive(parsed[1]):
+            out.append(entry)
+    return sorted(out)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same extension); on success replace `path` with it.
@@ -150,7 +193,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     if full_suffix(target) in TWO_FILE_SUFFIXES:
         yield target
         return
-    tmp = target.with_name(f".itreg-tmp-{uuid.uuid4().hex[:12]}-{target.name}")
+    tmp = target.with_name(temporary_name(target.name, "tmp"))
     try:
         yield tmp
         os.replace(tmp, target)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-import itreg
+from itreg._version import __version__
 from itreg.errors import ConfigError, unknown_name
 from itreg.image import Image
 from itreg.io import (
@@ -205,7 +205,7 @@ def write_phantom(
     if kind != "dynamic" and misalign not in PAIR_KINDS:
         raise unknown_name("misalignment", misalign, PAIR_KINDS)
     manifest: dict = {
-        "itreg_version": itreg.__version__,
+        "itreg_version": __version__,
         "kind": kind,
         "ndim": ndim,
         "spacing_mm": spacing_mm,
