@@ -1,10 +1,12 @@
 """Image similarity metrics: one registry of named losses (lower = better aligned).
 
 Classic metrics (:mod:`itreg.metrics.classic`): ``"mse"``, ``"ncc"``, ``"lncc"``, ``"mi"``
-(Mattes), ``"mi-gaussian"``, ``"nmi"``, ``"joint-entropy"``. All histogram metrics share the
-Parzen kernel-density code of :mod:`itreg.metrics.histogram`; intensity ranges follow a named
-setting (:mod:`itreg.metrics.intensity`). Learned metrics register themselves under a prefix
-and are built from a model file: ``get_metric("ditr:model.pt")``.
+(Mattes), ``"mi-gaussian"``, ``"nmi"``, ``"joint-entropy"``. Modality-independent metrics:
+``"ngf"`` (:mod:`itreg.metrics.ngf`) and ``"mind-ssc"`` (:mod:`itreg.metrics.mind`). All
+histogram metrics share the Parzen kernel-density code of :mod:`itreg.metrics.histogram`;
+intensity ranges follow a named setting (:mod:`itreg.metrics.intensity`). Learned metrics
+register themselves under a prefix and are built from a model file:
+``get_metric("ditr:model.pt")``.
 
 Example:
     >>> import torch
@@ -51,6 +53,8 @@ from itreg.metrics.intensity import (
     rescale,
     robust_range,
 )
+from itreg.metrics.mind import MINDSSC, mind_ssc
+from itreg.metrics.ngf import NormalizedGradientFields, ngf, ngf_epsilon, noise_sigma
 from itreg.metrics.registry import available_metrics, get_metric, register_metric
 
 for _name, _factory in (
@@ -61,6 +65,8 @@ for _name, _factory in (
     ("mi-gaussian", GaussianMutualInformation),
     ("nmi", NormalizedMutualInformation),
     ("joint-entropy", JointEntropy),
+    ("ngf", NormalizedGradientFields),
+    ("mind-ssc", MINDSSC),
 ):
     register_metric(_name, _factory)
 del _name, _factory
@@ -76,10 +82,12 @@ __all__ = [
     "GaussianMutualInformation",
     "JointEntropy",
     "LocalNormalizedCrossCorrelation",
+    "MINDSSC",
     "MeanSquaredError",
     "Metric",
     "MutualInformation",
     "NormalizedCrossCorrelation",
+    "NormalizedGradientFields",
     "NormalizedMutualInformation",
     "available_metrics",
     "check_mask",
@@ -94,10 +102,14 @@ __all__ = [
     "joint_probability",
     "kernel_padding",
     "lncc",
+    "mind_ssc",
     "mse",
     "mutual_information",
     "mutual_information_from_joint",
     "ncc",
+    "ngf",
+    "ngf_epsilon",
+    "noise_sigma",
     "normalized_mutual_information",
     "parzen_histogram",
     "parzen_weights",
