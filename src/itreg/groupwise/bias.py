@@ -13,63 +13,17 @@ z-scored image is negative in the background), corrected inside its Otsu foregro
 usual N4 mask when no brain mask is given), and shifted back, so the background keeps its
 level. The B-spline mesh starts with one span per axis (4 control points, cubic) and is
 refined `levels` times; the field is estimated on an image shrunk to about ``2**18`` voxels
-and evaluated at full resolution. The SimpleITK call lives in :mod:`itreg.io.n4`.
+and evaluated at full resolution. :func:`n4_correct` and the SimpleITK call live in
+:mod:`itreg.io.n4` (shared with the pairwise ``register(..., bias_correction="n4")``).
 """
 
 from __future__ import annotations
 
-import torch
-
-from itreg.errors import ConfigError, unknown_name
+from itreg.errors import unknown_name
 from itreg.image import Image
-
-#: Names of the bias corrections :func:`correct_bias_fields` accepts.
-BIAS_CORRECTIONS = ("none", "n4")
+from itreg.io.n4 import BIAS_CORRECTIONS, n4_correct
 
 __all__ = ["BIAS_CORRECTIONS", "correct_bias_fields", "n4_correct"]
-
-
-def n4_correct(image: Image, levels: int = 3, iterations: int = 50,
-               mask: Image | None = None, max_voxels: int | None = None
-               ) -> tuple[Image, Image]:
-    """N4 bias-field correction of one single-channel image.
-
-    Args:
-        image: the image (2D or 3D, one channel; any intensity offset).
-        levels: B-spline fitting levels (each halves the control-point spacing, starting from
-            one span over the image). 3 measured best on 2 mm brain slices (residual
-            nonuniformity 5 % -> 0.8-1.7 %; 4 levels began to fit anatomy).
-        iterations: iterations per level.
-        mask: foreground to fit in (nonzero inside, on the image's grid); None: Otsu threshold.
-        max_voxels: N4 fits on the image shrunk to about this many voxels (None: the default
-            of :func:`itreg.io.n4.n4_log_field`); the field is evaluated at full size.
-
-    Returns:
-        ``(corrected, field)``: the corrected image (same grid, dtype, device) and the
-        estimated multiplicative field (corrected = floor + (image - floor) / field, with the
-        floor the image's minimum).
-
-    Raises:
-        ConfigError: bad `levels` or `iterations`, several channels, or a mask on another
-            grid.
-    """
-    from itreg.io.n4 import n4_log_field
-
-    for name, value in (("levels", levels), ("iterations", iterations)):
-        if isinstance(value, bool) or int(value) != value or int(value) < 1:
-            raise ConfigError(f"N4 {name} must be an integer >= 1, got {value!r}")
-    if image.channels != 1:
-        raise ConfigError(f"N4 corrects single-channel images, got {image.channels} channels")
-    if mask is not None and not mask.grid.same_as(image.grid):
-        raise ConfigError("the N4 mask is not on the image's grid")
-    data = image.data.detach()
-    floor = float(data.min())
-    shifted = image.with_data((data - floor).to(torch.float64).cpu())
-    field = torch.exp(n4_log_field(shifted, mask, int(levels), int(iterations), max_voxels))
-    corrected = (data.to(torch.float64).cpu() - floor) / field + floor
-    to = {"dtype": data.dtype, "device": data.device}
-    return (image.with_data(corrected.to(**to)),
-            Image(field.to(**to), image.grid, is_label=False))
 
 
 def correct_bias_fields(images: list[Image], method: str, levels: int = 3) -> list[Image]:

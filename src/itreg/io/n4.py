@@ -1,7 +1,8 @@
 """N4 bias-field estimation through SimpleITK (Tustison et al. 2010), for itreg images.
 
-Kept in :mod:`itreg.io`, the only package that imports SimpleITK; the groupwise preprocessing
-(:mod:`itreg.groupwise.bias`) calls it.
+Kept in :mod:`itreg.io`, the only package that imports SimpleITK. :func:`n4_correct` is the
+correction of one image that the groupwise preprocessing (:mod:`itreg.groupwise.bias`) and the
+pairwise front door (``itreg.api.register(..., bias_correction="n4")``) share.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from itreg.errors import ConfigError
 from itreg.image import Image
 from itreg.io.images import from_sitk, to_sitk
 
 #: Voxels above which N4 fits on a shrunk image (the field is still evaluated at full size).
 N4_MAX_VOXELS = 2 ** 18
 
-__all__ = ["N4_MAX_VOXELS", "n4_log_field"]
+#: Names of the bias corrections the front doors accept.
+BIAS_CORRECTIONS = ("none", "n4")
+
+__all__ = ["BIAS_CORRECTIONS", "N4_MAX_VOXELS", "n4_correct", "n4_log_field"]
 
 
 def n4_log_field(image: Image, mask: Image | None, levels: int, iterations: int,
@@ -57,3 +62,44 @@ def n4_log_field(image: Image, mask: Image | None, levels: int, iterations: int,
     n4.SetMaximumNumberOfIterations([int(iterations)] * int(levels))
     n4.Execute(small, small_fg)
     return from_sitk(n4.GetLogBiasFieldAsImage(full), dtype=torch.float64).data
+
+
+def n4_correct(image: Image, levels: int = 3, iterations: int = 50,
+               mask: Image | None = None, max_voxels: int | None = None
+               ) -> tuple[Image, Image]:
+    """N4 bias-field correction of one single-channel image.
+
+    Args:
+        image: the image (2D or 3D, one channel; any intensity offset).
+        levels: B-spline fitting levels (each halves the control-point spacing, starting from
+            one span over the image). 3 measured best on 2 mm brain slices (residual
+            nonuniformity 5 % -> 0.8-1.7 %; 4 levels began to fit anatomy).
+        iterations: iterations per level.
+        mask: foreground to fit in (nonzero inside, on the image's grid); None: Otsu threshold.
+        max_voxels: N4 fits on the image shrunk to about this many voxels (None: the default
+            of :func:`itreg.io.n4.n4_log_field`); the field is evaluated at full size.
+
+    Returns:
+        ``(corrected, field)``: the corrected image (same grid, dtype, device) and the
+        estimated multiplicative field (corrected = floor + (image - floor) / field, with the
+        floor the image's minimum).
+
+    Raises:
+        ConfigError: bad `levels` or `iterations`, several channels, or a mask on another
+            grid.
+    """
+    for name, value in (("levels", levels), ("iterations", iterations)):
+        if isinstance(value, bool) or int(value) != value or int(value) < 1:
+            raise ConfigError(f"N4 {name} must be an integer >= 1, got {value!r}")
+    if image.channels != 1:
+        raise ConfigError(f"N4 corrects single-channel images, got {image.channels} channels")
+    if mask is not None and not mask.grid.same_as(image.grid):
+        raise ConfigError("the N4 mask is not on the image's grid")
+    data = image.data.detach()
+    floor = float(data.min())
+    shifted = image.with_data((data - floor).to(torch.float64).cpu())
+    field = torch.exp(n4_log_field(shifted, mask, int(levels), int(iterations), max_voxels))
+    corrected = (data.to(torch.float64).cpu() - floor) / field + floor
+    to = {"dtype": data.dtype, "device": data.device}
+    return (image.with_data(corrected.to(**to)),
+            Image(field.to(**to), image.grid, is_label=False))
