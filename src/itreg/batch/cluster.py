@@ -1,0 +1,142 @@
+"""Where batch jobs run: a Dask ``distributed`` client on an embedded ``LocalCluster`` (the
+default), an existing scheduler (``--scheduler tcp://host:8786``), or a SLURM/PBS/SGE cluster
+started through ``dask-jobqueue`` (``--cluster slurm``). Dask does all scheduling, rescheduling
+after a lost worker, and memory limits; itreg only submits one task per job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from itreg.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: ``--cluster`` names and their dask-jobqueue classes.
+JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster"}
+#: Memory assumed per worker when sizing a LocalCluster to the machine.
+MEMORY_PER_WORKER = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How to get a Dask client (see the module docstring).
+
+    Attributes:
+        workers: LocalCluster worker processes (default: sized to the CPUs and memory, or one
+            per GPU with ``device="cuda"``).
+        threads_per_worker: jobs a worker process runs at once.
+        memory_limit: per worker process (``"4GB"``, bytes, or ``"auto"`` = RAM / workers);
+            Dask restarts a worker above it and reschedules its job.
+        scheduler: address of an existing scheduler.
+        cluster: ``slurm``, ``pbs`` or ``sge``; `cluster_sets` are the dask-jobqueue class's
+            keyword arguments (``queue``, ``account``, ``cores``, ``memory``, ``walltime``,
+            ``job_extra_directives``, ...) and `cluster_jobs` the number of batch-system jobs.
+        dashboard: serve the Dask dashboard (LocalCluster; needs bokeh).
+    """
+
+    workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str | int = "auto"
+    scheduler: str | None = None
+    cluster: str | None = None
+    cluster_sets: Mapping[str, Any] = field(default_factory=dict)
+    cluster_jobs: int = 4
+    device: str = "cpu"
+    dashboard: bool = False
+
+
+def machine_cpus() -> int:
+    from dask.system import CPU_COUNT
+
+    return max(1, int(CPU_COUNT))
+
+
+def default_workers(spec: ClusterSpec) -> int:
+    """Worker processes for a LocalCluster: one per GPU with ``cuda``; else as many as CPUs
+    allow (``cpus // threads_per_worker``), at most one per 2 GiB of memory."""
+    if spec.workers is not None:
+        return spec.workers
+    if spec.device in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    from distributed.system import MEMORY_LIMIT
+
+    by_cpu = max(1, machine_cpus() // max(1, spec.threads_per_worker))
+    by_memory = max(1, int(MEMORY_LIMIT) // MEMORY_PER_WORKER)
+    return max(1, min(by_cpu, by_memory))
+
+
+def jobqueue_cluster(name: str, sets: Mapping[str, Any]):
+    """A dask-jobqueue cluster object (no batch jobs submitted until it is scaled).
+
+    Raises:
+        ConfigError: unknown cluster name, dask-jobqueue missing (with how to install it), or
+            keyword arguments the class refuses.
+    """
+    if name not in JOBQUEUE:
+        raise ConfigError(f"unknown --cluster {name!r}; valid clusters are "
+                          f"{', '.join(JOBQUEUE)}")
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError(f"--cluster {name} needs dask-jobqueue: pip install 'itreg[cluster]' "
+                          "(or pip install dask-jobqueue)") from None
+    kwargs = {"cores": 1, "memory": "4GB", "processes": 1, **dict(sets)}
+    try:
+        return getattr(dask_jobqueue, JOBQUEUE[name])(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--cluster {name}: {exc} (check the --cluster-set values)") from None
+
+
+@contextlib.contextmanager
+def open_client(spec: ClusterSpec, client=None) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: `client` itself if given (left open), else one made from
+    `spec` and closed (with its cluster) on exit."""
+    if client is not None:
+        yield client
+        return
+    from distributed import Client
+
+    if spec.scheduler and spec.cluster:
+        raise ConfigError("--scheduler and --cluster exclude each other: give one")
+    if spec.scheduler:
+        try:
+            client = Client(spec.scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at '{spec.scheduler}': {exc}; "
+                              "start one with 'dask scheduler' and 'dask worker ADDRESS', or "
+                              "leave --scheduler out to run on this machine") from None
+        with client:
+            yield client
+        return
+    if spec.cluster:
+        cluster = jobqueue_cluster(spec.cluster, spec.cluster_sets)
+        with cluster:
+            cluster.scale(jobs=spec.cluster_jobs)
+            with Client(cluster) as client:
+                logger.info("submitted %d %s jobs:\n%s", spec.cluster_jobs, spec.cluster,
+                            cluster.job_script())
+                yield client
+        return
+    from distributed import LocalCluster
+
+    if spec.threads_per_worker < 1 or (spec.workers is not None and spec.workers < 1):
+        raise ConfigError("--workers and --threads-per-worker must be at least 1")
+    try:
+        cluster = LocalCluster(
+            n_workers=default_workers(spec), threads_per_worker=spec.threads_per_worker,
+            processes=True, memory_limit=spec.memory_limit,
+            dashboard_address=":0" if spec.dashboard else None,
+            silence_logs=logging.ERROR)
+    except ValueError as exc:
+        raise ConfigError(f"cannot start the local Dask cluster: {exc} (check --memory-limit, "
+                          "e.g. 4GB)") from None
+    with cluster, Client(cluster) as client:
+        yield client
