@@ -34,10 +34,14 @@ from itreg.cli.app import app
               help="FFD control point displacement standard deviation in mm.")
 @click.option("--noise", type=float, default=0.02, show_default=True,
               help="Rician noise sigma of the synthetic images (intensities in [0, 1]).")
+@click.option("--bias", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Amplitude of a smooth random multiplicative bias field on the moving image "
+                   "(every image of a group), e.g. 0.25 for about +-25 %; default: the "
+                   "standard 0.80-1.17 quadratic field.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every draw.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 def phantom(outdir, kind, contrast, misalign, spacing, ndim, n, frames, control_spacing, sigma,
-            noise, seed, force) -> None:
+            noise, bias, seed, force) -> None:
     """Write a brain phantom with known misalignment into OUTDIR.
 
     Images, labels and masks are .nii.gz; true transforms are ITK .tfm files (linear maps as
@@ -53,5 +57,5 @@ def phantom(outdir, kind, contrast, misalign, spacing, ndim, n, frames, control_
     manifest = write_phantom(outdir, kind=kind, contrast=contrasts, misalign=misalign,
                              spacing_mm=spacing, ndim=int(ndim), n=n, frames=frames, seed=seed,
                              control_spacing_mm=control_spacing, sigma_mm=sigma,
-                             noise_sigma=noise, force=force)
+                             noise_sigma=noise, force=force, bias=bias)
     click.echo(f"wrote {kind} phantom ({len(manifest['files'])} files) to {outdir}")

@@ -2,7 +2,8 @@
 
 * :mod:`~itreg.phantoms.mni`: :func:`load_mni` (T1, GM, WM, CSF, brain mask; any spacing).
 * :mod:`~itreg.phantoms.contrasts`: :func:`synthesize` T1/T2/PD-like images with seeded
-  Rician noise and bias field; :func:`labels`.
+  Rician noise and bias field (a quadratic one, or :func:`random_bias_field` of a given
+  amplitude); :func:`labels`.
 * :mod:`~itreg.phantoms.misalign`: random rigid/affine transforms with the papers' and the
   anchor benchmark's ranges; :func:`pad_image`.
 * :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD, and
@@ -28,6 +29,7 @@ from itreg.phantoms.contrasts import (
     LABELS,
     bias_field,
     labels,
+    random_bias_field,
     rician_noise,
     synthesize,
 )
@@ -108,6 +110,7 @@ __all__ = [
     "pad_image",
     "pair_from_tissues",
     "random_affine",
+    "random_bias_field",
     "random_ffd",
     "rician_noise",
     "sample_affine_parameters",

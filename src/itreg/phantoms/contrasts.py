@@ -10,8 +10,12 @@ A contrast is a weighted sum of the CSF, GM and WM probabilities (a partial-volu
   CSF and GM are bright, GM/WM contrast is low, as in a PD-weighted scan.
 * ``"t1"``: the real template T1 (``tissues["t1"]``), not a weighted sum.
 
-Then, in this order, a smooth multiplicative bias field (:func:`bias_field`) and Rician noise
-(:func:`rician_noise`) are applied. Every random draw comes from a seeded ``torch.Generator``.
+Then, in this order, a smooth multiplicative bias field and Rician noise (:func:`rician_noise`)
+are applied. The field is either :func:`bias_field` (a quadratic polynomial scaled to a
+``(lo, hi)`` range, the default of the pair and group phantoms) or, given an amplitude ``a``,
+:func:`random_bias_field`, a richer smooth field spanning ``1 - a`` to ``1 + a`` (the MR bias
+field variant of the benchmark, ``itreg phantom --bias 0.25``). Every random draw comes from a
+seeded ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ LABELS = {"background": 0, "csf": 1, "gm": 2, "wm": 3}
 
 #: Total degree of the bias-field polynomial.
 BIAS_DEGREE = 2
+
+#: Cosine components of :func:`random_bias_field`.
+BIAS_COMPONENTS = 6
+#: Their wavelength range in mm (about the size of a brain to twice it).
+BIAS_WAVELENGTHS_MM = (120.0, 300.0)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -116,6 +125,74 @@ def bias_field(
     return out.clamp_min(1e-3 * lo).unsqueeze(0).to(dtype)
 
 
+def random_bias_field(
+    grid: Grid,
+    mask: Tensor | None = None,
+    amplitude: float = 0.25,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Tensor:
+    """A smooth random multiplicative field of about ``1 +- amplitude`` over the mask.
+
+    The field is a sum of :data:`BIAS_COMPONENTS` plane cosine waves in world coordinates,
+    with directions uniform on the sphere (circle in 2D), wavelengths uniform in
+    :data:`BIAS_WAVELENGTHS_MM` and uniform phases, all drawn from ``seed``; it is then mapped
+    linearly so that its minimum and maximum over the mask are exactly ``1 - amplitude`` and
+    ``1 + amplitude``. Unlike :func:`bias_field`'s quadratic it has several bright and dark
+    regions across a brain, as receive-coil fields do, and it is a function of world position:
+    the same seed gives the same physical field at any spacing. Outside the mask the field
+    continues (clamped to stay positive).
+
+    Args:
+        grid: the grid to evaluate the field on.
+        mask: ``(*grid.shape)`` or ``(1, *grid.shape)`` region the range refers to (nonzero =
+            inside); ``None`` uses the whole grid.
+        amplitude: half the span of the field, ``0 <= amplitude < 1`` (0.25: 0.75 to 1.25).
+        seed: seed of the waves.
+        dtype: dtype of the result.
+        device: device of the result.
+
+    Returns:
+        The field, a tensor ``(1, *grid.shape)``.
+
+    Raises:
+        ConfigError: for an amplitude outside ``[0, 1)``.
+        MaskError: for an empty mask or one of another shape.
+    """
+    try:
+        a = float(amplitude)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bias amplitude must be a number in [0, 1), got {amplitude!r}") from None
+    if not (0.0 <= a < 1.0):
+        raise ConfigError(f"bias amplitude must be in [0, 1), got {amplitude!r}")
+    points = grid.points(dtype=torch.float64, device=device)  # (*shape, D)
+    if mask is None:
+        inside = torch.ones(grid.shape, dtype=torch.bool, device=points.device)
+    else:
+        if mask.numel() != grid.numel:
+            raise MaskError(f"bias mask of shape {tuple(mask.shape)} is not on grid {grid.shape}")
+        inside = mask.reshape(grid.shape).to(points.device) != 0
+    if not bool(inside.any()):
+        raise MaskError("the bias-field mask is empty")
+    gen = _generator(seed)
+    d = grid.ndim
+    k = BIAS_COMPONENTS
+    directions = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    lo_w, hi_w = BIAS_WAVELENGTHS_MM
+    wavelengths = lo_w + (hi_w - lo_w) * torch.rand(k, generator=gen, dtype=torch.float64)
+    phases = 2 * torch.pi * torch.rand(k, generator=gen, dtype=torch.float64)
+    freq = (directions / wavelengths[:, None]).to(points.device)
+    field = torch.cos(2 * torch.pi * (points @ freq.T) + phases.to(points.device)).sum(-1)
+    fmin, fmax = field[inside].min(), field[inside].max()
+    if float(fmax - fmin) <= 0 or a == 0.0:
+        out = torch.ones_like(field)
+    else:
+        out = (1.0 - a) + (field - fmin) * (2.0 * a / (fmax - fmin))
+    return out.clamp_min(1e-3).unsqueeze(0).to(dtype)
+
+
 def rician_noise(image: Image, sigma: float, seed: int = 0) -> Image:
     """Rician noise: ``sqrt((s + n1)^2 + n2^2)`` with ``n1, n2 ~ N(0, sigma^2)`` i.i.d.
 
@@ -156,7 +233,7 @@ def synthesize(
     tissues: Mapping[str, Image],
     contrast: str = "t2",
     noise_sigma: float = 0.02,
-    bias: tuple[float, float] | None = (0.80, 1.17),
+    bias: tuple[float, float] | float | None = (0.80, 1.17),
     seed: int = 0,
 ) -> Image:
     """Synthesise an MR-like image from tissue maps.
@@ -167,8 +244,9 @@ def synthesize(
         contrast: ``"t1"`` (the real T1), ``"t2"`` or ``"pd"`` (weighted sums, see
             :data:`CONTRASTS`).
         noise_sigma: Rician noise sigma (intensities are in [0, 1]); 0 for none.
-        bias: ``(lo, hi)`` range of the multiplicative bias field over the brain mask, or
-            ``None`` for none.
+        bias: ``(lo, hi)``: range of the quadratic bias field (:func:`bias_field`) over the
+            brain mask; a number ``a``: amplitude of the random field of about ``1 +- a``
+            (:func:`random_bias_field`); ``None``: no field.
         seed: seed from which the bias field's and the noise's seeds are drawn.
 
     Returns:
@@ -194,7 +272,12 @@ def synthesize(
     bias_seed, noise_seed = torch.randint(0, 2**62, (2,), generator=_generator(seed)).tolist()
     if bias is not None:
         mask = tissues["mask"].data if "mask" in tissues else (signal > 0)
-        signal = signal * bias_field(base.grid, mask, bias, seed=bias_seed, device=signal.device)
+        if isinstance(bias, (int, float)) and not isinstance(bias, bool):
+            field = random_bias_field(base.grid, mask, bias, seed=bias_seed,
+                                      device=signal.device)
+        else:
+            field = bias_field(base.grid, mask, bias, seed=bias_seed, device=signal.device)
+        signal = signal * field
     image = Image(signal, base.grid, is_label=False)
     return rician_noise(image, noise_sigma, seed=noise_seed)
 

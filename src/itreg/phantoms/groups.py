@@ -89,7 +89,7 @@ def group_from_tissues(
     seed: int = 0,
     pad_mm: float = 20.0,
     noise_sigma: float = 0.02,
-    bias: tuple[float, float] | None = (0.80, 1.17),
+    bias: tuple[float, float] | float | None = (0.80, 1.17),
     control_spacing_mm: float = 20.0,
     sigma_mm: float = 6.0,
 ) -> PhantomGroup:
@@ -134,7 +134,7 @@ def brain_group(
     slice_index: int | None = None,
     pad_mm: float = 20.0,
     noise_sigma: float = 0.02,
-    bias: tuple[float, float] | None = (0.80, 1.17),
+    bias: tuple[float, float] | float | None = (0.80, 1.17),
     control_spacing_mm: float = 20.0,
     sigma_mm: float = 6.0,
     device: torch.device | str | None = None,

@@ -138,7 +138,7 @@ def pair_from_tissues(
     seed: int = 0,
     pad_mm: float | Sequence[float] | None = None,
     noise_sigma: float = 0.02,
-    bias: tuple[float, float] | None = (0.80, 1.17),
+    bias: tuple[float, float] | float | None = (0.80, 1.17),
     control_spacing_mm: float = 20.0,
     sigma_mm: float = 6.0,
 ) -> PhantomPair:
@@ -156,7 +156,9 @@ def pair_from_tissues(
             or one per axis, both sides). ``None`` picks, per axis, the whole-voxel margin
             that keeps the moved brain's bounding box in view, plus one voxel.
         noise_sigma: Rician noise sigma of the moving image (0 for none).
-        bias: bias-field range of the moving image, or ``None`` for none.
+        bias: the moving image's bias field: a ``(lo, hi)`` range of the quadratic field, an
+            amplitude ``a`` for the random field of about ``1 +- a`` (0.25: the benchmark's
+            MR bias variant; see :func:`~itreg.phantoms.contrasts.synthesize`), or ``None``.
         control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
         sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
 
@@ -235,7 +237,7 @@ def brain_pair(
     seed: int = 0,
     pad_mm: float | Sequence[float] | None = None,
     noise_sigma: float = 0.02,
-    bias: tuple[float, float] | None = (0.80, 1.17),
+    bias: tuple[float, float] | float | None = (0.80, 1.17),
     device: torch.device | str | None = None,
     control_spacing_mm: float = 20.0,
     sigma_mm: float = 6.0,
@@ -250,7 +252,8 @@ def brain_pair(
         seed: seed of the transform, bias field and noise.
         pad_mm: moving-grid margin in mm; ``None`` keeps the moved brain in view.
         noise_sigma: Rician noise sigma of the moving image.
-        bias: bias-field range of the moving image, or ``None``.
+        bias: the moving image's bias field: ``(lo, hi)`` range, amplitude or ``None`` (see
+            :func:`pair_from_tissues`).
         device: device of the images and transform.
         control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
         sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
@@ -271,7 +274,7 @@ def brain_slice_pair(
     slice_index: int | None = None,
     pad_mm: float | Sequence[float] | None = None,
     noise_sigma: float = 0.02,
-    bias: tuple[float, float] | None = (0.80, 1.17),
+    bias: tuple[float, float] | float | None = (0.80, 1.17),
     device: torch.device | str | None = None,
     control_spacing_mm: float = 20.0,
     sigma_mm: float = 6.0,
@@ -289,7 +292,8 @@ def brain_slice_pair(
         slice_index: index of the axial slice; ``None`` takes the middle one.
         pad_mm: moving-grid margin in mm; ``None`` keeps the moved brain in view.
         noise_sigma: Rician noise sigma of the moving image.
-        bias: bias-field range of the moving image, or ``None``.
+        bias: the moving image's bias field: ``(lo, hi)`` range, amplitude or ``None`` (see
+            :func:`pair_from_tissues`).
         device: device of the images and transform.
         control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
         sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).

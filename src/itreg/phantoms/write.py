@@ -165,6 +165,7 @@ def write_phantom(
     sigma_mm: float = 6.0,
     noise_sigma: float = 0.02,
     force: bool = False,
+    bias: float | None = None,
 ) -> dict:
     """Build a phantom and write it with its ground truth into `outdir` (atomically).
 
@@ -184,6 +185,10 @@ def write_phantom(
         sigma_mm: FFD coefficient standard deviation in mm.
         noise_sigma: Rician noise sigma of the synthetic images.
         force: replace an existing folder.
+        bias: amplitude ``a`` of a smooth random multiplicative bias field of about
+            ``1 +- a`` on the moving image of a pair (every image of a group), in place of
+            the standard quadratic 0.80-1.17 field (see
+            :func:`~itreg.phantoms.contrasts.random_bias_field`); None keeps the standard one.
 
     Returns:
         The manifest (also written as ``phantom.json``).
@@ -204,6 +209,9 @@ def write_phantom(
         raise ConfigError(f"spacing must be > 0 mm, got {spacing_mm}")
     if kind != "dynamic" and misalign not in PAIR_KINDS:
         raise unknown_name("misalignment", misalign, PAIR_KINDS)
+    if bias is not None and kind == "dynamic":
+        raise ConfigError("a bias amplitude applies to pair and group phantoms, not 'dynamic'")
+    field = {} if bias is None else {"bias": float(bias)}
     manifest: dict = {
         "itreg_version": __version__,
         "kind": kind,
@@ -220,17 +228,19 @@ def write_phantom(
             raise ConfigError("a pair has one moving contrast")
         build = brain_pair if ndim == 3 else brain_slice_pair
         phantom = build(spacing_mm, c, misalign, seed, noise_sigma=noise_sigma,
-                        control_spacing_mm=control_spacing_mm, sigma_mm=sigma_mm)
+                        control_spacing_mm=control_spacing_mm, sigma_mm=sigma_mm, **field)
         manifest.update(contrast=c, misalign=misalign)
     elif kind == "group":
         cs = (contrast,) if isinstance(contrast, str) else tuple(contrast or ("t1", "t2", "pd"))
         phantom = brain_group(n, cs, misalign, ndim, spacing_mm, True, seed,
                               noise_sigma=noise_sigma, control_spacing_mm=control_spacing_mm,
-                              sigma_mm=sigma_mm)
+                              sigma_mm=sigma_mm, **field)
         manifest.update(misalign=misalign, n=n, zscored=True)
     else:
         phantom = dynamic_sequence(frames, spacing_mm, ndim, seed, noise_sigma=noise_sigma)
         manifest.update(misalign="rigid motion", frames=frames)
+    if bias is not None:
+        manifest["bias"] = {"field": "random", "amplitude": float(bias)}
     if misalign == "ffd" and kind != "dynamic":
         manifest["ffd"] = {"control_spacing_mm": control_spacing_mm, "sigma_mm": sigma_mm}
     files: dict[str, str] = {}
