@@ -187,7 +187,9 @@ class DITRTrainConfig:
         weight_decay: L2 weight decay (paper: 0.005).
         augment: random 90-degree rotations and flips, the same for both channels.
         transform: transform re-registered between stages (``"rigid"``, ``"affine"``,
-            ``"translation"``, ``"similarity"``).
+            ``"translation"``, ``"similarity"``). None (default): the schedule's: ``"affine"``
+            for the ``"affine"`` schedule (paper 000's affine experiment re-registers the
+            training pairs with the affine model it is trained for), ``"rigid"`` otherwise.
         reregister: re-register the training pairs between stages (IML, Eq. 12). False trains
             every stage on the initial transforms (plain maximum likelihood on rough data).
         register_iterations: Powell iterations per re-registration.
@@ -239,7 +241,7 @@ class DITRTrainConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.005
     augment: bool = False
-    transform: str = "rigid"
+    transform: str | None = None
     reregister: bool = True
     register_iterations: int = 20
     stride: int = 8
@@ -254,6 +256,9 @@ class DITRTrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.transform is None:
+            named_affine = isinstance(self.schedule, str) and self.schedule == "affine"
+            object.__setattr__(self, "transform", "affine" if named_affine else "rigid")
         object.__setattr__(self, "schedule", _schedule(self.schedule))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         for name in ("patches_per_epoch", "val_patches", "batch_size", "epochs"):
