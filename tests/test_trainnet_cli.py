@@ -34,8 +34,10 @@ def test_train_net_writes_a_model_that_register_applies(tmp_path, cli):
     code, out, err = cli(["register", str(f), str(m), "--net", str(model), "-o",
                            str(tmp_path / "out"), "-q"])
     assert code == 0, err
-    names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert names == {"warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"}
+    names = {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}
+    assert names >= {"warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"}
+    # no checkpoint or work folder remains after a successful training
+    assert sorted(p.name for p in tmp_path.iterdir() if "net.pt" in p.name) == ["net.pt"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"]["kind"] == "regnet-deform" and report["wall_time_s"] > 0
     warped = sitk.ReadImage(str(tmp_path / "out" / "warped.nii.gz"))
@@ -68,13 +70,28 @@ def test_train_net_dcc_small(tmp_path, cli):
                            "-q"])
     assert code == 0, err
     assert "reg_dice" in out and model.exists()
-    # The same command with more epochs resumes from OUTPUT.ckpt (OUTPUT may exist) ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcc.pt"]  # no checkpoint is left
     more = ["train-net", "--kind", "dcc", "--small", "--phantom", "2", "--val-phantom", "1",
-            "--set", "epochs=2", "--set", "steps_per_epoch=1", "--set", "batch_size=2", "-o",
-            str(model), "-q"]
-    code, out, err = cli(more)
+            "--set", "epochs=2", "--set", "steps_per_epoch=1", "--set", "batch_size=2", "-q"]
+    code, out, err = cli([*more, "-o", str(model)])
+    assert code == 2 and "exists" in err
+    # An interrupted run leaves its work in OUTPUT.training/ (made here by the API, which keeps
+    # the resumable checkpoint): the same command with more epochs resumes from it.
+    from itreg.io.outputs import training_folder
+    from itreg.train.dcc import DCCTrainConfig, PhantomGroupSource, train_dcc
+
+    model2 = tmp_path / "dcc2.pt"
+    work = training_folder(model2) / model2.name
+    work.parent.mkdir()
+    config = DCCTrainConfig.small(seed=0, progress=False, train_groups=2, val_groups=1,
+                                  strategy="unsupervised", epochs=1, steps_per_epoch=1,
+                                  batch_size=2)
+    train = PhantomGroupSource(ndim=2, spacing_mm=3.0, slice_offsets=(-4, -2, 0, 2, 4), seed=0)
+    val = PhantomGroupSource(ndim=2, spacing_mm=3.0, slice_offsets=(-3, -1, 1, 3),
+                             seed=100_000)
+    train_dcc(train, val, config, work, force=True, resume=True)
+    assert (work.parent / "dcc2.pt.ckpt").is_file()
+    code, out, err = cli([*more, "-o", str(model2)])
     assert code == 0, err
     assert "after 2 epochs" in out
-    # ... and --no-resume refuses to replace it without --force.
-    code, out, err = cli([*more, "--no-resume"])
-    assert code == 2 and "exists" in err
+    assert model2.is_file() and not training_folder(model2).exists()

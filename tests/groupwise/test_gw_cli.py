@@ -73,7 +73,7 @@ def test_groupwise_ffd_writes_displacement_fields(group_files, tmp_path, cli):
     (["--classes", "1"], "at least 2"),
     (["--reference", "7"], "reference"),
     (["--metric", "nmi"], "valid groupwise metrics"),
-    (["--transform", "bspline"], "valid transforms"),
+    (["--transform", "elastic"], "valid transforms"),
 ])
 def test_bad_settings_exit_2_and_write_nothing(group_files, tmp_path, cli, extra, message):
     out = tmp_path / "bad"
@@ -88,9 +88,10 @@ def test_one_image_and_existing_output_are_refused(group_files, tmp_path, cli):
     code, _, err = cli(["groupwise", str(group_files[0]), "-o", str(out), "--quiet"])
     assert code == 2 and "at least two images" in err and not out.exists()
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
     code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(out), "--quiet"])
     assert code == 2 and "exists" in err
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_mixed_dimensions_and_disjoint_images_are_geometry_errors(group_files, tmp_path, cli):

@@ -167,6 +167,66 @@ def _verbose_option():
                         help="Log details (-vv: debug); allowed anywhere on the line.")
 
 
+# --------------------------------------------------------------------------- progress
+
+class _LineProgress:
+    """Plain, timestamped progress lines (off a terminal): at most one every `every_s` seconds
+    and at the end."""
+
+    def __init__(self, description: str, every_s: float = 5.0) -> None:
+        self.description, self.every_s = description, every_s
+        self.last = -1e9
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        sys.stderr.write(f"{stamp} {self.description}: {done}/{total} "
+                         f"({now - self.start:.1f} s)\n")
+        sys.stderr.flush()
+
+
+class progress_callback:  # noqa: N801 - used as a context manager, named like one
+    """``with progress_callback("landscape", enabled) as cb: work(progress=cb)``.
+
+    `cb(done, total)` draws a live bar on a terminal and plain timestamped lines otherwise;
+    None when disabled (``--quiet``).
+    """
+
+    def __init__(self, description: str, enabled: bool = True) -> None:
+        self.description, self.enabled = description, enabled
+        self._rich = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return _LineProgress(self.description)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn, TimeRemainingColumn
+
+        self._rich = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                              console=console)
+        self._rich.start()
+        task = self._rich.add_task(self.description, total=None)
+
+        def update(done: int, total: int) -> None:
+            self._rich.update(task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+
 # --------------------------------------------------------------------------- shared options
 
 def _seed_type():
@@ -175,13 +235,14 @@ def _seed_type():
 
 def standard_options(*, output: str = "folder", output_required: bool = True,
                      output_help: str | None = None, seed: bool = True, sets: bool = True,
-                     sets_help: str | None = None, compute: bool = True):
+                     sets_help: str | None = None, compute: bool = True,
+                     device: bool | None = None):
     """Decorate a command with the options every itreg command shares.
 
     Adds ``-o/--output`` (`output`: "folder" or "file"; `output_help` overrides its help),
     ``--force``, ``-q/--quiet``, ``-v/--verbose``, ``--log``; with `seed` ``--seed``; with
     `sets` ``--set KEY=VALUE`` (as the ``sets`` parameter); with `compute` ``--threads`` and
-    ``--device``. The command function receives ``output``, ``force``, ``quiet`` and the others
+    ``--device`` (`device`=False: ``--threads`` only, for CPU-only computations). The command function receives ``output``, ``force``, ``quiet`` and the others
     that apply as keyword arguments.
     """
     what = "folder" if output == "folder" else "file"
@@ -207,8 +268,9 @@ def standard_options(*, output: str = "folder", output_required: bool = True,
     if compute:
         opts.append(click.option("--threads", type=click.IntRange(min=1), default=None,
                                  help="CPU threads (default: torch's default)."))
-        opts.append(click.option("--device", default="auto", show_default=True,
-                                 help=DEVICE_HELP))
+        if device is not False:
+            opts.append(click.option("--device", default="auto", show_default=True,
+                                     help=DEVICE_HELP))
 
     def decorate(f):
         for opt in reversed(opts):

@@ -7,7 +7,7 @@ import json
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app
+from itreg.cli.app import app, standard_options
 
 
 @app.command()
@@ -35,12 +35,11 @@ from itreg.cli.app import app
 @click.option("--misalignment", "misalignments", type=_PATH, multiple=True,
               help="Groupwise: true misalignment image j -> common (repeat; a phantom's "
                    "misalignment_XX files). With --estimated and --reference: gWI, gRE.")
-@click.option("-o", "--output", type=_PATH, default=None,
-              help="Report file: .json or .md (default: JSON on stdout).")
-@click.option("--force", is_flag=True, help="Overwrite an existing report.")
+@standard_options(output="file", output_required=False, seed=False, sets=False, device=False,
+                  output_help="Report file: .json or .md (default: JSON on stdout).")
 def evaluate(fixed_labels, warped_labels, label_list, no_surface, landmarks_fixed,
              landmarks_moving, transform, true_transform, reference, mask, displacement,
-             estimated, misalignments, output, force) -> None:
+             estimated, misalignments, output, force, quiet, threads) -> None:
     """Evaluate a registration and write a JSON or Markdown report.
 
     Each group of options adds measures: label maps give Dice per label and mean, HD95 and
@@ -53,6 +52,32 @@ def evaluate(fixed_labels, warped_labels, label_list, no_surface, landmarks_fixe
     from itreg import io
     from itreg.errors import ConfigError
     from itreg.evaluate import evaluate_registration, jacobian_statistics, write_report
+    from itreg.runtime import limited_threads
+
+    inputs = [p for p in (fixed_labels, warped_labels, landmarks_fixed, landmarks_moving,
+                          transform, true_transform, reference, mask, displacement,
+                          *estimated, *misalignments) if p is not None]
+    if output is not None:
+        io.check_output_file(output, force=force, protect=inputs)
+    with limited_threads(threads):
+        report = _evaluate(io, ConfigError, evaluate_registration, jacobian_statistics,
+                           fixed_labels, warped_labels, label_list, no_surface, landmarks_fixed,
+                           landmarks_moving, transform, true_transform, reference, mask,
+                           displacement, estimated, misalignments)
+    if output is None:
+        from itreg.evaluate.report import jsonable
+
+        click.echo(json.dumps(jsonable(report), indent=2))
+    else:
+        write_report(report, output, force=force)
+        if not quiet:
+            click.echo(f"wrote {output}")
+
+
+def _evaluate(io, ConfigError, evaluate_registration, jacobian_statistics,  # noqa: N803
+              fixed_labels, warped_labels, label_list, no_surface, landmarks_fixed,
+              landmarks_moving, transform, true_transform, reference, mask, displacement,
+              estimated, misalignments) -> dict:
 
     labels = None
     if label_list:
@@ -102,10 +127,4 @@ def evaluate(fixed_labels, warped_labels, label_list, no_surface, landmarks_fixe
     if not report:
         raise ConfigError("nothing to evaluate: give --fixed-labels/--warped-labels, "
                           "landmarks, --transform with --reference, or --displacement")
-    if output is None:
-        from itreg.evaluate.report import jsonable
-
-        click.echo(json.dumps(jsonable(report), indent=2))
-    else:
-        write_report(report, output, force=force)
-        click.echo(f"wrote {output}")
+    return report

@@ -5,16 +5,18 @@ from __future__ import annotations
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, refuse_existing
+from itreg.cli.app import app, expand_paths, parse_sets, standard_options
+
+#: Names other commands (and other tools) use for groupwise transforms.
+_TRANSFORM_ALIASES = {"bspline": "ffd", "b-spline": "ffd"}
 
 
 @app.command()
 @click.argument("images", type=_PATH, nargs=-1, required=True)
-@click.option("-o", "--output", type=_PATH, required=True, help="Output folder.")
 @click.option("-m", "--metric", default="xmetric", show_default=True,
               help="Groupwise metric: xmetric, cte, ape, vi, congealing, gmm.")
 @click.option("-t", "--transform", default="rigid", show_default=True,
-              help="Transform schedule: translation, rigid, affine, ffd.")
+              help="Transform schedule: translation, rigid, affine, ffd (alias bspline).")
 @click.option("-k", "--classes", type=int, default=None,
               help="Classes of the common anatomy (xmetric, gmm; default 4).")
 @click.option("--reference", type=int, default=None,
@@ -30,20 +32,19 @@ from itreg.cli.app import app, refuse_existing
 @click.option("--bias-correction", type=click.Choice(["none", "n4"]), default="none",
               show_default=True,
               help="Remove each image's intensity nonuniformity first (n4: SimpleITK's N4).")
-@click.option("--iterations", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Adam steps per resolution level.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random choices.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--iterations", type=click.IntRange(min=0, max=100_000), default=100,
+              show_default=True, help="Adam steps per resolution level.")
 @click.option("--net", "net", type=_PATH, default=None,
               help="Apply a trained deep-combined-computing model ('itreg train-net --kind "
                    "dcc'): registration and segmentation in one pass.")
 @click.option("--domains", default=None,
               help="With --net: the modality of each image, comma-separated names or indices "
                    "(e.g. t1,t2,pd); default: the model's domains in order.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def groupwise(images, output, metric, transform, classes, reference, levels, segmentations, roi,
-              bias_correction, iterations, seed, threads, net, domains, force, quiet) -> None:
+@standard_options(sets_help="A metric option, e.g. --set sample_rate=0.1 --set init=kmeans "
+                            "(repeatable; passed to register_group).")
+def groupwise(images, metric, transform, classes, reference, levels, segmentations, roi,
+              bias_correction, iterations, net, domains, output, force, quiet, seed, sets,
+              threads, device) -> None:
     """Register IMAGES jointly into a common space (X-CoReg by default).
 
     Writes OUTPUT/j/warped.nii.gz, OUTPUT/j/transform.tfm (linear part, common -> image j) and,
@@ -58,21 +59,31 @@ def groupwise(images, output, metric, transform, classes, reference, levels, seg
     from itreg import io
     from itreg.errors import ConfigError
     from itreg.groupwise import register_group, save_group
+    from itreg.runtime import resolve_device
 
-    refuse_existing(output, "output folder", force)
+    images = expand_paths(images, "IMAGES")
+    seg_paths = expand_paths([segmentations], "--segmentations") if segmentations else []
+    protect = [*images, *seg_paths, *([roi] if roi else []), *([net] if net else [])]
+    io.check_output_dir(output, force=force, protect=protect)
+    dev = resolve_device(device)
+    transform = _TRANSFORM_ALIASES.get(transform.lower(), transform)
     if len(images) < 2:
         raise ConfigError(f"groupwise registration needs at least two images, got {len(images)}")
-    loaded = [io.read_image(p, is_label=False) for p in images]
+    loaded = [io.read_image(p, is_label=False).to(dev) for p in images]
     if net is not None:
-        _apply_net(net, loaded, images, domains, output, seed, threads, force)
+        if sets:
+            raise ConfigError("--set applies to iterative groupwise registration, not --net")
+        _apply_net(net, loaded, images, domains, output, seed, threads, force, protect)
         return
     if domains is not None:
         raise ConfigError("--domains applies to --net only")
-    options = {} if levels is None else {"levels": levels}
+    options = parse_sets(sets)
+    if levels is not None:
+        options["levels"] = levels
     if segmentations is not None:
         if metric != "xmetric":
             raise ConfigError("--segmentations (X-Reg-GT) applies to --metric xmetric only")
-        paths = [p.strip() for p in segmentations.split(",") if p.strip()]
+        paths = seg_paths
         if len(paths) != len(images):
             raise ConfigError(f"--segmentations needs one label image per input image: got "
                               f"{len(paths)} for {len(images)}")
@@ -84,9 +95,10 @@ def groupwise(images, output, metric, transform, classes, reference, levels, seg
                             reference=reference, seed=seed, iterations=iterations, roi=roi_mask,
                             bias_correction=bias_correction, threads=threads,
                             progress=not quiet, **options)
-    save_group(result, output, force=force, inputs=images)
+    save_group(result, output, force=force, inputs=images, protect=protect)
     reasons = ", ".join(sorted({r.stop_reason for r in result.records}))
-    click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "
+    if not quiet:
+        click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "
                f"outputs in {output}")
 
 
@@ -108,13 +120,13 @@ def _roi_on_common_grid(mask, loaded, reference):
     return on_grid
 
 
-def _apply_net(net, loaded, paths, domains, output, seed, threads, force) -> None:
+def _apply_net(net, loaded, paths, domains, output, seed, threads, force, protect) -> None:
     from itreg.groupwise.net import apply_dcc, save_dcc
 
     names = None
     if domains is not None:
         names = [int(d) if d.strip().isdigit() else d.strip() for d in domains.split(",")]
     result = apply_dcc(net, loaded, names, seed=seed, threads=threads)
-    save_dcc(result, output, force=force, inputs=[str(p) for p in paths])
+    save_dcc(result, output, force=force, inputs=[str(p) for p in paths], protect=protect)
     click.echo(f"registered and segmented {len(loaded)} images with {net} in "
                f"{result.wall_time_s:.2f} s; outputs in {output}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app
+from itreg.cli.app import app, standard_options
 
 
 @app.command()
-@click.argument("outdir", type=_PATH)
+@click.argument("outdir", type=_PATH, required=False)
 @click.option("--kind", type=click.Choice(["pair", "group", "dynamic"]), default="pair",
               show_default=True, help="A misaligned pair, a group of N images, or a "
                                       "dynamic-contrast sequence.")
@@ -24,7 +24,7 @@ from itreg.cli.app import app
               help="Isotropic spacing in mm (1 = the template's; 2-4 for quick tests).")
 @click.option("--ndim", type=click.Choice(["2", "3"]), default="3", show_default=True,
               help="3D volumes, or 2D middle axial slices.")
-@click.option("--n", "n", type=click.IntRange(min=2), default=3, show_default=True,
+@click.option("-n", "--n", "n", type=click.IntRange(min=2), default=3, show_default=True,
               help="Number of images of a group.")
 @click.option("--frames", type=click.IntRange(min=2), default=20, show_default=True,
               help="Number of frames of a dynamic sequence.")
@@ -38,17 +38,27 @@ from itreg.cli.app import app
               help="Amplitude of a smooth random multiplicative bias field on the moving image "
                    "(every image of a group), e.g. 0.25 for about +-25 %; default: the "
                    "standard 0.80-1.17 quadratic field.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every draw.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@standard_options(output_required=False, sets=False, compute=False,
+                  output_help="Output folder (the older positional OUTDIR is still accepted).")
 def phantom(outdir, kind, contrast, misalign, spacing, ndim, n, frames, control_spacing, sigma,
-            noise, bias, seed, force) -> None:
-    """Write a brain phantom with known misalignment into OUTDIR.
+            noise, bias, output, force, quiet, seed) -> None:
+    """Write a brain phantom with known misalignment into the folder -o OUTDIR.
 
     Images, labels and masks are .nii.gz; true transforms are ITK .tfm files (linear maps as
     AffineTransform with their inverse; FFDs as BSplineTransform plus displacement-field images
     of the map and of its numerical inverse); phantom.json lists every file.
     """
+    from itreg.errors import ConfigError
     from itreg.phantoms.write import write_phantom
+
+    if outdir is not None and output is not None:
+        raise ConfigError("give the output folder once: -o OUTDIR (or the positional OUTDIR)")
+    if outdir is None and output is None:
+        raise ConfigError("give the output folder with -o OUTDIR")
+    outdir = output if output is not None else outdir
+    from itreg.io.outputs import check_output_dir
+
+    check_output_dir(outdir, force=force)
 
     contrasts = None
     if contrast is not None:
@@ -58,4 +68,5 @@ def phantom(outdir, kind, contrast, misalign, spacing, ndim, n, frames, control_
                              spacing_mm=spacing, ndim=int(ndim), n=n, frames=frames, seed=seed,
                              control_spacing_mm=control_spacing, sigma_mm=sigma,
                              noise_sigma=noise, force=force, bias=bias)
-    click.echo(f"wrote {kind} phantom ({len(manifest['files'])} files) to {outdir}")
+    if not quiet:
+        click.echo(f"wrote {kind} phantom ({len(manifest['files'])} files) to {outdir}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, parse_sets, refuse_existing
+from itreg.cli.app import app, expand_paths, parse_sets, standard_options
 from itreg.errors import ConfigError
 
 #: Kinds ``train-metric`` accepts.
@@ -57,7 +57,7 @@ def _split_pair(value: str) -> tuple[Path, Path]:
     return Path(parts[0]), Path(parts[1])
 
 
-def _read_pairs(images, masks, spacing):
+def _read_pairs(images, masks, spacing, device=None):
     from itreg import io
 
     if masks and len(masks) != len(images):
@@ -66,8 +66,8 @@ def _read_pairs(images, masks, spacing):
     out = []
     for i, value in enumerate(images):
         f_path, m_path = _split_pair(value)
-        fixed = io.read_image(f_path, is_label=False)
-        moving = io.read_image(m_path, is_label=False)
+        fixed = io.read_image(f_path, is_label=False).to(device or "cpu")
+        moving = io.read_image(m_path, is_label=False).to(device or "cpu")
         mask = io.read_mask(masks[i], fixed.grid) if masks else None
         fixed_r = _resample(fixed, spacing)
         mask_r = None if mask is None else _resample(mask, spacing, label=True)
@@ -92,37 +92,42 @@ def _neural_trainer():
               help="Label map per image (deepsim-seg); repeatable, same order as --images.")
 @click.option("--masks", multiple=True, type=_PATH,
               help="Fixed-grid foreground mask per pair (ditr, mine, kldiv); repeatable.")
-@click.option("-o", "--output", type=_PATH, required=True, help="Model file to write (.pt).")
 @click.option("--spacing", type=float, default=None,
               help="Resample inputs to isotropic voxels of this size (mm) first.")
 @click.option("--small", is_flag=True, help="Small CPU settings (minutes on two cores).")
 @click.option("--schedule", default=None,
               help="ditr: IML schedule name (rigid, affine, edges).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of all random "
-              "choices.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a training setting, e.g. --set epochs=5 (repeatable; JSON values).")
-@click.option("--force", is_flag=True, help="Overwrite an existing model file.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train_metric(kind, images, labels, masks, output, spacing, small, schedule, seed, threads,
-                 sets, force, quiet) -> None:
+@standard_options(output="file", output_help="Model file to write (.pt). While training, the "
+                  "best model so far and the checkpoint live in OUTPUT.training/, which goes "
+                  "when the run succeeds.",
+                  sets_help="Override a training setting, e.g. --set epochs=5 (repeatable; "
+                            "JSON values).")
+def train_metric(kind, images, labels, masks, spacing, small, schedule, output, force, quiet,
+                 seed, sets, threads, device) -> None:
     """Train a learned similarity metric and write it to OUTPUT.
 
     Settings of the training configuration (DITRTrainConfig, DeepSimTrainConfig, or the
     keyword arguments of train_critic) can be overridden with --set KEY=VALUE.
     """
-    from itreg.runtime import limited_threads
+    from itreg.io.outputs import staged_model_output
+    from itreg.runtime import limited_threads, resolve_device
 
     extra = parse_sets(sets)
-    refuse_existing(output, "model file", force)
-    with limited_threads(threads):
+    # --images takes repeats, comma lists (pairs for ditr/mine/kldiv) and globs (single images)
+    if kind.startswith("deepsim"):
+        images = [str(p) for p in expand_paths(images, "--images")]
+    labels = expand_paths(labels, "--labels")
+    masks = expand_paths(masks, "--masks")
+    inputs = [p for v in images for p in str(v).split(",")] + [*labels, *masks]
+    dev = resolve_device(device)
+    with staged_model_output(output, force=force, protect=inputs) as work, \
+            limited_threads(threads):
         if kind == "ditr":
-            _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, extra)
+            _train_ditr(images, masks, work, spacing, small, schedule, seed, quiet, extra, dev)
         elif kind in ("mine", "kldiv"):
-            _train_neural(kind, images, masks, output, spacing, small, seed, extra)
+            _train_neural(kind, images, masks, work, spacing, small, seed, extra, dev)
         else:
-            _train_deepsim(kind, images, labels, output, spacing, small, seed, quiet, extra)
+            _train_deepsim(kind, images, labels, work, spacing, small, seed, quiet, extra, dev)
     click.echo(f"wrote {output}")
 
 
@@ -142,10 +147,12 @@ def _config(cls, small: bool, kwargs: dict, extra: dict):
         raise ConfigError(f"invalid training setting: {exc}") from None
 
 
-def _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, extra) -> None:
+def _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, extra,
+                device=None) -> None:
     from itreg.train.ditr import DITRTrainConfig, TrainingPair, train_ditr
 
-    pairs = [TrainingPair(f, m, mask) for f, m, mask in _read_pairs(images, masks, spacing)]
+    pairs = [TrainingPair(f, m, mask)
+             for f, m, mask in _read_pairs(images, masks, spacing, device)]
     kwargs = {"seed": seed, "progress": not quiet}
     if schedule is not None:
         kwargs["schedule"] = schedule
@@ -157,7 +164,8 @@ def _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, ex
                    f" -> {s['val_accuracy']:.3f}")
 
 
-def _train_neural(kind, images, masks, output, spacing, small, seed, extra) -> None:
+def _train_neural(kind, images, masks, output, spacing, small, seed, extra,
+                  device=None) -> None:
     from itreg.warp import resample
 
     trainer = _neural_trainer()
@@ -166,7 +174,7 @@ def _train_neural(kind, images, masks, output, spacing, small, seed, extra) -> N
                           "itreg lacks; available kinds: ditr, deepsim-ae, deepsim-seg")
     train_critic, save_critic = trainer
     fixed, moving, mlist = [], [], []
-    for f, m, mask in _read_pairs(images, masks, spacing):
+    for f, m, mask in _read_pairs(images, masks, spacing, device):
         fixed.append(f)
         moving.append(resample(m, None, f.grid, mode="linear"))
         mlist.append(None if mask is None else mask.data[0])
@@ -180,7 +188,8 @@ def _train_neural(kind, images, masks, output, spacing, small, seed, extra) -> N
     click.echo(f"{kind} critic: {res.message}")
 
 
-def _train_deepsim(kind, images, labels, output, spacing, small, seed, quiet, extra) -> None:
+def _train_deepsim(kind, images, labels, output, spacing, small, seed, quiet, extra,
+                   device=None) -> None:
     from itreg import io
     from itreg.train.deepsim import DeepSimTrainConfig, train_deepsim
 
@@ -192,10 +201,11 @@ def _train_deepsim(kind, images, labels, output, spacing, small, seed, quiet, ex
                           f"{len(labels)} for {len(images)} images")
     if mode == "ae" and labels:
         raise ConfigError("--labels is only used by --kind deepsim-seg")
-    imgs = [_resample(io.read_image(Path(v), is_label=False), spacing) for v in images]
+    dev = device or "cpu"
+    imgs = [_resample(io.read_image(Path(v), is_label=False), spacing).to(dev) for v in images]
     labs = None
     if mode == "seg":
-        labs = [_resample(io.read_image(p, is_label=True), spacing, label=True)
+        labs = [_resample(io.read_image(p, is_label=True), spacing, label=True).to(dev)
                 for p in labels]
     kwargs = {"mode": mode, "seed": seed, "progress": not quiet}
     cfg = _config(DeepSimTrainConfig, small, kwargs, extra)

@@ -28,7 +28,7 @@ import dataclasses
 import click
 
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, parse_sets, refuse_existing
+from itreg.cli.app import app, parse_sets, standard_options
 from itreg.errors import ConfigError
 
 #: Network kinds ``train-net`` accepts.
@@ -92,28 +92,37 @@ def _net_config(kind, loss, loss_sets, labels, small, seed, device, threads, ext
                    "resample to it).")
 @click.option("--contrast", default="t2", show_default=True,
               help="Moving contrast of phantom pairs (t2, pd, t1).")
-@click.option("-o", "--output", type=_PATH, required=True, help="Model file to write (.pt).")
 @click.option("--small", is_flag=True, help="Small CPU settings (minutes on two cores).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of all random "
-              "choices.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a training setting, e.g. --set epochs=5 (repeatable; JSON values).")
-@click.option("--no-resume", is_flag=True, help="Ignore an existing checkpoint.")
-@click.option("--force", is_flag=True, help="Overwrite an existing model file.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-resume", is_flag=True,
+              help="Start afresh even if OUTPUT.training/ holds an interrupted run's checkpoint.")
+@standard_options(output="file", output_help="Model file to write (.pt). While training, the "
+                  "best model so far and the resumable checkpoint live in OUTPUT.training/; "
+                  "an interrupted run resumes from there, and the folder goes when the run "
+                  "succeeds.",
+                  sets_help="Override a training setting, e.g. --set epochs=5 (repeatable; "
+                            "JSON values).")
 def train_net(kind, loss, loss_sets, labels, pairs, val_pairs, n_phantom, n_val, ndim, spacing,
-              contrast, output, small, seed, device, threads, sets, no_resume, force,
-              quiet) -> None:
+              contrast, small, no_resume, output, force, quiet, seed, sets, threads,
+              device) -> None:
     """Train a registration network with any itreg metric and write it to OUTPUT."""
-    from itreg.train import checkpoint_path
+    from itreg.io.outputs import staged_model_output
+    from itreg.runtime import resolve_device
 
-    # A DCC run writes OUTPUT whenever its validation improves: an interrupted one resumes.
-    if kind != "dcc" or no_resume or not checkpoint_path(output).is_file():
-        refuse_existing(output, "model file", force)
+    device = str(resolve_device(device))
     extra = parse_sets(sets)
     ndim = int(ndim)
+    protect = [p for p in (pairs, val_pairs) if p is not None]
+    if ":" in loss:
+        protect.append(loss.split(":", 1)[1])
+    with staged_model_output(output, force=force, protect=protect) as work:
+        _train(kind, loss, loss_sets, labels, pairs, val_pairs, n_phantom, n_val, ndim, spacing,
+               contrast, small, no_resume, work, quiet, seed, threads, device, extra)
+    click.echo(f"wrote {output}")
+
+
+def _train(kind, loss, loss_sets, labels, pairs, val_pairs, n_phantom, n_val, ndim, spacing,
+           contrast, small, no_resume, output, quiet, seed, threads, device, extra) -> None:
+    force = True  # `output` is the run's own work file (see staged_model_output)
     if kind == "dcc":
         _train_dcc(output, n_phantom, n_val, ndim, spacing, labels, small, seed, device,
                    threads, extra, no_resume, force, quiet)
@@ -141,7 +150,7 @@ def train_net(kind, loss, loss_sets, labels, pairs, val_pairs, n_phantom, n_val,
     for name, stage in result.stages.items():
         click.echo(f"{name}: {stage.epochs} epochs, stop: {stage.stop_reason}, best "
                    f"{result.monitor} {stage.best_value:.4f} at epoch {stage.best_epoch}")
-    click.echo(f"trained in {result.wall_time_s:.1f} s; wrote {output}")
+    click.echo(f"trained in {result.wall_time_s:.1f} s")
 
 
 def _train_dcc(output, n_groups, n_val, ndim, spacing, labels, small, seed, device, threads,
@@ -175,5 +184,4 @@ def _train_dcc(output, n_groups, n_val, ndim, spacing, labels, small, seed, devi
     after = ", ".join(f"{k} {v:.3f}" for k, v in result.after.items())
     click.echo(f"validation before: {before}")
     click.echo(f"validation after:  {after}")
-    click.echo(f"stop: {result.train.stop_reason} after {result.train.epochs} epochs; "
-               f"wrote {output}")
+    click.echo(f"stop: {result.train.stop_reason} after {result.train.epochs} epochs")

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from itreg.errors import ConfigError
@@ -70,6 +71,16 @@ def evaluate_registration(
     if (fixed_labels is None) != (warped_labels is None):
         raise ConfigError("label evaluation needs both fixed_labels and warped_labels")
     if fixed_labels is not None:
+        if labels is not None:
+            present = set(torch.unique(fixed_labels.data).tolist()) | \
+                set(torch.unique(warped_labels.data).tolist())
+            missing = [lab for lab in labels if lab not in present]
+            if missing:
+                shown = ", ".join(str(int(v)) for v in sorted(present) if v != 0)
+                raise ConfigError(f"label{'s' if len(missing) > 1 else ''} "
+                                  f"{', '.join(map(str, missing))} "
+                                  f"{'are' if len(missing) > 1 else 'is'} in neither label map "
+                                  f"(labels present: {shown or 'none'})")
         d = dice(fixed_labels, warped_labels, labels)
         out["dice"] = d.as_dict()
         if surfaces:

@@ -391,14 +391,19 @@ def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | N
 
 
 def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
-               inputs: Sequence[Any] | None = None) -> Path:
+               inputs: Sequence[Any] | None = None, protect=None) -> Path:
     """Write a groupwise result to `outdir` atomically (see :func:`write_group`).
 
     Raises:
-        OutputExistsError: `outdir` exists and `force` is False (nothing is touched).
+        OutputExistsError: `outdir` exists, is not empty and `force` is False, is a file, or
+            would overwrite an input (nothing is touched). With `force` only itreg's own
+            earlier outputs there are replaced; `protect` lists paths never written (default:
+            the `inputs` that are paths).
     """
     from itreg import io
 
-    with io.atomic_output_dir(outdir, force=force) as tmp:
+    if protect is None:
+        protect = [p for p in (inputs or ()) if isinstance(p, (str, Path))]
+    with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
         write_group(result, tmp, inputs)
     return Path(outdir)

@@ -285,16 +285,21 @@ def apply_dcc(
 
 
 def save_dcc(result: DCCResult, outdir: PathLike, force: bool = False,
-             inputs: Sequence[Any] | None = None) -> Path:
+             inputs: Sequence[Any] | None = None, protect=None) -> Path:
     """Write a DCC result to `outdir` atomically (see the module docstring for the layout).
 
     Raises:
-        OutputExistsError: `outdir` exists and `force` is False (nothing is touched).
+        OutputExistsError: `outdir` exists, is not empty and `force` is False, is a file, or
+            would overwrite an input (nothing is touched). With `force` only itreg's own
+            earlier outputs there are replaced; `protect` lists paths never written (default:
+            the `inputs` that are paths).
     """
     from itreg import io
     from itreg.groupwise.api import write_group
 
-    with io.atomic_output_dir(outdir, force=force) as tmp:
+    if protect is None:
+        protect = [p for p in (inputs or ()) if isinstance(p, (str, Path))]
+    with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
         files = write_group(result, tmp, inputs)  # duck-types GroupResult
         extra = []
         for j, (seg, prob) in enumerate(zip(result.segmentations,

@@ -55,6 +55,8 @@ __all__ = [
     "check_output_file",
     "clean_stale_temporaries",
     "signals_deferred",
+    "staged_model_output",
+    "training_folder",
 ]
 
 #: The hidden file in an output folder that lists the files itreg wrote there (relative paths).
@@ -422,3 +424,45 @@ def atomic_output_file(path: PathLike, force: bool = False, *,
     finally:
         if _exists(tmp):
             _remove(tmp)
+
+
+def training_folder(path: PathLike) -> Path:
+    """The clearly named sibling folder where a training run keeps its work for model file
+    `path`: ``<path>.training/`` (the best model so far and the resumable checkpoint)."""
+    p = Path(path)
+    return p.with_name(p.name + ".training")
+
+
+@contextlib.contextmanager
+def staged_model_output(path: PathLike, force: bool = False, *,
+                        protect: Iterable[PathLike] | None = None) -> Iterator[Path]:
+    """Train into a sibling folder and put the model file in place only at the end.
+
+    Yields the path a trainer writes its model (and, beside it, its ``.ckpt``) to while it
+    trains: ``<path>.training/<name>``. When the block succeeds the model replaces `path`
+    atomically and the folder goes; when it fails or is interrupted, `path` is untouched and
+    the folder stays, so the same command resumes from its checkpoint.
+
+    Raises:
+        OutputExistsError, ConfigError, OutputPathError: see :func:`check_output_file`
+            (checked before training starts and again before the model is put in place).
+    """
+    target = check_output_file(path, force=force, protect=protect)
+    work_dir = training_folder(target)
+    if _exists(work_dir) and not work_dir.is_dir():
+        raise OutputExistsError(f"{_shown(work_dir)} (where training keeps its work) is a "
+                                "file; move it")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    work = work_dir / target.name
+    yield work
+    if not work.is_file():
+        raise FileNotFoundError(f"training wrote no model to {str(work)!r}")
+    check_output_file(target, force=force, protect=protect)
+    with signals_deferred():
+        os.replace(work, target)
+    for leftover in (work_dir / f"{target.name}.ckpt", *work_dir.glob(".itreg-tmp-*")):
+        if _exists(leftover):
+            _remove(leftover)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()
+    logger.debug("model written to %s", target)
