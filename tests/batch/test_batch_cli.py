@@ -1,6 +1,6 @@
 """``itreg batch`` end to end on an embedded LocalCluster of 2 worker processes: a bad job does
-not stop the others (exit 3), a rerun does no work, --retry-failed redoes the failed one, the
-outputs equal those of ``itreg register``, and bad manifests are refused (exit 2)."""
+not stop the others (exit 3), a rerun does no work, --retry-failed redoes the failed one; bad
+manifests are refused (exit 2)."""
 
 from __future__ import annotations
 
@@ -76,26 +76,6 @@ def test_batch_isolates_a_bad_job_skips_finished_ones_and_retries_failed(pairs, 
     for name, stamp in before.items():
         if name.split("/")[0] in jobs:
             assert after[name] == stamp, name
-
-
-def test_batch_outputs_equal_those_of_register(pairs, tmp_path, cli):
-    data, rows = pairs
-    manifest = write_manifest(data / "one.csv", rows[:1])
-    code, _, err = cli(["batch", str(manifest), "-o", str(tmp_path / "b"), "--workers", "1",
-                        "-q", *FAST])
-    assert code == 0, err
-    code, _, err = cli(["register", str(data / "f0.nii.gz"), str(data / "m0.nii.gz"), "-o",
-                        str(tmp_path / "r"), "-q", *FAST])
-    assert code == 0, err
-    batch_dir, reg_dir = tmp_path / "b" / "s0", tmp_path / "r"
-    assert sorted(p.name for p in batch_dir.iterdir()) == sorted(p.name for p in reg_dir.iterdir())
-    rb = json.loads((batch_dir / "report.json").read_text())
-    rr = json.loads((reg_dir / "report.json").read_text())
-    assert rb["linear"] == rr["linear"]  # bitwise equal parameters on CPU, same seed
-    assert rb["config"] == rr["config"] and rb["final_metric"] == rr["final_metric"]
-    wb = sitk.GetArrayFromImage(sitk.ReadImage(str(batch_dir / "warped.nii.gz")))
-    wr = sitk.GetArrayFromImage(sitk.ReadImage(str(reg_dir / "warped.nii.gz")))
-    np.testing.assert_array_equal(wb, wr)
 
 
 @pytest.mark.parametrize("content, message", [
