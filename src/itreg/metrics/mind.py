@@ -92,18 +92,26 @@ def _gaussian(sigma: float, radius: int, dtype, device) -> Tensor:
 
 
 def _smooth(values: Tensor, kernel: Tensor) -> Tensor:
-    """Separable filtering of ``(N, *S)`` along every spatial axis, borders replicated."""
+    """Separable filtering of ``(N, *S)`` along every spatial axis, borders replicated.
+
+    A weighted sum of shifted views per axis: on CPU several times faster than ``conv1d`` over
+    reshaped rows for these short kernels, forward and backward.
+    """
     radius = (kernel.numel() - 1) // 2
     if radius == 0:
         return values
+    weights = kernel.tolist()
     out = values
     for axis in range(1, values.dim()):
-        moved = out.movedim(axis, -1)
-        shape = moved.shape
-        flat = moved.reshape(-1, 1, shape[-1])
-        flat = F.pad(flat, (radius, radius), mode="replicate")
-        flat = F.conv1d(flat, kernel.view(1, 1, -1))
-        out = flat.reshape(shape).movedim(-1, axis)
+        spec: list[int] = []
+        for a in range(values.dim() - 1, 0, -1):  # F.pad lists the last axis first
+            spec += [radius, radius] if a == axis else [0, 0]
+        padded = F.pad(out.unsqueeze(0), spec, mode="replicate")[0]
+        n = out.shape[axis]
+        acc = padded.narrow(axis, 0, n) * weights[0]
+        for j in range(1, 2 * radius + 1):
+            acc = acc + padded.narrow(axis, j, n) * weights[j]
+        out = acc
     return out
 
 
