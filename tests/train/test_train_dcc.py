@@ -188,3 +188,38 @@ def test_interrupted_dcc_training_resumes_to_the_same_weights(tmp_path) -> None:
     fresh = train_dcc(train, val, DCCTrainConfig.small(epochs=1, **kw), output=out, force=True,
                       resume=False)
     assert fresh.train.epochs == 1
+
+
+def _authors_bending_energy(flow_px: torch.Tensor) -> torch.Tensor:
+    """The release's ``BendingEnergy`` (2D): flow ``(D, Y, X)`` in pixels, central differences
+    of central differences, mean over components and interior pixels (transcribed from
+    xzluo97/X-metric ``core/register/LocalDisplacementEnergy.py``)."""
+    def dx(f):
+        return (f[..., 2:, 1:-1] - f[..., :-2, 1:-1]) / 2
+
+    def dy(f):
+        return (f[..., 1:-1, 2:] - f[..., 1:-1, :-2]) / 2
+
+    fx, fy = dx(flow_px), dy(flow_px)
+    return torch.mean(dx(fx) ** 2 + dy(fy) ** 2 + 2 * dy(fx) ** 2)
+
+
+@pytest.mark.parametrize("spacing", [1.0, 4.0])
+def test_paper_bending_weight_converts_the_pixel_energy_to_world_mm(spacing) -> None:
+    # A quadratic field (exact under both finite-difference schemes), in world mm on a grid of
+    # `spacing` mm: lambda_px * BE_px(d / s) == bending_weight_from_pixels(lambda_px) * BE_mm(d).
+    from itreg.grid import Grid
+    from itreg.regularisers import bending_energy
+    from itreg.train.dcc import PAPER_BENDING_WEIGHT, bending_weight_from_pixels
+
+    grid = Grid((24, 20), spacing=(spacing, spacing))
+    pts = grid.points().to(torch.float64)  # (Y, X, 2) world (x, y)
+    x, y = pts[..., 0], pts[..., 1]
+    disp = torch.stack([0.01 * x * x + 0.003 * x * y, -0.02 * y * y + 0.004 * x * x])
+    ours = float(bending_energy(disp, grid))
+    theirs = float(_authors_bending_energy(disp / spacing))
+    lam = bending_weight_from_pixels(PAPER_BENDING_WEIGHT, spacing, 2)
+    assert lam == pytest.approx(100.0 * spacing ** 2 / 2)
+    assert lam * ours == pytest.approx(PAPER_BENDING_WEIGHT * theirs, rel=1e-6)
+    with pytest.raises(ConfigError):
+        bending_weight_from_pixels(100.0, 0.0, 2)

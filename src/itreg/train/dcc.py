@@ -48,7 +48,10 @@ posterior (Eq. 53) multiplies ``rho_hat`` of the images that were labelled in tr
 3. ``L_seg`` (Eq. 46) uses the one-hot labels (the paper; the authors' code uses the distance
    probabilities) and a soft Dice averaged over the K classes.
 4. Terms are means over voxels and sums over images, as written; weights ``w1, w2, w3`` default
-   to 1. ``lambda`` refers to our bending energy in world mm (1/mm^2), not the code's pixels.
+   to 1. ``lambda`` refers to our bending energy in world mm (1/mm^2), not the code's pixels:
+   paper 002's ``lambda = 100`` (pixel units, mean over the flow components) is
+   ``100 s^2 / D`` here on a grid of ``s`` mm (:func:`bending_weight_from_pixels`: 800 on the
+   4 mm 2D groups of the benchmark, 450 at 3 mm, 50 at 1 mm).
 5. The overlap of L1/L2 and of ``Z^[2]`` is the set of common points inside every warped image.
 
 Settings: :meth:`DCCTrainConfig.small` trains 2D groups at 3-4 mm in minutes on two CPU cores
@@ -113,6 +116,8 @@ __all__ = [
     "DCCTrainingResult",
     "PhantomGroupSource",
     "evaluate_groups",
+    "PAPER_BENDING_WEIGHT",
+    "bending_weight_from_pixels",
     "initial_network",
     "labelled_mask",
     "train_dcc",
@@ -120,6 +125,37 @@ __all__ = [
 
 #: Training strategies, from unsupervised to fully supervised.
 STRATEGIES = ("unsupervised", "weak", "all")
+
+#: Paper 002's ``lambda`` for DCC on MS-CMR (sec. 4.4), a weight of the authors' bending energy
+#: in pixel units (see :func:`bending_weight_from_pixels`).
+PAPER_BENDING_WEIGHT = 100.0
+
+
+def bending_weight_from_pixels(weight_px: float, spacing_mm: float, ndim: int) -> float:
+    """itreg's bending weight equal to a weight of the authors' pixel-unit bending energy.
+
+    The authors' code (``core/register/LocalDisplacementEnergy.py``, ``BendingEnergy``) takes
+    the dense flow in pixels, second derivatives per pixel (central differences of central
+    differences) and ``torch.mean`` over voxels *and* the ``D`` flow components. itreg's
+    :func:`~itreg.regularisers.bending_energy` takes the displacement in world mm, derivatives
+    per mm, and sums over the components. With an isotropic pixel size ``s`` mm,
+    ``d_px = d_mm / s`` and ``d/dp = s d/dx``, so ``BE_px = (s^2 / D) BE_mm`` and the same
+    penalty needs ``lambda_mm = lambda_px s^2 / D`` (both are then multiplied by ``N``).
+
+    Paper 002's ``lambda = 100`` per pixel is therefore 800 on 4 mm 2D grids and 50 on 1 mm
+    ones: the conversion depends on the grid the network predicts on.
+
+    Args:
+        weight_px: the weight of the pixel-unit energy (paper 002: 100).
+        spacing_mm: pixel size in mm of the grid the fields live on.
+        ndim: ``D``.
+
+    Returns:
+        The weight of itreg's world-mm energy (``DCCTrainConfig.bending_weight``).
+    """
+    if not spacing_mm > 0 or int(ndim) < 1:
+        raise ConfigError(f"need spacing_mm > 0 and ndim >= 1, got {spacing_mm}, {ndim}")
+    return float(weight_px) * float(spacing_mm) ** 2 / int(ndim)
 
 
 # ------------------------------------------------------------------------------- data
@@ -277,7 +313,8 @@ class DCCLoss:
     Args:
         levels: ``L``, intensity levels of the appearance model and the MIs.
         sample_rate: Bernoulli rate of the X-metric's and Eq. 20's samples.
-        bending_weight: ``lambda`` (world-mm bending energy, times N).
+        bending_weight: ``lambda`` (world-mm bending energy, times N; paper 002's pixel-unit
+            value converts by :func:`bending_weight_from_pixels`).
         tau: slope of the label model (per mm).
         zeta: probability clip (paper: 0.05 in training).
         weights: ``(w1, w2, w3)``.
@@ -480,7 +517,11 @@ class DCCTrainConfig:
         dropout: channel dropout (authors' code: 0.2).
         levels: ``L`` intensity levels (paper: 32).
         sample_rate: sample rate of the X-metric and Eq. 20.
-        bending_weight: ``lambda``.
+        bending_weight: ``lambda`` of itreg's world-mm bending energy (times ``N``). Not the
+            paper's number: paper 002's ``lambda = 100`` weighs the authors' pixel-unit
+            energy, which is ``bending_weight_from_pixels(100, s, D) = 100 s^2 / D`` here on
+            a grid of ``s`` mm (800 on 4 mm 2D grids). The default 10 equals a pixel-unit
+            ``lambda`` of ``10 D / s^2``: 1.25 at 4 mm, 2.2 at 3 mm.
         tau: label-model slope per mm.
         zeta: probability clip in training (paper 0.05).
         zeta_test: probability clip at test (paper 0.01; stored in the model file).
