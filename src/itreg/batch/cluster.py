@@ -73,13 +73,17 @@ def default_workers(spec: ClusterSpec) -> int:
     return max(1, min(by_cpu, by_memory))
 
 
-def jobqueue_cluster(name: str, sets: Mapping[str, Any]):
-    """A dask-jobqueue cluster object (no batch jobs submitted until it is scaled).
+def check_spec(spec: ClusterSpec) -> None:
+    """ConfigError for options that cannot work, before any output is created."""
+    if spec.scheduler and spec.cluster:
+        raise ConfigError("--scheduler and --cluster exclude each other: give one")
+    if spec.threads_per_worker < 1 or (spec.workers is not None and spec.workers < 1):
+        raise ConfigError("--workers and --threads-per-worker must be at least 1")
+    if spec.cluster:
+        _jobqueue(spec.cluster)
 
-    Raises:
-        ConfigError: unknown cluster name, dask-jobqueue missing (with how to install it), or
-            keyword arguments the class refuses.
-    """
+
+def _jobqueue(name: str):
     if name not in JOBQUEUE:
         raise ConfigError(f"unknown --cluster {name!r}; valid clusters are "
                           f"{', '.join(JOBQUEUE)}")
@@ -88,9 +92,20 @@ def jobqueue_cluster(name: str, sets: Mapping[str, Any]):
     except ImportError:
         raise ConfigError(f"--cluster {name} needs dask-jobqueue: pip install 'itreg[cluster]' "
                           "(or pip install dask-jobqueue)") from None
+    return getattr(dask_jobqueue, JOBQUEUE[name])
+
+
+def jobqueue_cluster(name: str, sets: Mapping[str, Any]):
+    """A dask-jobqueue cluster object (no batch jobs submitted until it is scaled).
+
+    Raises:
+        ConfigError: unknown cluster name, dask-jobqueue missing (with how to install it), or
+            keyword arguments the class refuses.
+    """
+    cls = _jobqueue(name)
     kwargs = {"cores": 1, "memory": "4GB", "processes": 1, **dict(sets)}
     try:
-        return getattr(dask_jobqueue, JOBQUEUE[name])(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--cluster {name}: {exc} (check the --cluster-set values)") from None
 
@@ -104,8 +119,7 @@ def open_client(spec: ClusterSpec, client=None) -> Iterator[Any]:
         return
     from distributed import Client
 
-    if spec.scheduler and spec.cluster:
-        raise ConfigError("--scheduler and --cluster exclude each other: give one")
+    check_spec(spec)
     if spec.scheduler:
         try:
             client = Client(spec.scheduler, timeout="20s")
@@ -127,8 +141,6 @@ def open_client(spec: ClusterSpec, client=None) -> Iterator[Any]:
         return
     from distributed import LocalCluster
 
-    if spec.threads_per_worker < 1 or (spec.workers is not None and spec.workers < 1):
-        raise ConfigError("--workers and --threads-per-worker must be at least 1")
     try:
         cluster = LocalCluster(
             n_workers=default_workers(spec), threads_per_worker=spec.threads_per_worker,

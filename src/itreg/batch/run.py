@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itreg.batch.cluster import ClusterSpec, default_workers, machine_cpus, open_client
+from itreg.batch.cluster import ClusterSpec, check_spec, default_workers, machine_cpus, open_client
 from itreg.batch.jobs import JobOptions, finished_state, run_job
 from itreg.batch.ledger import Ledger, read_ledger
 from itreg.batch.manifest import Defaults, Job, jobs_from_rows, read_manifest
@@ -126,6 +126,8 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any] | Job], client=None
         raise ConfigError(f"unknown device {device!r}; valid devices are cpu, cuda, cuda:N, "
                           "auto (workers resolve it: each uses one GPU)")
     spec = cluster or ClusterSpec(device=device)
+    if client is None:
+        check_spec(spec)
     outroot = Path(output).absolute()
     if outroot.exists() and not outroot.is_dir():
         raise OutputExistsError(f"output '{outroot}' is a file; itreg batch needs a folder")
