@@ -11,7 +11,8 @@ anywhere in the README (in code spans too). The checks:
 3. in a paragraph that cites files, every *figure* outside code spans -- a number with a
    decimal point or a ratio such as ``4.7x`` -- appears in one of that paragraph's files
    (settings such as ``--set lr=1e-4`` go in code spans);
-4. a paragraph that says it reports measurements ("measured") cites at least one file.
+4. a paragraph that reports measurements cites at least one file: one that says "measured",
+   or holds a figure that reads as a result ("Dice 0.81", "0.67 mm", "9.4 s", "4.7x").
 
 "Appears" means: the file's text (Markdown, JSON, CSV, plain text; a PNG only counts as
 existing) contains a number that rounds to the README's number at the README's precision
@@ -43,6 +44,10 @@ _NUMBER = re.compile(
     r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?([eE][-+]?\d+)?(x\b|×)?(?![\w])"
 )
 _CODE = re.compile(r"`[^`]*`")
+#: A figure that reads as a measurement: a decimal after "Dice", "error", "mean" or "median",
+#: or before a unit of length, time or a ratio ("0.67 mm", "9.4 s", "4.7x").
+_RESULT_LIKE = re.compile(r"\b(Dice|error|mean|median)\s+\d+\.\d+"
+                          r"|(?<![\w.])\d+\.\d+\s*(mm|s|x|×)(?!\w)", re.IGNORECASE)
 _SEPARATOR = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 
 
@@ -208,7 +213,8 @@ def check(markdown: str, results: Path) -> list[str]:
         else:
             if unit.cites:
                 missing(unit, unit.cites, only_figures=True)
-            elif re.search(r"\bmeasured\b", _strip_code(unit.text), re.IGNORECASE):
+            elif re.search(r"\bmeasured\b", _strip_code(unit.text), re.IGNORECASE) \
+                    or _RESULT_LIKE.search(_strip_code(unit.text)):
                 problems.append(f"README line {unit.line}: a paragraph of measurements cites "
                                 f"no result file")
     return problems
@@ -285,8 +291,11 @@ def test_checker_rejects_a_missing_file_and_uncited_tables_and_measurements(resu
     uncited = _README.replace("(`benchmarks/results/2026-01-01-run.md`)", "")
     problems = check(uncited, results)
     assert any("cites no result file" in p for p in problems)
-    prose = "Measured: the error is 0.61 mm.\n"
-    assert any("cites no result file" in p for p in check(prose, results))
+    for prose in ("Measured: the error is 0.61 mm.\n", "The error falls to 0.61 mm.\n",
+                  "An iteration costs 4.7x more.\n", "Refining gives Dice 0.846.\n"):
+        assert any("cites no result file" in p for p in check(prose, results)), prose
+    assert check("Settings: `--set lr=0.5`, a 0.9-1.1 bias field, 3 mm slices.\n",
+                 results) == []
 
 
 def test_split_units_separates_tables_paragraphs_and_list_items():
