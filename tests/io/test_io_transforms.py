@@ -319,3 +319,68 @@ def test_read_displacement_field_errors(tmp_path):
     write_transform(Affine(3), tmp_path / "a.tfm")
     with pytest.raises(TransformFileError, match="not a displacement field"):
         read_displacement_field(tmp_path / "a.tfm")
+
+
+# ---------------------------------------------------------------------------- refused files
+_AFFINE_TFM = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+               "{params}{fixed}")
+
+
+@pytest.mark.parametrize("params, fixed, match", [
+    ("Parameters: 1 0 0 0 1 0 0 0 nan 1 2 3\n", "FixedParameters: 0 0 0\n", "line 4.*NaN"),
+    ("Parameters: 1 0 0 0 1 0 0 0 1 1 2 inf\n", "FixedParameters: 0 0 0\n", "NaN/Inf"),
+    ("Parameters: 1 0 0 0 1 0 0 0 1 1 2 3\n", "FixedParameters: 0 nan 0\n", "FixedParameters"),
+    ("Parameters: 1 0 0 0 1 0 0 0 1 1 2 3\n", "", "no FixedParameters"),
+    ("Parameters: 1 0 0 0 1 0 0 0 1 1 2 3\n", "FixedParameters:\n", "no FixedParameters"),
+    ("Parameters: 0 0 0 0 0 0 0 0 0 1 2 3\n", "FixedParameters: 0 0 0\n", "singular.*point"),
+    ("Parameters: 1 2 3 2 4 6 0 0 1 1 2 3\n", "FixedParameters: 0 0 0\n", "singular.*plane"),
+])
+def test_unusable_tfm_files_are_refused_in_one_line(tmp_path, params, fixed, match):
+    path = tmp_path / "bad.tfm"
+    path.write_text(_AFFINE_TFM.format(params=params, fixed=fixed))
+    # SimpleITK itself reads the file without FixedParameters, silently dropping the
+    # translation; itreg must not.
+    with pytest.raises(TransformFileError, match=match) as exc:
+        read_transform(path)
+    assert "bad.tfm" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_singular_and_nan_matrices_are_refused_in_binary_and_composite_files(tmp_path):
+    flat = sitk.AffineTransform(3)
+    flat.SetMatrix((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0))
+    sitk.WriteTransform(flat, str(tmp_path / "flat.mat"))
+    with pytest.raises(TransformFileError, match="flat.mat.*singular"):
+        read_transform(tmp_path / "flat.mat")
+    comp = sitk.CompositeTransform([sitk.TranslationTransform(3, (1.0, 2.0, 3.0)), flat])
+    sitk.WriteTransform(comp, str(tmp_path / "comp.h5"))
+    with pytest.raises(TransformFileError, match="comp.h5.*singular"):
+        read_transform(tmp_path / "comp.h5")
+    bs = sitk.BSplineTransform(2, 3)
+    bs.SetFixedParameters([4, 4, 0, 0, 1, 1, 1, 0, 0, 1])
+    params = [0.0] * len(bs.GetParameters())
+    params[3] = float("nan")
+    bs.SetParameters(params)
+    sitk.WriteTransform(bs, str(tmp_path / "bs.h5"))
+    with pytest.raises(TransformFileError, match="bs.h5.*NaN"):
+        read_transform(tmp_path / "bs.h5")
+
+
+def test_valid_text_files_with_empty_translation_fixed_parameters_are_read(tmp_path):
+    comp = sitk.CompositeTransform([sitk.AffineTransform(2), sitk.TranslationTransform(2, (1, 2))])
+    sitk.WriteTransform(comp, str(tmp_path / "c.tfm"))
+    assert "FixedParameters: \n" in (tmp_path / "c.tfm").read_text()
+    t = read_transform(tmp_path / "c.tfm", dtype=torch.float64)
+    np.testing.assert_allclose(_ours(t, np.array([[3.0, 4.0]])), [[4.0, 6.0]])
+
+
+def test_velocity_fields_are_written_as_their_exact_displacement_field(tmp_path):
+    from itreg.transforms import exportable
+
+    grid = Grid((9, 8, 7), (2.0, 2.5, 3.0), (-5.0, 4.0, 1.0), OBLIQUE)
+    v = torch.randn(3, 7, 8, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    chain = Compose(Affine(3, translation=(1.0, -2.0, 3.0), dtype=torch.float64),
+                    StationaryVelocityField(grid, v, steps=5))
+    write_transform(exportable(chain), tmp_path / "t.h5")
+    tx = sitk.ReadTransform(str(tmp_path / "t.h5"))
+    pts = np.asarray(grid.points(dtype=torch.float64).reshape(-1, 3)[::7]) + 0.3
+    np.testing.assert_allclose(_sitk_map(tx, pts), _ours(chain, pts), atol=1e-6)

@@ -18,6 +18,7 @@ from itreg.transforms import (
     DisplacementField,
     Identity,
     Rigid,
+    Transform,
     Translation,
 )
 
@@ -122,9 +123,12 @@ def test_bad_input():
         Compose(Translation(2), Translation(3))
     with pytest.raises(ConfigError):
         Compose(Translation(2), lambda x: x)
-    with pytest.raises(ConfigError):
-        Compose(Translation(3), DisplacementField(torch.zeros(3, 2, 2, 2), Grid((2, 2, 2)))) \
-            .inverse()
+    class NoInverse(Transform):
+        def forward(self, points):
+            return points * 2
+
+    with pytest.raises(ConfigError, match="NoInverse"):
+        Compose(Translation(3), NoInverse(3)).inverse()
 
 
 def test_gradcheck():

@@ -218,8 +218,9 @@ def _from_sitk_transform(tx: sitk.Transform, where: str, dtype, device, depth: i
         raise TransformFileError(f"{where} is {d}D; itreg transforms are 2D or 3D")
     if tx.IsLinear():
         a, off, c = _linear_from_sitk(tx, d)
-        if not (np.isfinite(a).all() and np.isfinite(off).all()):
+        if not (np.isfinite(a).all() and np.isfinite(off).all() and np.isfinite(c).all()):
             raise TransformFileError(f"{where} has NaN/Inf parameters")
+        _check_invertible(a, where)
         return _affine((a, off, c), dtype, device)
     typed = tx.Downcast()
     kind = tx.GetTransformEnum()
@@ -228,6 +229,10 @@ def _from_sitk_transform(tx: sitk.Transform, where: str, dtype, device, depth: i
         return _field_transform(from_sitk(field, dtype=dtype, name=where), where, device)
     if kind == sitk.sitkBSplineTransform:
         from itreg.transforms.bspline import BSpline
+
+        if not (np.isfinite(np.asarray(tx.GetParameters(), np.float64)).all()
+                and np.isfinite(np.asarray(tx.GetFixedParameters(), np.float64)).all()):
+            raise TransformFileError(f"{where} has NaN/Inf B-spline parameters")
 
         order = typed.GetOrder() if hasattr(typed, "GetOrder") else 3
         if order != 3:
@@ -248,6 +253,9 @@ def _from_sitk_transform(tx: sitk.Transform, where: str, dtype, device, depth: i
             sub = typed.GetNthTransform(i)
             if sub.IsLinear():
                 lin = _linear_from_sitk(sub, d)
+                if not all(np.isfinite(v).all() for v in lin):
+                    raise TransformFileError(f"{where} has NaN/Inf parameters (transform {i})")
+                _check_invertible(lin[0], f"{where} (transform {i})")
                 if parts and isinstance(parts[-1], tuple):
                     # Compose(p, q)(x) = p(q(x)): A = Ap Aq, off = Ap off_q + off_p.
                     ap, offp, cp = parts[-1]
@@ -300,6 +308,7 @@ def read_transform(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     p = check_input_file(path, "transform file", TransformFileError)
     if not is_transform_path(p) and _looks_like_image(p):
         return read_displacement_field(p, dtype=dtype, device=device)
+    _check_text_transform(p)
     try:
         with quiet_native_stderr():
             tx = sitk.ReadTransform(str(p))
@@ -311,6 +320,78 @@ def read_transform(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     transform = _from_sitk_transform(tx, f"transform file {str(p)!r}", dtype, device)
     logger.debug("read %s: %s -> %s", p, tx.GetName(), type(transform).__name__)
     return transform
+
+
+#: ITK types whose FixedParameters line may be empty (they have no centre or grid).
+_NO_FIXED_PARAMETERS = ("TranslationTransform", "IdentityTransform", "CompositeTransform")
+
+#: Largest text transform file checked line by line before SimpleITK reads it (bytes).
+_MAX_TEXT_CHECK = 512 * 2**20
+
+
+def _check_text_transform(path: Path) -> None:
+    """Refuse a text transform file (.tfm, .txt) that SimpleITK would read wrongly.
+
+    SimpleITK fills a missing ``FixedParameters`` line with zeros (an affine then loses its
+    centre, and with it the translation it stands for) and refuses NaN with a message about
+    the parameter count; both are caught here with a message that names the file and block.
+    """
+    if full_suffix(path) not in (".tfm", ".txt") or path.stat().st_size > _MAX_TEXT_CHECK:
+        return
+    try:
+        text = path.read_text(encoding="ascii")
+    except (UnicodeDecodeError, OSError):
+        return  # not a text transform file: SimpleITK's reader says what is wrong
+    if not text.lstrip().startswith("#Insight Transform File"):
+        return
+    blocks: list[dict] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "Transform":
+            blocks.append({"type": value.strip(), "line": lineno})
+        elif key in ("Parameters", "FixedParameters") and blocks:
+            try:
+                values = np.asarray([float(v) for v in value.split()], dtype=np.float64)
+            except ValueError:
+                raise TransformFileError(
+                    f"transform file {str(path)!r}, line {lineno}: {key} holds a non-number; "
+                    "the file is corrupt, write it again"
+                ) from None
+            if not np.isfinite(values).all():
+                raise TransformFileError(
+                    f"transform file {str(path)!r}, line {lineno}: {key} of "
+                    f"{blocks[-1]['type']} holds {int((~np.isfinite(values)).sum())} NaN/Inf "
+                    "value(s); the transform is unusable, recompute it"
+                )
+            blocks[-1][key] = values.size
+    for block in blocks:
+        name = block["type"]
+        if name.startswith(_NO_FIXED_PARAMETERS):
+            continue
+        if "FixedParameters" not in block or block["FixedParameters"] == 0:
+            raise TransformFileError(
+                f"transform file {str(path)!r}, line {block['line']}: {name} has no "
+                "FixedParameters (its centre or grid), which SimpleITK would fill with "
+                "zeros and so misread the transform; add the 'FixedParameters:' line"
+            )
+        if "Parameters" not in block:
+            raise TransformFileError(
+                f"transform file {str(path)!r}, line {block['line']}: {name} has no "
+                "Parameters line; the file is truncated"
+            )
+
+
+def _check_invertible(a: np.ndarray, where: str) -> None:
+    """Refuse a singular (or all-zero) linear part: it collapses space onto a plane or point."""
+    s = np.linalg.svd(a, compute_uv=False)
+    if s[0] == 0 or s[-1] <= 1e-10 * s[0]:
+        raise TransformFileError(
+            f"{where} has a singular matrix (singular values "
+            f"{', '.join(f'{v:.3g}' for v in s)}): it maps space onto a "
+            f"{'point' if s[0] == 0 else 'plane or line'} and has no inverse; recompute or "
+            "replace the transform"
+        )
 
 
 def _looks_like_image(path: Path) -> bool:

@@ -2,8 +2,9 @@
 
 from itreg.transforms.base import Identity, Transform
 from itreg.transforms.bspline import BSpline
-from itreg.transforms.compose import Compose
+from itreg.transforms.compose import Compose, compose, exportable
 from itreg.transforms.dense import DisplacementField, StationaryVelocityField
+from itreg.transforms.inverse import IterativeInverse, invert_points
 from itreg.transforms.jacobian import (
     hessian,
     jacobian_determinant,
@@ -25,13 +26,17 @@ __all__ = [
     "Compose",
     "DisplacementField",
     "Identity",
+    "IterativeInverse",
     "LinearTransform",
     "Rigid",
     "Similarity",
     "StationaryVelocityField",
     "Transform",
     "Translation",
+    "compose",
+    "exportable",
     "hessian",
+    "invert_points",
     "jacobian_determinant",
     "jacobian_matrix",
     "rotation_matrix",

@@ -82,3 +82,7 @@ class Identity(Transform):
     def forward(self, points: Tensor) -> Tensor:
         self._check_points(points)
         return points
+
+    def inverse(self) -> Identity:
+        """The identity again."""
+        return Identity(self.ndim)

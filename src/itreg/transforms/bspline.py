@@ -449,6 +449,14 @@ class BSpline(Transform):
             points = points.to(self.coefficients.dtype)
         return points + self._displacement_points(points)
 
+    def inverse(self, max_iterations: int = 200, tolerance_mm: float = 1e-4):
+        """The inverse map, solved point by point by fixed-point iteration (see
+        :class:`~itreg.transforms.inverse.IterativeInverse`); exact to `tolerance_mm` where the
+        FFD does not fold."""
+        from itreg.transforms.inverse import IterativeInverse
+
+        return IterativeInverse(self, max_iterations=max_iterations, tolerance_mm=tolerance_mm)
+
     def _same_direction(self, grid: Grid) -> bool:
         return grid.ndim == self.ndim and bool(
             np.allclose(grid.direction, self.control_grid.direction, atol=_DIRECTION_TOL)

@@ -137,3 +137,57 @@ def _linear_map(t: Transform, d: int, device) -> tuple[Tensor, Tensor]:
     out = t(pts.to(ref.dtype) if ref is not None else pts).to(torch.float64)
     b = out[0]
     return (out[1:] - b).T, b
+
+
+def compose(*transforms: Transform) -> Transform:
+    """The map ``x -> t1(t2(...tn(x)))`` in ITK ``CompositeTransform`` order, simplified.
+
+    Nested :class:`Compose` objects are flattened, identities dropped and runs of adjacent
+    linear transforms merged into one :class:`~itreg.transforms.Affine` (exact, float64). The
+    result is a single transform when one is left (an :class:`Identity` when none is), else a
+    :class:`Compose`. ``compose(b, a)`` is what ``antsApplyTransforms -t b -t a`` applies and
+    what ``SimpleITK.CompositeTransform([b, a])`` computes.
+
+    Raises:
+        ConfigError: no transforms, or an argument is not a :class:`Transform`.
+        GeometryError: the transforms have different dimensions.
+    """
+    if len(transforms) == 1 and isinstance(transforms[0], (list, tuple)):
+        transforms = tuple(transforms[0])
+    full = Compose(*transforms)  # validates types and dimensions
+    flat: list[Transform] = []
+
+    def walk(t: Transform) -> None:
+        if isinstance(t, Compose):
+            for sub in t.transforms:
+                walk(sub)
+        elif not isinstance(t, Identity):
+            flat.append(t)
+
+    walk(full)
+    merged: list[Transform] = []
+    for t in flat:
+        if t.is_linear and merged and merged[-1].is_linear:
+            merged[-1] = Compose(merged[-1], t).linear_part()
+        else:
+            merged.append(t)
+    if not merged:
+        return Identity(full.ndim)
+    return merged[0] if len(merged) == 1 else Compose(*merged)
+
+
+def exportable(transform: Transform) -> Transform:
+    """The same map built only from types that ITK transform files hold.
+
+    A :class:`~itreg.transforms.StationaryVelocityField` becomes the
+    :class:`~itreg.transforms.DisplacementField` of ``exp(v)`` on its grid (the map it applies,
+    exactly); compositions are rebuilt part by part; other transforms are returned unchanged
+    (``itreg.io.write_transform`` says which it cannot write).
+    """
+    from itreg.transforms.dense import StationaryVelocityField
+
+    if isinstance(transform, StationaryVelocityField):
+        return transform.to_displacement_field(learnable=False)
+    if isinstance(transform, Compose):
+        return Compose(*[exportable(t) for t in transform.transforms])
+    return transform

@@ -134,6 +134,14 @@ class DisplacementField(_FieldTransform):
             return torch.movedim(self.field, 0, -1).to(dtype=dtype, device=device)
         return super().displacement(grid, dtype=dtype, device=device)
 
+    def inverse(self, max_iterations: int = 200, tolerance_mm: float = 1e-4):
+        """The inverse map, solved point by point by fixed-point iteration (see
+        :class:`~itreg.transforms.inverse.IterativeInverse`); sample it onto a grid with
+        :meth:`from_transform` to store it as a field."""
+        from itreg.transforms.inverse import IterativeInverse
+
+        return IterativeInverse(self, max_iterations=max_iterations, tolerance_mm=tolerance_mm)
+
     def extra_repr(self) -> str:
         return f"ndim={self.ndim}, learnable={self.learnable}, grid={self.grid!r}"
 
