@@ -109,3 +109,43 @@ def test_unreadable_manifests_exit_2(tmp_path, cli):
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00id,\x81\x82")
     code, _, err = cli(["batch", str(tmp_path / "bin.csv"), "-o", str(tmp_path / "o")])
     assert code == 2 and "cannot be read" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_finished_jobs(pairs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, rows = pairs
+    slow = {"transform": "translation", "set.stages.0.iterations": "300"}
+    rows = [rows[0], *({**r, **slow} for r in rows[1:])]
+    manifest = write_manifest(data / "jobs.csv", rows)
+    out = tmp_path / "out"
+    exe = [sys.executable, "-m", "itreg.cli", "batch", str(manifest), "-o", str(out), "--workers",
+           "1", "--threads", "1", "--device", "cpu", "-t", "translation", "--set",
+           "stages.0.iterations=15"]
+    proc = subprocess.Popen(exe, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for the first (fast) job to be in the ledger
+        ledger = out / "ledger.jsonl"
+        if ledger.exists() and '"status": "done"' in ledger.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"no job finished within 120 s: {proc.communicate()[1]}")
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "run the same command again" in stderr
+    with open(out / "summary.csv") as f:
+        status = {r["id"]: r["status"] for r in csv.DictReader(f)}
+    assert status["s0"] == "done" and "interrupted" in status.values()
+    done_before = [k for k, v in status.items() if v == "done"]
+    # The rerun finishes the rest and redoes none of the finished jobs.
+    rerun = subprocess.run(exe, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({4 - len(done_before)} this run, {len(done_before)} earlier)" in rerun.stdout
