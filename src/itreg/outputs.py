@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from itreg import io
+from itreg.errors import ItregError
 from itreg.transforms import Affine
+
+logger = logging.getLogger(__name__)
 
 #: Extensions read as displacement-field images rather than ITK transform files.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -32,8 +36,8 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
     * linear runs: ``inverse.tfm``, the exact inverse (moving -> fixed);
     * deformable runs: ``displacement.nii.gz`` (the whole transform as a world-mm displacement
       field on the fixed grid) and ``inverse_displacement.nii.gz`` (the moving -> fixed map as
-      a displacement field on the moving grid: exact linear part, negated velocity for SVF
-      runs, fixed-point inversion for B-spline and dense runs), with the inverse-consistency
+      a displacement field on the moving grid: exact linear part, fixed-point inversion of the
+      deformation, started from the negated velocity for SVF runs), with the inverse-consistency
       residual ``|inverse(T(x)) - x|`` over the fixed mask (else over the fixed points that map
       inside the moving image) in ``report.json`` under ``inverse_consistency``;
     * ``report.json``.
@@ -60,7 +64,7 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
     else:
         io.write_displacement_field(transform, grid, folder / "displacement.nii.gz")
         moving_grid = result.moving.grid
-        inverse = inverse_field(transform, moving_grid)
+        inverse = inverse_field(transform, moving_grid, fixed_grid=grid)
         io.write_displacement_field(inverse, moving_grid, folder / "inverse_displacement.nii.gz")
         files += ["displacement.nii.gz", "inverse_displacement.nii.gz"]
         written = io.read_displacement_field(folder / "inverse_displacement.nii.gz",
@@ -84,8 +88,8 @@ def _consistency_region(result, transform, inputs):
         try:
             mask = io.read_mask(mask_path, grid)
             return mask.data[0].bool(), "fixed mask"
-        except Exception:  # noqa: BLE001 - the report falls back to the overlap
-            pass
+        except ItregError as exc:  # the report falls back to the overlap
+            logger.warning("inverse consistency over the overlap: %s", exc)
     with torch.no_grad():
         mapped = transform.on_grid(grid, dtype=torch.float64)
         index = result.moving.grid.world_to_index(mapped.cpu())
