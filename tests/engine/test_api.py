@@ -308,6 +308,18 @@ def test_progress_bar_draws_and_closes(pair):
     assert bar._progress is None  # stopped at the end
 
 
+def test_progress_draws_a_live_bar_on_a_terminal(pair):
+    from rich.console import Console
+
+    fixed, moving, _ = pair
+    out = io.StringIO()
+    bar = Progress(console=Console(file=out, force_terminal=True, width=120))
+    _reg(fixed, moving, callbacks=[bar])
+    text = out.getvalue()
+    assert "\x1b[" in text and "stage 1 translation level 2/2" in text  # ANSI redraws
+    assert " iterations, loss " not in text  # no plain lines on a terminal
+
+
 def test_progress_closes_on_error(pair):
     fixed, moving, _ = pair
     from rich.console import Console

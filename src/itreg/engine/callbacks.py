@@ -218,7 +218,8 @@ class EarlyStopping(Callback):
 
 
 class Progress(Callback):
-    """A rich progress bar on stderr: one line per stage and level with loss and metric.
+    """Progress on stderr: a live rich bar per stage and level on a terminal; off a terminal
+    (a log file, a batch job) one plain timestamped line per level instead, never cut.
 
     Args:
         console: a ``rich.console.Console`` to draw on (default: stderr).
@@ -230,6 +231,15 @@ class Progress(Callback):
         self.transient = transient
         self._progress = None
         self._task = None
+        self._lines: bool | None = None
+
+    def _line_mode(self) -> bool:
+        if self._lines is None:
+            from rich.console import Console
+
+            console = self.console or Console(stderr=True)
+            self._lines = not console.is_terminal
+        return self._lines
 
     def _ensure(self):
         if self._progress is None:
@@ -245,10 +255,16 @@ class Progress(Callback):
             self._progress.start()
         return self._progress
 
+    @staticmethod
+    def _describe(state: StepState) -> str:
+        return f"stage {state.stage + 1} {state.transform} level {state.level + 1}/{state.levels}"
+
     def on_level_start(self, state: StepState) -> None:
+        if self._line_mode():
+            return
         progress = self._ensure()
-        desc = f"stage {state.stage + 1} {state.transform} level {state.level + 1}/{state.levels}"
-        self._task = progress.add_task(desc, total=max(state.max_iterations, 1), info="")
+        self._task = progress.add_task(self._describe(state),
+                                       total=max(state.max_iterations, 1), info="")
 
     def on_step(self, state: StepState) -> None:
         if self._progress is not None and self._task is not None:
@@ -257,6 +273,17 @@ class Progress(Callback):
                 info=f"loss {state.loss:.5g} {state.quantity_name} {state.metric:.5g}")
 
     def on_level_end(self, state: StepState) -> None:
+        if self._line_mode():
+            import sys
+            import time
+
+            file = self.console.file if self.console is not None else sys.stderr
+            file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self._describe(state)}: "
+                       f"{state.iteration}/{state.max_iterations} iterations, loss "
+                       f"{state.loss:.5g}, {state.quantity_name} {state.metric:.5g} "
+                       f"({state.stop_reason}), {state.elapsed_s:.1f} s\n")
+            file.flush()
+            return
         if self._progress is not None and self._task is not None:
             self._progress.update(
                 self._task, completed=max(state.max_iterations, 1),

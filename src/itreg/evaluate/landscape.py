@@ -99,6 +99,13 @@ def _neighbour_offsets(ndim: int) -> list[tuple[int, ...]]:
     return [d for d in itertools.product((-1, 0, 1), repeat=ndim) if any(d)]
 
 
+def _check_plateau_tol(plateau_tol: float) -> None:
+    if isinstance(plateau_tol, bool) or not isinstance(plateau_tol, (int, float)) or \
+            not math.isfinite(plateau_tol) or not 0.0 <= plateau_tol <= 1.0:
+        raise ConfigError(f"plateau_tol must be a number in [0, 1] (a fraction of the loss "
+                          f"range), got {plateau_tol!r}")
+
+
 def count_local_optima(loss: np.ndarray, plateau_tol: float = 1e-3) -> list[tuple[int, ...]]:
     """Local minima of ``loss`` on its grid, one index per optimum (see the module docstring).
 
@@ -108,7 +115,11 @@ def count_local_optima(loss: np.ndarray, plateau_tol: float = 1e-3) -> list[tupl
 
     Returns:
         For each optimum, the grid index of its lowest point, sorted by loss (best first).
+
+    Raises:
+        ConfigError: `plateau_tol` is not a finite number in [0, 1].
     """
+    _check_plateau_tol(plateau_tol)
     a = np.asarray(loss, dtype=np.float64)
     finite = np.isfinite(a)
     if not finite.any():
@@ -315,6 +326,7 @@ def metric_landscape(
         ConfigError: bad axes or ranges, unknown metric.
         GeometryError: 2D/3D mismatch.
     """
+    _check_plateau_tol(plateau_tol)
     from itreg.metrics import get_metric
     from itreg.transforms import Rigid
     from itreg.warp import resample_with_mask

@@ -263,6 +263,63 @@ def _open_reader(path: str | os.PathLike) -> tuple[Path, sitk.ImageFileReader]:
     return p, reader
 
 
+def _dicom_series_files(folder: Path) -> list[str]:
+    """The files of the DICOM series in `folder` (the largest, if it holds several)."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise ImageReadError(f"image folder {str(folder)!r} is not readable; check its "
+                             "permissions")
+    with quiet_native_stderr():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise ImageReadError(f"image {str(folder)!r} is a folder with no DICOM series in it; "
+                             "give an image file (.nii.gz, .nrrd, .mha, ...) or a DICOM series "
+                             "folder")
+    series = [(sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)))
+              for sid in ids]
+    sid, files = max(series, key=lambda item: len(item[1]))
+    if len(series) > 1:
+        logger.warning("%s holds %d DICOM series; reading the largest (%s, %d files)", folder,
+                       len(series), sid, len(files))
+    return files
+
+
+def _open_dicom_series(folder: Path) -> tuple[Path, sitk.ImageFileReader, int]:
+    """A reader of the series' first file (pixel type, in-plane geometry) and its file count."""
+    files = _dicom_series_files(folder)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot read DICOM series {str(folder)!r}: {sitk_message(exc)}") \
+            from exc
+    return folder, reader, len(files)
+
+
+def _read_dicom_series(folder: Path, dtype, is_label, max_bytes) -> Image:
+    files = _dicom_series_files(folder)
+    _, first, count = _open_dicom_series(folder)
+    size = tuple(first.GetSize()[:2]) + (count,)
+    _check_voxels(folder, size)
+    out_bytes = torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
+    _check_budget(folder, size, int(first.GetNumberOfComponents()), first.GetPixelID(),
+                  out_bytes, max_bytes if max_bytes is not None else default_max_bytes())
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with quiet_native_stderr():
+            sitk_image = reader.Execute()
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot read DICOM series {str(folder)!r}: {sitk_message(exc)}; "
+                             "a file of the series is missing or corrupt") from exc
+    _grid_from(sitk_image.GetSize(), sitk_image.GetSpacing(), sitk_image.GetOrigin(),
+               sitk_image.GetDirection(), f"DICOM series {str(folder)!r}")
+    image = from_sitk(sitk_image, dtype=dtype, is_label=is_label, name=str(folder))
+    logger.debug("read DICOM series %s (%d files): %r", folder, len(files), image)
+    return image
+
+
 def read_header(path: str | os.PathLike) -> ImageHeader:
     """Read an image file's geometry and pixel type without reading its voxels.
 
@@ -277,6 +334,11 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         ImageFormatError: the image is not 2D or 3D.
         GeometryError: the header's geometry is invalid (zero spacing, degenerate direction).
     """
+    if Path(path).is_dir():
+        image = _read_dicom_series(Path(path), None, None, None)
+        _, first, _ = _open_dicom_series(Path(path))
+        return ImageHeader(Path(path), image.grid, image.channels,
+                           sitk.GetPixelIDValueAsString(first.GetPixelID()))
     p, reader = _open_reader(path)
     size = reader.GetSize()
     _check_dimension(p, size)
@@ -434,7 +496,9 @@ def from_sitk(sitk_image: sitk.Image, *, dtype: torch.dtype | None = None,
 
 def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                is_label: bool | None = None, max_bytes: int | None = None) -> Image:
-    """Read an image file (.nii, .nii.gz, .nrrd, .mha, .mhd, ... anything SimpleITK reads).
+    """Read an image file (.nii, .nii.gz, .nrrd, .mha, .mhd, ... anything SimpleITK reads), or
+    a folder holding a DICOM series (read as one volume by SimpleITK's series reader; the
+    largest series if there are several).
 
     The header is read first: a size above :data:`itreg.grid.MAX_VOXELS` or a read that would
     need more than `max_bytes` raises before any voxel is allocated.
@@ -455,6 +519,8 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         ImageFormatError: not 2D/3D, or an unsupported pixel type.
         GeometryError: invalid spacing or direction in the header.
     """
+    if Path(path).is_dir():
+        return _read_dicom_series(Path(path), dtype, is_label, max_bytes)
     p, reader = _open_reader(path)
     size = reader.GetSize()
     _check_dimension(p, size)

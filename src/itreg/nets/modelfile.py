@@ -134,6 +134,11 @@ def save_model(
     return target
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_model(
     path: str | os.PathLike, expected_kind: str | None = None, map_location: Any = "cpu"
 ) -> tuple[str, dict[str, Any], dict[str, Tensor], dict[str, Any]]:
@@ -155,16 +160,19 @@ def load_model(
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"model file {str(p)!r} does not exist or is not a file")
+    if p.stat().st_size == 0:
+        raise ModelFileError(f"model file {str(p)!r} is empty (0 bytes): an interrupted copy "
+                             "or training? Use a complete model file")
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelFileError(
             f"model file {str(p)!r} is not an itreg model: it holds objects other than plain "
-            f"data and tensors, which are never unpickled ({str(exc).splitlines()[0]})"
+            f"data and tensors, which are never unpickled ({_first_line(exc)})"
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise ModelFileError(
-            f"model file {str(p)!r} is truncated or not a torch file: {str(exc).splitlines()[0]}"
+            f"model file {str(p)!r} is truncated or not a torch file: {_first_line(exc)}"
         ) from exc
     except Exception as exc:
         raise ModelFileError(
@@ -258,7 +266,7 @@ def build_model(
     except RuntimeError as exc:
         raise ModelFileError(
             f"model file {str(path)!r}: the weights do not fit the {kind!r} model of its config: "
-            f"{str(exc).splitlines()[0]}"
+            f"{_first_line(exc)}"
         ) from exc
     module.eval()
     return module, extra
