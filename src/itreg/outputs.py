@@ -6,8 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from itreg import io
 from itreg.errors import ItregError
 from itreg.transforms import Affine
@@ -44,8 +42,7 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
 
     Returns the file names.
     """
-    from itreg.pipeline import inverse_consistency, inverse_field
-    from itreg.transforms import exportable
+    from itreg.pipeline import write_transform_outputs
 
     folder = Path(folder)
     grid = result.warped.grid
@@ -55,23 +52,17 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
         linear = Affine(grid.ndim, center=grid.center)
     io.write_transform(linear, folder / "transform.tfm")
     transform = result.transform
-    io.write_transform(exportable(transform), folder / "transform.h5")
-    files = ["warped.nii.gz", "transform.tfm", "transform.h5"]
+    files = ["warped.nii.gz", "transform.tfm"]
     report = dict(result.report())
-    if transform.is_linear:
-        io.write_transform(linear.inverse(), folder / "inverse.tfm")
-        files.append("inverse.tfm")
-    else:
+    if not transform.is_linear:
         io.write_displacement_field(transform, grid, folder / "displacement.nii.gz")
-        moving_grid = result.moving.grid
-        inverse = inverse_field(transform, moving_grid, fixed_grid=grid)
-        io.write_displacement_field(inverse, moving_grid, folder / "inverse_displacement.nii.gz")
-        files += ["displacement.nii.gz", "inverse_displacement.nii.gz"]
-        written = io.read_displacement_field(folder / "inverse_displacement.nii.gz",
-                                             dtype=torch.float64)
-        region, where = _consistency_region(result, transform, inputs)
-        report["inverse_consistency"] = {
-            **inverse_consistency(transform, written, grid, region), "region": where}
+        files.append("displacement.nii.gz")
+    region = _fixed_mask(inputs, grid)
+    written, consistency = write_transform_outputs(transform, grid, result.moving.grid, folder,
+                                                   region)
+    files += written
+    if consistency is not None:
+        report["inverse_consistency"] = consistency
     report["outputs"] = files + ["report.json"]
     if inputs:
         report["inputs"] = {k: str(v) for k, v in inputs.items() if v is not None}
@@ -79,23 +70,16 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None) -
     return report["outputs"]
 
 
-def _consistency_region(result, transform, inputs):
-    """Fixed-grid points where the inverse is measured: the fixed mask when one was given,
-    else the points whose image lies inside the moving image."""
-    grid = result.warped.grid
+def _fixed_mask(inputs, grid):
+    """The fixed mask named in `inputs` as a bool tensor on `grid`, or None."""
     mask_path = (inputs or {}).get("fixed_mask")
-    if mask_path:
-        try:
-            mask = io.read_mask(mask_path, grid)
-            return mask.data[0].bool(), "fixed mask"
-        except ItregError as exc:  # the report falls back to the overlap
-            logger.warning("inverse consistency over the overlap: %s", exc)
-    with torch.no_grad():
-        mapped = transform.on_grid(grid, dtype=torch.float64)
-        index = result.moving.grid.world_to_index(mapped.cpu())
-    upper = torch.tensor([n - 0.5 for n in result.moving.grid.size], dtype=index.dtype)
-    inside = ((index >= -0.5) & (index < upper)).all(dim=-1)
-    return inside, "overlap"
+    if not mask_path:
+        return None
+    try:
+        return io.read_mask(mask_path, grid).data[0].bool()
+    except ItregError as exc:  # the report falls back to the overlap
+        logger.warning("inverse consistency over the overlap: %s", exc)
+        return None
 
 
 def save_registration(result, outdir: str | Path, *, force: bool = False,

@@ -301,3 +301,49 @@ def inverse_consistency(transform: Transform, inverse: Transform, grid: Grid,
         return {"mean_mm": None, "p95_mm": None, "max_mm": None, "points": 0}
     return {"mean_mm": float(err.mean()), "p95_mm": float(np.percentile(err, 95)),
             "max_mm": float(err.max()), "points": int(err.size)}
+
+
+def overlap_region(transform: Transform, fixed_grid: Grid, moving_grid: Grid) -> torch.Tensor:
+    """Bool ``fixed_grid.shape``: the fixed points that `transform` maps inside the moving
+    grid's voxel extent."""
+    with torch.no_grad():
+        mapped = transform.on_grid(fixed_grid, dtype=torch.float64)
+        index = moving_grid.world_to_index(mapped.cpu())
+    upper = torch.tensor([n - 0.5 for n in moving_grid.size], dtype=index.dtype)
+    return ((index >= -0.5) & (index < upper)).all(dim=-1)
+
+
+def write_transform_outputs(transform: Transform, fixed_grid: Grid, moving_grid: Grid,
+                            folder: str | os.PathLike, region: torch.Tensor | None = None,
+                            region_name: str = "fixed mask") -> tuple[list[str], dict | None]:
+    """Write ``transform.h5`` and the inverse of a fixed -> moving transform into `folder`.
+
+    ``transform.h5`` holds the whole map as one exact ITK file (a ``CompositeTransform`` of
+    affine and B-spline or displacement field for deformable maps). Linear maps get
+    ``inverse.tfm`` (exact, float64); deformable ones ``inverse_displacement.nii.gz``, the
+    moving -> fixed map as a displacement field on `moving_grid` (see :func:`inverse_field`),
+    and the residual ``|inverse(T(x)) - x|`` of the written field over `region` (default: the
+    fixed points that T maps inside the moving image).
+
+    Returns:
+        The file names written and the inverse-consistency record (None for linear maps).
+    """
+    import copy
+
+    from itreg.transforms import exportable
+
+    folder = Path(folder)
+    io.write_transform(exportable(transform), folder / "transform.h5")
+    if transform.is_linear:
+        lin = transform.linear_part() if isinstance(transform, Compose) else transform
+        io.write_transform(copy.deepcopy(lin).double().inverse(), folder / "inverse.tfm")
+        return ["transform.h5", "inverse.tfm"], None
+    inverse = inverse_field(transform, moving_grid, fixed_grid=fixed_grid)
+    io.write_displacement_field(inverse, moving_grid, folder / "inverse_displacement.nii.gz")
+    written = io.read_displacement_field(folder / "inverse_displacement.nii.gz",
+                                         dtype=torch.float64)
+    if region is None:
+        region, region_name = overlap_region(transform, fixed_grid, moving_grid), "overlap"
+    record = {**inverse_consistency(transform, written, fixed_grid, region),
+              "region": region_name}
+    return ["transform.h5", "inverse_displacement.nii.gz"], record

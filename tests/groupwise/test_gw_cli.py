@@ -35,7 +35,8 @@ def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files,
     assert code == 0, err
     names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
              and not p.name.startswith(".")}
-    expected = {f"{j}/{f}" for j in range(3) for f in ("warped.nii.gz", "transform.tfm")}
+    expected = {f"{j}/{f}" for j in range(3)
+                for f in ("warped.nii.gz", "transform.tfm", "transform.h5", "inverse.tfm")}
     expected |= {"segmentation.nii.gz", "probabilities.nii.gz", "template.nii.gz", "report.json"}
     assert names == expected
     report = json.loads((out / "report.json").read_text())

@@ -406,4 +406,26 @@ def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
         protect = [p for p in (inputs or ()) if isinstance(p, (str, Path))]
     with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
         write_group(result, tmp, inputs)
+        _write_group_pipeline_files(result, Path(tmp))
     return Path(outdir)
+
+
+def _write_group_pipeline_files(result: GroupResult, folder: Path) -> None:
+    """Per image ``j``: ``j/transform.h5`` (the whole ``phi_j``, common -> image ``j``, one exact
+    ITK file) and its inverse (``j/inverse.tfm``, or ``j/inverse_displacement.nii.gz`` on image
+    ``j``'s grid with the inverse-consistency residual in ``report.json``)."""
+    from itreg.pipeline import write_transform_outputs
+
+    report_path = folder / "report.json"
+    report = json.loads(report_path.read_text())
+    files = [f for f in report.get("outputs", []) if f != "report.json"]
+    consistency = {}
+    for j, (t, image) in enumerate(zip(result.transforms, result.images)):
+        written, record = write_transform_outputs(t, result.grid, image.grid, folder / str(j))
+        files += [f"{j}/{name}" for name in written]
+        if record is not None:
+            consistency[str(j)] = record
+    report["outputs"] = files + ["report.json"]
+    if consistency:
+        report["inverse_consistency"] = consistency
+    report_path.write_text(json.dumps(report, indent=2, default=str))
