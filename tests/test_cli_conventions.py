@@ -336,3 +336,19 @@ def test_help_and_a_usage_error_start_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env={**os.environ, "COLUMNS": "100"})
     assert proc.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_a_truncated_reference_is_refused(inp, tmp_path, cli):
+    data = (inp / "fixed.nii.gz").read_bytes()
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "applied.nii.gz"
+    sitk.WriteTransform(sitk.Euler2DTransform(), str(tmp_path / "identity.tfm"))
+    code, _, err = cli(["apply", str(inp / "moving.nii.gz"), "-r", str(truncated), "-t",
+                        str(tmp_path / "identity.tfm"), "-o", str(out)])
+    _one_line_error(code, err)
+    assert "truncated" in err and not out.exists()
+    from itreg import io
+
+    with pytest.raises(Exception, match="truncated"):
+        io.read_header(truncated)

@@ -14,8 +14,9 @@ from itreg.cli.app import app, standard_options
 @click.option("--fixed-labels", type=_PATH, default=None, help="Fixed label map.")
 @click.option("--warped-labels", type=_PATH, default=None,
               help="Moving label map warped onto the fixed grid (itreg apply --labels).")
-@click.option("--labels", "label_list", default=None,
-              help="Comma-separated labels to score (default: every nonzero label).")
+@click.option("--score-labels", "--labels", "label_list", default=None,
+              help="Comma-separated label values to score (default: every nonzero label); "
+                   "a value in neither label map is an error.")
 @click.option("--no-surface", is_flag=True, help="Skip HD95/ASD (faster).")
 @click.option("--landmarks-fixed", type=_PATH, default=None,
               help="Fixed landmarks (CSV/.fcsv/.pts, world mm).")

@@ -75,7 +75,7 @@ def _net_config(kind, loss, loss_sets, labels, small, seed, device, threads, ext
                    "kldiv, deepsim:extractor.pt).")
 @click.option("--loss-set", "loss_sets", multiple=True, metavar="KEY=VALUE",
               help="Option of the loss metric, e.g. --loss-set bins=64 (repeatable).")
-@click.option("--labels", is_flag=True,
+@click.option("--weak-labels", "--labels", "labels", is_flag=True,
               help="Weak supervision: add a soft-Dice term on the label maps (training only).")
 @click.option("--pairs", type=_PATH, default=None,
               help="Training pairs: a CSV (fixed,moving[,fixed_labels,moving_labels]) or a "

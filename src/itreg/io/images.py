@@ -231,6 +231,29 @@ def _check_nifti_complete(path: Path) -> None:
     _refuse_nonfinite(path, nonfinite)
 
 
+def _check_nifti_size(path: Path) -> None:
+    """A cheap completeness check for header-only reads (a reference grid): ``.nii`` by its
+    size, ``.nii.gz`` by the uncompressed size gzip records at the end of the stream; only when
+    that disagrees is the stream decompressed (:func:`_check_nifti_complete`)."""
+    suffix = full_suffix(path)
+    if suffix == ".nii":
+        _check_nifti_complete(path)
+        return
+    if suffix != ".nii.gz":
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            layout = _nifti_layout(f.read(540))
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            recorded = int.from_bytes(f.read(4), "little")
+    except (EOFError, OSError, zlib.error):
+        layout, recorded = None, -1
+    if layout is not None and recorded == (layout[0] + layout[1]) % 2 ** 32:
+        return
+    _check_nifti_complete(path)
+
+
 def _refuse_nonfinite(path: Path, count: int) -> None:
     """ITK's NIfTI reader turns NaN voxels into 0 silently; we refuse such files instead."""
     if count:
@@ -340,6 +363,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         return ImageHeader(Path(path), image.grid, image.channels,
                            sitk.GetPixelIDValueAsString(first.GetPixelID()))
     p, reader = _open_reader(path)
+    _check_nifti_size(p)
     size = reader.GetSize()
     _check_dimension(p, size)
     size, spacing, origin, direction = _squeeze_4d(
