@@ -352,3 +352,42 @@ def test_a_truncated_reference_is_refused(inp, tmp_path, cli):
 
     with pytest.raises(Exception, match="truncated"):
         io.read_header(truncated)
+
+
+def test_model_files_record_provenance(tmp_path):
+    import torch
+
+    import itreg
+    from itreg.nets.modelfile import save_model
+
+    path = save_model(tmp_path / "m.pt", "test-kind", {"a": 1}, {"w": torch.zeros(2)})
+    payload = torch.load(path, weights_only=True)
+    assert payload["provenance"]["itreg"] == itreg.__version__
+    assert payload["provenance"]["torch"] == torch.__version__
+
+
+def test_training_progress_off_a_terminal_is_plain_lines(capsys):
+    from itreg.train import progress_bar
+
+    with progress_bar(True, "epochs", 3) as bar:
+        for _ in range(3):
+            bar.update(advance=1, loss=0.5)
+    err = capsys.readouterr().err
+    assert "epochs: 3/3 loss=0.5" in err and "\x1b[" not in err
+
+
+def test_wildly_different_voxel_sizes_are_warned_about(caplog):
+    import logging
+
+    import torch
+
+    from itreg.api import prepare_inputs
+    from itreg.grid import Grid
+    from itreg.image import Image
+
+    data = torch.rand(1, 8, 16, 16)
+    fixed = Image(data, Grid((16, 16, 8), spacing=(0.01, 0.01, 0.01)))
+    moving = Image(data.clone(), Grid((16, 16, 8), spacing=(10.0, 10.0, 10.0)))
+    with caplog.at_level(logging.WARNING, logger="itreg"):
+        prepare_inputs(fixed, moving)
+    assert "differ by a factor of 1e+03" in caplog.text and "between the images" in caplog.text

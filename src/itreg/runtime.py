@@ -105,7 +105,7 @@ def provenance() -> dict:
         argv[0] = "itreg"
     return {
         "itreg": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "SimpleITK": version("SimpleITK"),
         "numpy": version("numpy"),
         "python": platform.python_version(),

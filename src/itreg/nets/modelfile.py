@@ -116,6 +116,7 @@ def save_model(
         OutputExistsError: ``path`` exists and ``force`` is False.
     """
     from itreg.io.outputs import atomic_output_file
+    from itreg.runtime import provenance
 
     if not isinstance(kind, str) or not kind.strip():
         raise ConfigError(f"a model kind must be a non-empty string, got {kind!r}")
@@ -126,6 +127,7 @@ def save_model(
         "config": _plain(dict(config), "config"),
         "state_dict": _plain_state(state_dict),
         "extra": _plain(dict(extra or {}), "extra"),
+        "provenance": provenance(),
     }
     target = Path(path)
     with atomic_output_file(target, force=force) as tmp:
