@@ -391,3 +391,26 @@ def test_wildly_different_voxel_sizes_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="itreg"):
         prepare_inputs(fixed, moving)
     assert "differ by a factor of 1e+03" in caplog.text and "between the images" in caplog.text
+
+
+def test_one_name_per_transform_across_commands():
+    from itreg.api import resolve_config
+
+    assert resolve_config("ffd").to_dict() == resolve_config("bspline").to_dict()
+    from itreg.cli.groupwise import _TRANSFORM_ALIASES
+
+    assert _TRANSFORM_ALIASES["bspline"] == "ffd"
+
+
+def test_multi_file_options_take_globs_and_repeats(tmp_path):
+    from itreg.cli.app import expand_paths
+    from itreg.errors import ConfigError
+
+    for name in ("t1_01.nii.gz", "t1_02.nii.gz", "t2_01.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    got = expand_paths([str(tmp_path / "t1_*.nii.gz"), str(tmp_path / "t2_01.nii.gz")], "x")
+    assert [p.name for p in got] == ["t1_01.nii.gz", "t1_02.nii.gz", "t2_01.nii.gz"]
+    got = expand_paths([f"{tmp_path / 't1_01.nii.gz'},{tmp_path / 't2_01.nii.gz'}"], "x")
+    assert [p.name for p in got] == ["t1_01.nii.gz", "t2_01.nii.gz"]
+    with pytest.raises(ConfigError, match="matches no file"):
+        expand_paths([str(tmp_path / "nothing_*.nii.gz")], "--images")
