@@ -189,3 +189,16 @@ def test_exportable_turns_velocity_fields_into_their_displacement_field():
     assert isinstance(out[1], DisplacementField)
     p = _points(grid, 40)
     np.testing.assert_allclose(out(p).detach().numpy(), chain(p).detach().numpy(), atol=1e-10)
+
+
+def test_strong_expansion_is_inverted_by_the_newton_fallback():
+    """T(x) = x + 5 (x - 20) along x: six-fold expansion, where the fixed-point map is no
+    contraction; the inverse is (y + 100) / 6 exactly."""
+    grid = Grid((41, 5), (1.0, 1.0))
+    field = torch.zeros(2, 5, 41, dtype=torch.float64)
+    field[0] = 5.0 * (torch.arange(41, dtype=torch.float64) - 20.0)
+    t = DisplacementField(field, grid, learnable=False)
+    y = torch.tensor([[26.0, 2.0], [14.0, 1.0], [38.0, 3.0]], dtype=torch.float64)
+    w, res = invert_points(t, y, tolerance_mm=1e-8)
+    assert float(res.max()) < 1e-8
+    np.testing.assert_allclose(w[:, 0].numpy(), ((y[:, 0] + 100) / 6).numpy(), atol=1e-8)

@@ -4,8 +4,11 @@ A displacement-type transform ``T(x) = x + u(x)`` (B-spline FFD, displacement fi
 point by point: for a target ``y`` the solver looks for ``w`` with ``T(w) = y`` by the fixed-point
 iteration ``w <- w + (y - T(w))`` (the scheme of ITK's ``InvertDisplacementFieldImageFilter`` and
 ``IterativeInverseDisplacementFieldImageFilter``), which converges wherever ``u`` is a
-contraction (no folding, ``|grad u| < 1``). A point whose residual grows takes a halved step
-instead, so a locally stiff field slows the solver down rather than making it diverge.
+contraction (``|grad u| < 1``). A point whose residual grows takes a halved step instead; the
+points left over (strong local expansion, where the fixed-point map is no contraction though
+the transform is invertible) finish with damped Newton steps on a finite-difference Jacobian.
+Points where the transform folds, or beyond the edge of a B-spline's support where its
+displacement drops to zero, keep their smallest residual.
 
 :class:`IterativeInverse` wraps this as a :class:`~itreg.transforms.Transform`, so inverses of
 every kind compose with :class:`~itreg.transforms.Compose` and sample onto any grid.
@@ -101,7 +104,47 @@ def _solve(transform: Transform, y: Tensor, w0: Tensor, max_iterations: int, tol
         step[rejected] = step[rejected] * 0.5
         rejections[rejected] += 1
         active = active[(norm[active] > tol) & (rejections[active] < _MAX_REJECTIONS)]
+    # Where the fixed-point map is not a contraction (strong local expansion) but the transform
+    # is still invertible, Newton steps with a finite-difference Jacobian converge.
+    stuck = (norm > tol).nonzero().squeeze(1)
+    if stuck.numel():
+        _newton(transform, y, w, err, norm, stuck, max_iterations, tol)
     return w, norm
+
+
+def _newton(transform: Transform, y: Tensor, w: Tensor, err: Tensor, norm: Tensor,
+            active: Tensor, max_iterations: int, tol: float, h: float = 1e-4) -> None:
+    """Damped Newton steps ``w += a J(w)^-1 (y - T(w))`` for the points `active`, in place."""
+    d = y.shape[-1]
+    eye = torch.eye(d, dtype=y.dtype, device=y.device)
+    for _ in range(max_iterations):
+        if active.numel() == 0:
+            return
+        wi = w[active]
+        base = y[active] - err[active]  # T(wi)
+        jac = torch.stack([(transform(wi + h * eye[k]).to(y.dtype) - base) / h
+                           for k in range(d)], dim=-1)  # (n, D, D), column k = dT/dx_k
+        delta, info = torch.linalg.solve_ex(jac, err[active])
+        ok = info == 0
+        delta = torch.where(ok[:, None], delta, err[active])
+        alpha = torch.ones(active.numel(), dtype=y.dtype, device=y.device)
+        improved = torch.zeros(active.numel(), dtype=torch.bool, device=y.device)
+        pending = torch.arange(active.numel(), device=y.device)
+        for _ in range(6):  # backtracking: 1, 1/2, ..., 1/32
+            trial = wi[pending] + alpha[pending, None] * delta[pending]
+            trial_err = y[active[pending]] - transform(trial).to(y.dtype)
+            trial_norm = trial_err.norm(dim=-1)
+            better = trial_norm < norm[active[pending]]
+            take = active[pending[better]]
+            w[take] = trial[better]
+            err[take] = trial_err[better]
+            norm[take] = trial_norm[better]
+            improved[pending[better]] = True
+            pending = pending[~better]
+            if pending.numel() == 0:
+                break
+            alpha[pending] = alpha[pending] * 0.5
+        active = active[improved & (norm[active] > tol)]
 
 
 class IterativeInverse(Transform):
