@@ -72,7 +72,8 @@ def test_prediction_is_the_networks_and_written_tfm_maps_like_it(pair, tmp_path)
     assert res.refinement is None and res.stop_reasons == ["network"]
     assert res.wall_time_s == res.inference_time_s > 0
     out = save_registration(res, tmp_path / "out")
-    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "transform.tfm", "report.json"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        "warped.nii.gz", "transform.tfm", "transform.h5", "inverse.tfm", "report.json"}
     tfm = sitk.ReadTransform(str(out / "transform.tfm"))
     for p in pts[:20].double().tolist():
         assert np.allclose(tfm.TransformPoint(p), expected(torch.tensor(p)).tolist(), atol=1e-4)
