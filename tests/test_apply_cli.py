@@ -256,3 +256,8 @@ def test_bad_transform_arguments_exit_2_and_write_nothing(cli, files):
     out.write_text("keep")
     code, _, err = cli([*base, "-t", str(d / "a.mat")])
     assert code == 2 and "--force" in err and out.read_text() == "keep"
+    # Never over an input, even with --force.
+    before = (d / "moving.nii.gz").read_bytes()
+    code, _, err = cli(["apply", str(d / "moving.nii.gz"), "-r", str(d / "ref.nii.gz"), "-t",
+                        str(d / "a.mat"), "-o", str(d / "moving.nii.gz"), "--force"])
+    assert code == 2 and (d / "moving.nii.gz").read_bytes() == before

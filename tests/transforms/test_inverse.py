@@ -202,3 +202,27 @@ def test_strong_expansion_is_inverted_by_the_newton_fallback():
     w, res = invert_points(t, y, tolerance_mm=1e-8)
     assert float(res.max()) < 1e-8
     np.testing.assert_allclose(w[:, 0].numpy(), ((y[:, 0] + 100) / 6).numpy(), atol=1e-8)
+
+
+@st.composite
+def _affines(draw, ndim=3):
+    m = np.eye(ndim) + np.array(draw(st.lists(st.floats(-0.3, 0.3), min_size=ndim * ndim,
+                                               max_size=ndim * ndim))).reshape(ndim, ndim)
+    t = draw(st.lists(st.floats(-20, 20), min_size=ndim, max_size=ndim))
+    c = draw(st.lists(st.floats(-50, 50), min_size=ndim, max_size=ndim))
+    return Affine(ndim, center=c, translation=t, matrix=m, dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(chain=st.lists(_affines(), min_size=1, max_size=4))
+def test_compose_and_inverse_of_random_affine_chains_match_simpleitk(chain):
+    ref = sitk.CompositeTransform([_sitk_affine(a) for a in chain])
+    pts = np.random.default_rng(len(chain)).uniform(-60, 60, (10, 3))
+    merged = compose(*chain)
+    expected = np.array([ref.TransformPoint(tuple(p)) for p in pts])
+    np.testing.assert_allclose(merged(torch.as_tensor(pts)).detach().numpy(), expected,
+                               atol=1e-6)
+    if abs(np.linalg.det(merged.matrix().detach().numpy())) > 1e-3:
+        inv = merged.inverse()
+        np.testing.assert_allclose(inv(torch.as_tensor(expected)).detach().numpy(), pts,
+                                   atol=1e-5)
