@@ -223,3 +223,15 @@ def test_paper_bending_weight_converts_the_pixel_energy_to_world_mm(spacing) -> 
     assert lam * ours == pytest.approx(PAPER_BENDING_WEIGHT * theirs, rel=1e-6)
     with pytest.raises(ConfigError):
         bending_weight_from_pixels(100.0, 0.0, 2)
+
+
+def test_default_bending_weight_is_the_papers_lambda_on_the_training_grid() -> None:
+    # None (the default): paper 002's lambda = 100 per pixel, i.e. 100 s^2 / D in world mm.
+    from itreg.train.dcc import DCCLoss, DCCTrainConfig
+
+    assert DCCTrainConfig().bending_weight is None
+    assert DCCTrainConfig.small().loss().weight_for(Grid((30, 40), spacing=(4.0, 4.0))) \
+        == pytest.approx(800.0)
+    assert DCCLoss().weight_for(Grid((8, 8, 8), spacing=(2.0, 2.0, 2.0))) \
+        == pytest.approx(100.0 * 4.0 / 3.0)
+    assert DCCLoss(bending_weight=10.0).weight_for(Grid((30, 40), spacing=(4.0, 4.0))) == 10.0
