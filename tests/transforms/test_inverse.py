@@ -226,3 +226,27 @@ def test_compose_and_inverse_of_random_affine_chains_match_simpleitk(chain):
         inv = merged.inverse()
         np.testing.assert_allclose(inv(torch.as_tensor(expected)).detach().numpy(), pts,
                                    atol=1e-5)
+
+
+def test_field_edge_voxels_agree_in_float32_float64_and_simpleitk():
+    """A coarse field whose extent ends exactly on the fixed grid's edge voxels (as the engine's
+    pyramid builds them): those voxels are inside in float32 and float64 alike, as in ITK."""
+    direction = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    coarse = Grid((33, 39, 31), (6.0, 6.0, 6.0), (96.0, 132.0, -68.0), direction)
+    fine = Grid((66, 78, 63), (3.0, 3.0, 3.0), (97.5, 133.5, -71.0), direction)
+    field = torch.randn(3, 31, 39, 33, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    t = DisplacementField(field, coarse, learnable=False)
+    edge = fine.points(dtype=torch.float64)[0]  # the first z slice, on the field's edge
+    d64 = t(edge) - edge
+    d32 = t.to(torch.float32)(edge.float()) - edge.float()
+    assert d64.abs().min() > 0  # inside the field: non-zero displacement
+    np.testing.assert_allclose(d32.detach().numpy(), d64.detach().numpy(), atol=1e-4)
+    img = sitk.GetImageFromArray(torch.movedim(field, 0, -1).numpy(), isVector=True)
+    img.SetSpacing(coarse.spacing)
+    img.SetOrigin(coarse.origin)
+    img.SetDirection(direction)
+    ref = sitk.DisplacementFieldTransform(img)
+    pts = edge.reshape(-1, 3)[::37].numpy()
+    expected = np.array([np.subtract(ref.TransformPoint(tuple(p)), p) for p in pts])
+    np.testing.assert_allclose(d64.reshape(-1, 3)[::37].detach().numpy(), expected, atol=1e-9)

@@ -52,7 +52,10 @@ def sample_field(field: Tensor, grid: Grid, points: Tensor, outside: str = "zero
         return values
     if outside != "zero":
         raise ConfigError(f"outside must be 'zero' or 'border', got {outside!r}")
-    index = grid.world_to_index(points.detach())
+    # The inside test runs in float64 whatever the points' dtype: a fixed voxel on the edge of a
+    # coarser field's extent (index exactly -0.5) is then inside in float32 and float64 alike,
+    # as in ITK's double-precision DisplacementFieldTransform.
+    index = grid.world_to_index(points.detach().to(torch.float64))
     upper = torch.tensor([n - 0.5 for n in grid.size], dtype=index.dtype, device=index.device)
     inside = ((index >= -0.5) & (index < upper)).all(dim=-1, keepdim=True)
     return torch.where(inside, values, torch.zeros_like(values))
