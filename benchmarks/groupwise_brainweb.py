@@ -75,7 +75,8 @@ def part1(args) -> dict:
             opts = {"k": args.k} if method in ("xmetric", "gmm") else {}
             if method == "xmetric":
                 opts.update(init=args.init, sample_rate=args.sample_rate,
-                            full_update_every=args.full_update_every)
+                            full_update_every=args.full_update_every,
+                            lookup=args.density_lookup)
                 if args.warmup:
                     opts["warmup"] = args.warmup
             res = register_group(images, metric=method, stages=stages, seed=g,
@@ -161,6 +162,11 @@ def main() -> None:
     ap.add_argument("--full-update-every", type=int, default=1,
                     help="X-CoReg E-step on every voxel every m-th iteration, at the sample in "
                     "between (1: every iteration, Algorithm 1).")
+    ap.add_argument("--density-lookup", choices=["truncate", "linear", "nearest"],
+                    default="truncate",
+                    help="X-CoReg E-step density lookup (2D part): the authors' truncation (the "
+                    "default; half a bin off), linear interpolation between bin centres, or the "
+                    "nearest centre.")
     ap.add_argument("--part2-methods", nargs="+", choices=["xmetric", "ape"],
                     default=["xmetric", "ape"])
     ap.add_argument("--noise", type=float, default=0.03, help="Rician noise sigma (2D part).")

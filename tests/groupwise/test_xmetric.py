@@ -236,3 +236,83 @@ def test_update_at_runs_the_e_step_on_the_sample_only():
     torch.testing.assert_close(obj.pi, freq, atol=3e-3, rtol=0)
     with pytest.raises(ConfigError):
         XMetric(full_update_every=0)
+
+
+# ----------------------------------------------------------------- density lookup (Eq. 20)
+def _b3(d: float) -> float:
+    """Cubic B-spline (closed form)."""
+    a = abs(d)
+    if a < 1.0:
+        return 2.0 / 3.0 - a * a + a ** 3 / 2.0
+    if a < 2.0:
+        return (2.0 - a) ** 3 / 6.0
+    return 0.0
+
+
+def _lookup(centre: float, queries: list[float], bins: int = 16, lookup: str = "linear"):
+    """Density read by the E-step at `queries` from a one-sample KDE at `centre`."""
+    f = appearance_model(torch.tensor([[centre]], dtype=torch.float64),
+                         torch.ones(1, 1, dtype=torch.float64), bins)
+    coords = torch.tensor([queries], dtype=torch.float64)
+    return class_log_likelihood(coords, f, lookup=lookup)[:, 0].exp().tolist()
+
+
+def test_density_lookup_is_the_kde_at_bin_centres_and_linear_between_them():
+    # One sample at bin coordinate 6: the KDE of Eq. 20 is B3(t - 6) (h = 1 bin), tabulated at
+    # the bin centres 5, 6, 7 as 1/6, 2/3, 1/6. A value at t = 5.9 lies 0.1 bin from the
+    # sample, so its density is close to 2/3 (not bin 5's 1/6); at t = 6.9 close to 1/6.
+    queries = [4.0, 5.0, 5.5, 5.9, 6.0, 6.1, 6.5, 6.9, 7.0, 7.5, 8.0]
+    got = _lookup(6.0, queries)
+    for t, g in zip(queries, got):
+        lo = math.floor(t)
+        w = t - lo
+        expected = (1 - w) * _b3(lo - 6.0) + w * _b3(lo + 1 - 6.0)  # linear between centres
+        assert g == pytest.approx(max(expected, 1e-8), abs=1e-12), t
+        # and within the linear-interpolation error of B3 (max (4/27)/2 at 1/3 bin).
+        assert abs(g - _b3(t - 6.0)) <= 0.075, t
+    # Symmetric about the sample, as the kernel is.
+    for d in (0.1, 0.5, 0.9, 1.3):
+        a, b = _lookup(6.0, [6.0 - d, 6.0 + d])
+        assert a == pytest.approx(b, abs=1e-12), d
+    # The authors' truncation (the default, see class_log_likelihood) reads the bin below:
+    # 5.9 -> bin 5 (1/6), 6.9 -> bin 6 (2/3); the nearest centre: 6 for both.
+    assert _lookup(6.0, [5.9, 6.9], lookup="truncate") == pytest.approx([1 / 6, 2 / 3])
+    assert _lookup(6.0, [5.9, 6.9], lookup="nearest") == pytest.approx([2 / 3, 1 / 6])
+    f = appearance_model(torch.tensor([[6.0]], dtype=torch.float64),
+                         torch.ones(1, 1, dtype=torch.float64), 16)
+    default = class_log_likelihood(torch.tensor([[5.9, 6.9]], dtype=torch.float64), f)
+    assert default[:, 0].exp().tolist() == pytest.approx([1 / 6, 2 / 3])
+    assert XMetric().lookup == "truncate" and XMetric(lookup="linear").lookup == "linear"
+    with pytest.raises(ConfigError):
+        XMetric(lookup="cubic")
+    with pytest.raises(ConfigError):
+        class_log_likelihood(torch.zeros(1, 1), torch.ones(1, 1, 4) / 4, lookup="cubic")
+
+
+def test_density_lookup_tracks_an_off_centre_kde():
+    # A sample between centres (6.3): the table is B3(b - 6.3); every lookup is the linear
+    # interpolant of those closed-form values, so within h^2 max|B3''| / 8 = 1/4 of the
+    # density B3(t - 6.3) itself (truncation is off by up to 0.34 here, at t = 7.9).
+    queries = [4.5 + 0.1 * i for i in range(40)]
+    for t, g in zip(queries, _lookup(6.3, queries)):
+        lo = math.floor(t)
+        w = t - lo
+        expected = (1 - w) * _b3(lo - 6.3) + w * _b3(lo + 1 - 6.3)
+        assert g == pytest.approx(max(expected, 1e-8), abs=1e-12), t
+        assert abs(g - _b3(t - 6.3)) <= 0.25, t
+
+
+def test_e_step_assigns_a_value_to_the_class_whose_density_is_nearer():
+    # Class 0's intensities sit at bin coordinate 6, class 1's at 7. A voxel at 6.9 has KDE
+    # densities B3(0.9) = 0.22 (class 0) and B3(0.1) = 0.66 (class 1): Bayes (Eq. 12, equal
+    # priors) gives class 1 with posterior 0.66 / (0.22 + 0.66) = 0.75; at 6.1, class 0.
+    coords = torch.tensor([[6.0, 6.0, 7.0, 7.0]], dtype=torch.float64)
+    gamma = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    f = appearance_model(coords, gamma, 16)
+    ll = class_log_likelihood(torch.tensor([[6.9, 6.1]], dtype=torch.float64), f,
+                              lookup="linear")
+    post = e_step(ll, torch.tensor([0.5, 0.5], dtype=torch.float64), 1e-6)
+    assert post.argmax(dim=1).tolist() == [1, 0]
+    exact = _b3(0.1) / (_b3(0.1) + _b3(0.9))
+    assert float(post[0, 1]) == pytest.approx(exact, abs=0.05)
+    assert float(post[1, 0]) == pytest.approx(exact, abs=0.05)
