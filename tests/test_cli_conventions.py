@@ -18,7 +18,6 @@ import click
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from tests.test_cli import FAST, blob_image
 
 # ------------------------------------------------------------------ conformance

@@ -14,7 +14,7 @@ def readme_session() -> list[list[str]]:
     """The commands of the README block introduced by :data:`MARKER`, as argument lists."""
     text = README.read_text(encoding="utf-8")
     start = text.index(MARKER)
-    block = re.search(r"```bash\n(.*?)```", text[start:], re.S)
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.DOTALL)
     assert block is not None, "the README's tested session has no bash block"
     lines = block.group(1).replace("\\\n", " ").splitlines()
     commands = [shlex.split(line, comments=True) for line in lines if line.strip()]

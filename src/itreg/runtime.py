@@ -110,5 +110,5 @@ def provenance() -> dict:
         "numpy": version("numpy"),
         "python": platform.python_version(),
         "command": shlex.join(argv),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

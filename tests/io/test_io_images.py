@@ -163,7 +163,7 @@ def test_read_header_reads_no_voxels(tmp_path):
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(ImageReadError, match="does not exist"):
         read_image(tmp_path / "nope.nii.gz")
-    with pytest.raises(ImageReadError, match="is a directory"):
+    with pytest.raises(ImageReadError, match="is a folder with no DICOM series"):
         read_image(tmp_path)
 
 

@@ -189,7 +189,7 @@ class _LineProgress:
         sys.stderr.flush()
 
 
-class progress_callback:  # noqa: N801 - used as a context manager, named like one
+class progress_callback:
     """``with progress_callback("landscape", enabled) as cb: work(progress=cb)``.
 
     `cb(done, total)` draws a live bar on a terminal and plain timestamped lines otherwise;
@@ -208,8 +208,14 @@ class progress_callback:  # noqa: N801 - used as a context manager, named like o
         console = Console(stderr=True)
         if not console.is_terminal:
             return _LineProgress(self.description)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._rich = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -71,11 +71,10 @@ def evaluate(fixed_labels, warped_labels, label_list, no_surface, landmarks_fixe
         click.echo(json.dumps(jsonable(report), indent=2))
     else:
         write_report(report, output, force=force)
-        if not quiet:
-            click.echo(f"wrote {output}")
+        click.echo(f"wrote {output}")
 
 
-def _evaluate(io, ConfigError, evaluate_registration, jacobian_statistics,  # noqa: N803
+def _evaluate(io, ConfigError, evaluate_registration, jacobian_statistics,
               fixed_labels, warped_labels, label_list, no_surface, landmarks_fixed,
               landmarks_moving, transform, true_transform, reference, mask, displacement,
               estimated, misalignments) -> dict:

@@ -97,8 +97,7 @@ def groupwise(images, metric, transform, classes, reference, levels, segmentatio
                             progress=not quiet, **options)
     save_group(result, output, force=force, inputs=images, protect=protect)
     reasons = ", ".join(sorted({r.stop_reason for r in result.records}))
-    if not quiet:
-        click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "
+    click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "
                f"outputs in {output}")
 
 

@@ -101,9 +101,8 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
     save_registration(result, output, force=force, protect=protect,
                       inputs={**inputs, "init": init})
     reasons = ", ".join(sorted(set(result.stop_reasons)))
-    if not quiet:
-        click.echo(f"registered in {result.wall_time_s:.2f} s (stop: {reasons}); outputs in "
-                   f"{output}")
+    click.echo(f"registered in {result.wall_time_s:.2f} s (stop: {reasons}); outputs in "
+               f"{output}")
 
 
 def run_registration(*args, **kwargs):
@@ -135,9 +134,8 @@ def _register_with_net(inputs, output, fixed_img, moving_img, fmask, mmask, net,
         progress=not quiet, overrides=overrides)
     save_registration(result, output, force=force, protect=protect, inputs=inputs)
     how = "network + refinement" if refine else "network"
-    if not quiet:
-        click.echo(f"registered by {how} in {result.wall_time_s:.2f} s "
-                   f"(inference {result.inference_time_s:.3f} s); outputs in {output}")
+    click.echo(f"registered by {how} in {result.wall_time_s:.2f} s "
+               f"(inference {result.inference_time_s:.3f} s); outputs in {output}")
 
 
 @app.command()

@@ -68,5 +68,4 @@ def phantom(outdir, kind, contrast, misalign, spacing, ndim, n, frames, control_
                              spacing_mm=spacing, ndim=int(ndim), n=n, frames=frames, seed=seed,
                              control_spacing_mm=control_spacing, sigma_mm=sigma,
                              noise_sigma=noise, force=force, bias=bias)
-    if not quiet:
-        click.echo(f"wrote {kind} phantom ({len(manifest['files'])} files) to {outdir}")
+    click.echo(f"wrote {kind} phantom ({len(manifest['files'])} files) to {outdir}")

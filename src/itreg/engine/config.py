@@ -23,11 +23,10 @@ import copy
 import importlib.resources
 import json
 import math
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import tomllib
 
 from itreg.errors import ConfigError, unknown_name
 
@@ -734,8 +733,8 @@ def config_from_toml(text: str) -> RegistrationConfig:
 __all__ = [
     "LINEAR_TRANSFORM_NAMES",
     "MAX_ITERATIONS",
-    "TRANSFORM_ALIASES",
     "OPTIMIZER_NAMES",
+    "TRANSFORM_ALIASES",
     "TRANSFORM_NAMES",
     "ConvergenceConfig",
     "MetricConfig",

@@ -253,7 +253,7 @@ def _write_manifest(folder: Path, files: list[str]) -> None:
     from itreg._version import __version__
 
     payload = {"written_by": f"itreg {__version__}",
-               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "files": files}
     (folder / OUTPUT_MANIFEST).write_text(json.dumps(payload, indent=2) + "\n")
 
