@@ -24,7 +24,18 @@ _LAZY = {
     "register_group": "itreg.groupwise",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "Frame",
+    "Grid",
+    "GroupResult",
+    "Image",
+    "ItregError",
+    "RegistrationResult",
+    "__version__",
+    "available_presets",
+    "register",
+    "register_group",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from itreg.api import RegistrationResult, available_presets, register
