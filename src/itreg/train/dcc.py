@@ -109,15 +109,15 @@ logger = logging.getLogger(__name__)
 _RESUMABLE = ("epochs", "patience", "threads", "progress")
 
 __all__ = [
+    "PAPER_BENDING_WEIGHT",
     "STRATEGIES",
     "DCCGroup",
     "DCCLoss",
     "DCCTrainConfig",
     "DCCTrainingResult",
     "PhantomGroupSource",
-    "evaluate_groups",
-    "PAPER_BENDING_WEIGHT",
     "bending_weight_from_pixels",
+    "evaluate_groups",
     "initial_network",
     "labelled_mask",
     "train_dcc",
