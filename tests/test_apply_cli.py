@@ -87,21 +87,39 @@ def _sitk(files, transform, interp=sitk.sitkLinear, default=0.0, image=None):
                                                 sitk.sitkFloat32))
 
 
-def test_chain_equals_simpleitk_composite_in_ants_order(cli, files):
+def test_chain_follows_ants_order(cli, files):
+    """``-t B -t A`` sends each reference point through B, then A, as antsApplyTransforms does
+    (checked against ANTs' own binary: ``-t out1Warp -t out0GenericAffine`` warps first): that
+    is SimpleITK's ``CompositeTransform([A, B])``, whose last transform acts first."""
     d = files["dir"]
     ours = _run(cli, files, "-t", d / "b.h5", "-t", d / "a.mat")
-    ref = _sitk(files, sitk.CompositeTransform([files["b"], files["a"]]))
+    ref = _sitk(files, sitk.CompositeTransform([files["a"], files["b"]]))
     assert np.abs(ref).max() > 1.0
     np.testing.assert_allclose(ours, ref, atol=1e-4)
     # The order matters: the other order is another map.
     swapped = _run(cli, files, "-t", d / "a.mat", "-t", d / "b.h5")
     np.testing.assert_allclose(swapped, _sitk(files, sitk.CompositeTransform(
-        [files["a"], files["b"]])), atol=1e-4)
+        [files["b"], files["a"]])), atol=1e-4)
     assert np.abs(swapped - ours).max() > 0.1
     # Three transforms, one a displacement-field image (ANTs' warp files).
     three = _run(cli, files, "-t", d / "a.tfm", "-t", d / "c.nii.gz", "-t", d / "b.h5")
     np.testing.assert_allclose(three, _sitk(files, sitk.CompositeTransform(
-        [files["a"], files["c"], files["b"]])), atol=1e-4)
+        [files["b"], files["c"], files["a"]])), atol=1e-4)
+
+
+def test_chain_matches_antspy_apply_transforms(files):
+    """Against ANTs itself where ANTsPy is installed (the benchmark environment)."""
+    ants = pytest.importorskip("ants")
+    from itreg.pipeline import apply_to_image
+
+    d = files["dir"]
+    out = apply_to_image(d / "moving.nii.gz", d / "ref.nii.gz", [d / "b.h5", d / "a.mat"],
+                         d / "ours.nii.gz")
+    theirs = ants.apply_transforms(ants.image_read(str(d / "ref.nii.gz")),
+                                   ants.image_read(str(d / "moving.nii.gz")),
+                                   transformlist=[str(d / "b.h5"), str(d / "a.mat")],
+                                   whichtoinvert=[False, False], interpolator="linear")
+    np.testing.assert_allclose(_arr(out), theirs.numpy().T, atol=1e-3)
 
 
 def test_bracket_one_uses_the_inverse(cli, files):

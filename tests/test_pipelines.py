@@ -132,7 +132,8 @@ def test_inverse_is_within_a_tenth_of_a_mm_over_the_brain_3d(kind, tmp_path):
 
 # ---------------------------------------------------------------------------- points
 def _chain(tmp_path):
-    """A 3D affine (.mat) and B-spline (.h5) and SimpleITK's composite of them."""
+    """A 3D affine (.mat) and B-spline (.h5), and SimpleITK's composite of ``-t a.mat -t b.h5``
+    in ANTs' order (a first, then b)."""
     a = sitk.AffineTransform(3)
     a.SetMatrix((1.05, 0.08, 0.0, -0.05, 0.97, 0.04, 0.02, 0.0, 1.02))
     a.SetTranslation((1.3, -0.7, 2.1))
@@ -144,7 +145,7 @@ def _chain(tmp_path):
     b.SetParameters(np.random.default_rng(1).normal(0, 1.5, len(b.GetParameters())).tolist())
     sitk.WriteTransform(a, str(tmp_path / "a.mat"))
     sitk.WriteTransform(b, str(tmp_path / "b.h5"))
-    return sitk.CompositeTransform([a, b])
+    return sitk.CompositeTransform([b, a])
 
 
 PTS = np.array([[1.5, -2.0, 3.25], [10.0, 4.0, -6.0], [-8.5, 12.0, 0.5]])
@@ -270,7 +271,7 @@ def test_python_api_round_trip_of_points(tmp_path):
         q = chain(p)
         np.testing.assert_allclose(q.numpy(), [comp.TransformPoint(tuple(x)) for x in PTS],
                                    atol=1e-9)
-        np.testing.assert_allclose(back(full_back(q)).numpy(), PTS, atol=1e-6)
+        np.testing.assert_allclose(full_back(back(q)).numpy(), PTS, atol=1e-6)
     (tmp_path / "p.csv").write_text("x;y;z\n1;2;3\n")
     table = read_point_table(tmp_path / "p.csv")
     assert render_point_table(table, table.points + 1) == "x;y;z\n2.0;3.0;4.0\n"

@@ -1,8 +1,15 @@
 """Transform chains as ANTs builds them, applied to images and point lists.
 
-``antsApplyTransforms -t A -t B`` maps each reference point ``x`` to ``A(B(x))``: the last
-``-t`` acts first. :func:`load_chain` builds exactly that map from a list of specs, so
-``apply_to_image(..., ["B", "A"])`` equals ``SimpleITK.CompositeTransform([B, A])``. A spec is
+``antsApplyTransforms -t A -t B`` maps each reference point ``x`` to ``B(A(x))``: the first
+``-t`` acts first on the point (ANTs' command-line parser hands its options over last first,
+so the *last* ``-t`` is the first transform of its ITK ``CompositeTransform``, which applies
+it last; moving an image, the last ``-t`` seems to act first). This is checked against
+ANTs' own ``antsApplyTransforms`` and ``antsApplyTransformsToPoints``, and it is why
+antsRegistration's ``-t out1Warp.nii.gz -t out0GenericAffine.mat`` sends a fixed point through
+the warp (on the fixed grid) and then the affine. :func:`load_chain` builds exactly that map
+from a list of specs, so ``apply_to_image(..., ["B", "A"])`` equals
+``SimpleITK.CompositeTransform([A, B])`` (ITK's composite applies its last transform first).
+A spec is
 a file (ITK ``.tfm``/``.txt``/``.h5``/``.mat``, or a displacement-field image) or ANTs'
 ``[FILE,1]``, the inverse of the file's map (exact for linear maps; solved by fixed-point
 iteration for fields and B-splines; ANTs itself accepts ``,1`` for linear maps only).
@@ -91,7 +98,8 @@ def load_transform(spec, *, dtype: torch.dtype = torch.float64, device=None) -> 
 
 
 def load_chain(specs: Sequence, *, dtype: torch.dtype = torch.float64, device=None) -> Transform:
-    """The map ``x -> t1(t2(...tn(x)))`` of specs ``[t1, ..., tn]`` (antsApplyTransforms order).
+    """The map ``x -> tn(...t2(t1(x)))`` of specs ``[t1, ..., tn]`` (antsApplyTransforms'
+    order: the first spec acts first on a point), i.e. ``Compose(tn, ..., t1)``.
 
     Raises:
         ConfigError: no specs.
@@ -107,7 +115,7 @@ def load_chain(specs: Sequence, *, dtype: torch.dtype = torch.float64, device=No
         which = ", ".join(f"{s} ({t.ndim}D)" for s, t in zip(parsed, parts))
         raise GeometryError(f"the transforms differ in dimension: {which}; chain transforms of "
                             "one dimension")
-    return compose(*parts)
+    return compose(*reversed(parts))
 
 
 # ---------------------------------------------------------------------------------- images
@@ -145,13 +153,13 @@ def apply_to_image(
 ) -> Path:
     """Resample an image onto the reference grid through a chain (``antsApplyTransforms``).
 
-    Each reference point ``x`` takes the image's value at ``t1(t2(...tn(x)))`` for
-    ``transforms = [t1, ..., tn]``. A 4D image is resampled volume by volume and written as 4D.
+    Each reference point ``x`` takes the image's value at ``tn(...t2(t1(x)))`` for
+    ``transforms = [t1, ..., tn]``, as ``antsApplyTransforms -t t1 ... -t tn`` does. A 4D image is resampled volume by volume and written as 4D.
 
     Args:
         image_path: the image to warp (2D, 3D, vector or 4D series).
         reference_path: the image whose grid the output takes.
-        transforms: specs (files or ``[FILE,1]``), applied last first.
+        transforms: specs (files or ``[FILE,1]``), in antsApplyTransforms' order.
         out_path: the output image (atomic; refused if it exists unless `force`).
         interpolation: ``linear``, ``nearest``, ``bspline`` (cubic, as ``sitkBSpline``),
             ``label`` (each label's one-hot image interpolated by cubic B-splines and the
@@ -202,7 +210,7 @@ def apply_to_points(
     coordinates: str = "lps",
     force: bool = False,
 ) -> Path:
-    """Map a point file through a chain: each point ``p`` becomes ``t1(t2(...tn(p)))``.
+    """Map a point file through a chain: each point ``p`` becomes ``tn(...t2(t1(p)))``.
 
     This is ``antsApplyTransformsToPoints``: the chain that warps a moving image onto the fixed
     grid (fixed -> moving) carries fixed-space points into moving space; moving-space points go
@@ -211,7 +219,7 @@ def apply_to_points(
 
     Args:
         points_path: ``.csv``, ``.fcsv`` or ``.mrk.json`` (see :mod:`itreg.io.points`).
-        transforms: specs, applied last first.
+        transforms: specs, in antsApplyTransformsToPoints' order (the first acts first).
         out_path: output file of the same format; all other columns and fields are kept and
             the coordinates stay in the input's system.
         coordinates: ``"lps"`` or ``"ras"``: the system of a CSV's coordinates.

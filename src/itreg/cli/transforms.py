@@ -7,9 +7,10 @@ import click
 from itreg.cli.app import PATH as _PATH
 from itreg.cli.app import app, standard_options
 
-_T_HELP = ("Transform (repeatable, applied like antsApplyTransforms: the last -t acts first on "
-           "the reference point): an ITK .tfm/.txt/.h5/.mat file or a displacement-field image; "
-           "[FILE,1] uses its inverse.")
+_T_HELP = ("Transform (repeatable, in antsApplyTransforms' order: -t out1Warp.nii.gz -t "
+           "out0GenericAffine.mat sends each reference point through the warp, then the "
+           "affine): an ITK .tfm/.txt/.h5/.mat file or a displacement-field image; [FILE,1] uses "
+           "its inverse.")
 
 
 @app.command()
@@ -32,7 +33,7 @@ def apply(image, reference, transforms, interpolation, labels, default_value, ou
           quiet, threads, device) -> None:
     """Resample IMAGE onto the grid of REFERENCE through a chain of transforms.
 
-    Each reference point x takes IMAGE's value at T1(T2(...Tn(x))) for -t T1 ... -t Tn, as
+    Each reference point x takes IMAGE's value at Tn(...T2(T1(x))) for -t T1 ... -t Tn, as
     antsApplyTransforms does; with register's outputs, -t OUT/transform.h5 warps the moving
     image (or its labels) onto the fixed grid. A 4D IMAGE is resampled volume by volume.
     """
@@ -65,7 +66,7 @@ def apply(image, reference, transforms, interpolation, labels, default_value, ou
 def apply_points(points, transforms, coordinates, output, force, quiet) -> None:
     """Map the points of POINTS (.csv, .fcsv, .mrk.json) through a chain of transforms.
 
-    Each point p becomes T1(T2(...Tn(p))) for -t T1 ... -t Tn (antsApplyTransformsToPoints).
+    Each point p becomes Tn(...T2(T1(p))) for -t T1 ... -t Tn (antsApplyTransformsToPoints).
     Points move the opposite way to images: register's transform.h5 (fixed -> moving) carries
     fixed-space points into moving space; moving-space points reach fixed space through
     -t [OUT/transform.tfm,1] (linear runs) or -t OUT/inverse_displacement.nii.gz.
