@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/itreg demo -o demo-out --force
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: $(STAMP)

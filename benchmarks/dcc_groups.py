@@ -11,7 +11,7 @@ For each strategy (``unsupervised``: J empty, paper's DGR; ``weak``: labels on i
 of every group, as DCC+BS; ``all``: DCC+All) a network is trained with
 :func:`itreg.train.dcc.train_dcc` (alternating branches, best validation registration Dice
 kept), written to a model file, and applied to the held-out test groups with
-:func:`itreg.groupwise.net.apply_dcc` (from the file). Measures on the test groups, before
+:func:`itreg.nets.dcc_apply.apply_dcc` (from the file). Measures on the test groups, before
 (the untrained network: identity transforms) and after training:
 
 - Reg Dice: mean over image pairs of the Dice (CSF, GM, WM averaged) of the labels propagated to
@@ -45,8 +45,8 @@ import torch
 from itreg.evaluate import dice
 from itreg.evaluate.groupwise import groupwise_warping_index
 from itreg.groupwise import register_group
-from itreg.groupwise.net import apply_dcc
-from itreg.nets.modelfile import save_model
+from itreg.nets.dcc_apply import apply_dcc
+from itreg.blocks.modelfile import save_model
 from itreg.train.dcc import DCCTrainConfig, PhantomGroupSource, initial_network, train_dcc
 from itreg.transforms import Identity
 from itreg.warp import resample

@@ -357,7 +357,7 @@ def test_model_files_record_provenance(tmp_path):
     import torch
 
     import itreg
-    from itreg.nets.modelfile import save_model
+    from itreg.blocks.modelfile import save_model
 
     path = save_model(tmp_path / "m.pt", "test-kind", {"a": 1}, {"w": torch.zeros(2)})
     payload = torch.load(path, weights_only=True)

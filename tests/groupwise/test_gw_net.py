@@ -10,12 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ConfigError, GeometryError, OutputExistsError
 from itreg.grid import Grid
-from itreg.groupwise.net import apply_dcc, save_dcc
 from itreg.image import Image
 from itreg.nets.dcc import DCCNet, DCCOutput
-from itreg.nets.modelfile import save_model
+from itreg.nets.dcc_apply import apply_dcc, save_dcc
 
 #: World shifts (mm) of the three images' content; zero mean, as the unbiased mode expects.
 SHIFTS = ((4.0, 0.0), (-2.0, 2.0), (-2.0, -2.0))

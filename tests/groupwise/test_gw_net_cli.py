@@ -9,11 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from itreg.blocks.modelfile import save_model
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.io import write_image
 from itreg.nets.dcc import DCCNet
-from itreg.nets.modelfile import save_model
 
 
 @pytest.fixture

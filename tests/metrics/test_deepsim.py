@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from itreg.blocks.deepsim import DeepSimNet
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ConfigError
 from itreg.metrics import get_metric
 from itreg.metrics.deepsim import DeepSimMetric, feature_cosine
-from itreg.nets.deepsim import DeepSimNet
-from itreg.nets.modelfile import save_model
 
 
 @pytest.mark.parametrize("ndim,mode", [(2, "ae"), (2, "seg"), (3, "ae"), (3, "seg")])
@@ -69,7 +69,7 @@ def test_self_similarity_is_one(model_file):
 
 
 def test_equals_eq5_computed_independently(model_file):
-    from itreg.nets.modelfile import build_model
+    from itreg.blocks.modelfile import build_model
 
     net, _ = build_model(model_file, "deepsim")
     a, b = _image(2), _image(3)
@@ -165,7 +165,7 @@ def test_landscape_peaks_at_known_shift_mono_modal(model_file, shift):
 
 
 def test_stages_select_encoder_levels(model_file):
-    from itreg.nets.modelfile import build_model
+    from itreg.blocks.modelfile import build_model
 
     net, _ = build_model(model_file, "deepsim")
     a, b = _image(9), _image(10)

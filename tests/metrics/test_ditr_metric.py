@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from itreg.blocks.ditr import DITRNet
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ModelFileError
 from itreg.metrics import available_metrics, get_metric
 from itreg.metrics.ditr import DITRMetric, patch_centres
-from itreg.nets.ditr import DITRNet
-from itreg.nets.modelfile import save_model
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_reload_gives_identical_values(model_file, tmp_path):
     fixed, moving, mask = _images(1)
     a = get_metric(f"ditr:{path}")(fixed, moving, mask)
     copy = tmp_path / "copy.pt"
-    from itreg.nets.modelfile import load_model
+    from itreg.blocks.modelfile import load_model
     kind, config, state, extra = load_model(path)
     save_model(copy, kind, config, state, extra)
     b = get_metric(f"ditr:{copy}")(fixed, moving, mask)

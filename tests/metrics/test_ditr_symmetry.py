@@ -12,8 +12,8 @@ trained model about 1 mm off at 3 mm voxels.
 import pytest
 import torch
 
+from itreg.blocks.ditr import DITRNet
 from itreg.metrics.ditr import DITRMetric
-from itreg.nets.ditr import DITRNet
 
 
 def _mirror_image(shape=(31, 41)):

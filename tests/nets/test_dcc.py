@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from itreg.blocks.modelfile import build_model, save_model
 from itreg.errors import ConfigError
 from itreg.grid import Grid
 from itreg.nets.dcc import (
@@ -20,7 +21,6 @@ from itreg.nets.dcc import (
     warp_group,
     world_displacements,
 )
-from itreg.nets.modelfile import build_model, save_model
 
 
 def _net(**kw) -> DCCNet:

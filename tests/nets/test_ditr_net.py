@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from itreg.blocks.ditr import DITRNet, build_ditr, extract_patches
 from itreg.errors import ConfigError
-from itreg.nets.ditr import DITRNet, build_ditr, extract_patches
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

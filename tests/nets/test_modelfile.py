@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from itreg.errors import ConfigError, ModelFileError, OutputExistsError
-from itreg.nets.modelfile import (
+from itreg.blocks.modelfile import (
     build_model,
     load_model,
     register_model_kind,
     save_model,
 )
+from itreg.errors import ConfigError, ModelFileError, OutputExistsError
 
 
 class _Tiny(nn.Module):

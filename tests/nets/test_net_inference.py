@@ -11,13 +11,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from itreg.blocks.modelfile import save_model
 from itreg.engine.config import load_preset
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, ModelFileError
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.io import write_image
 from itreg.nets.inference import refine_config, register_with_net
-from itreg.nets.modelfile import save_model
 from itreg.nets.regnets import AffineNet, DeformNet, save_regnet
 from itreg.outputs import save_registration
 from itreg.transforms import Affine, BSpline, Translation

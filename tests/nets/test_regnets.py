@@ -10,11 +10,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ConfigError, GeometryError, ModelFileError
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.io import to_sitk, write_displacement_field, write_transform
-from itreg.nets.modelfile import save_model
 from itreg.nets.regnets import (
     AffineNet,
     Cascade,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from ditr_data import blob_pair
 
+from itreg.blocks.ditr import DITRNet, normalize_patches
+from itreg.blocks.modelfile import build_model, load_model, save_model
 from itreg.errors import ConfigError
-from itreg.nets.ditr import DITRNet, normalize_patches
-from itreg.nets.modelfile import build_model, load_model, save_model
 from itreg.train.ditr import (
     DITRTrainConfig,
     IMLStage,

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from itreg.blocks.modelfile import build_model
 from itreg.errors import ConfigError
 from itreg.image import Image
-from itreg.nets.modelfile import build_model
 from itreg.train.ditr import DITRTrainConfig, TrainingPair, remove_mean_update, train_ditr
 from itreg.transforms import Affine, Rigid
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from itreg.blocks.modelfile import build_model, load_model
 from itreg.errors import ConfigError, OutputExistsError
 from itreg.grid import Grid
 from itreg.nets.dcc import DCCNet
-from itreg.nets.modelfile import build_model, load_model
 from itreg.train.dcc import (
     DCCGroup,
     DCCLoss,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from itreg.blocks.modelfile import build_model
 from itreg.errors import ConfigError, InvalidImageError, OutputExistsError
 from itreg.image import Image
 from itreg.metrics import get_metric
 from itreg.metrics.deepsim import DeepSimMetric
-from itreg.nets.modelfile import build_model
 from itreg.train.deepsim import CropSampler, DeepSimTrainConfig, train_deepsim
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from ditr_data import blob_pair
 
-from itreg.nets.ditr import DITRNet
-from itreg.nets.modelfile import build_model
+from itreg.blocks.ditr import DITRNet
+from itreg.blocks.modelfile import build_model
 from itreg.train import EarlyStopping, TrainingError, fit
 from itreg.train.ditr import (
     DITRTrainConfig,

@@ -181,8 +181,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monke
 
 def test_a_deepsim_extractor_file_as_the_loss(tmp_path):
     """``loss="deepsim:PATH"``: a frozen extractor from a model file is the similarity."""
-    from itreg.nets.deepsim import MODEL_KIND, DeepSimNet
-    from itreg.nets.modelfile import save_model
+    from itreg.blocks.deepsim import MODEL_KIND, DeepSimNet
+    from itreg.blocks.modelfile import save_model
 
     torch.manual_seed(0)
     extractor = DeepSimNet(2, mode="ae", channels=(4, 4, 4))

@@ -44,7 +44,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 """Default settings of the two critic architectures."""
 
 MODEL_KIND = "neural-critic"
-"""The model-file kind of a saved critic (see :mod:`itreg.nets.modelfile`)."""
+"""The model-file kind of a saved critic (see :mod:`itreg.blocks.modelfile`)."""
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -186,7 +186,7 @@ def build_critic(config: dict[str, Any]) -> Critic:
 
 
 def _register() -> None:
-    from itreg.nets.modelfile import register_model_kind
+    from itreg.blocks.modelfile import register_model_kind
 
     register_model_kind(MODEL_KIND, build_critic, overwrite=True)
 

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from itreg.blocks.modelfile import register_model_kind
 from itreg.errors import ConfigError
-from itreg.nets.modelfile import register_model_kind
 
 __all__ = ["DEFAULT_CHANNELS", "MODEL_KIND", "NORMALIZE_EPS", "PATCH_SIZE", "DITRNet",
            "build_ditr", "extract_patches", "normalize_patches"]

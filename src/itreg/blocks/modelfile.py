@@ -23,7 +23,7 @@ then rebuilds the ``nn.Module`` from the file alone (``builder(config)`` followe
 
 Example:
     >>> import torch, tempfile, os
-    >>> from itreg.nets.modelfile import save_model, load_model
+    >>> from itreg.blocks.modelfile import save_model, load_model
     >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
     >>> save_model(path, "demo", {"n": 2}, torch.nn.Linear(2, 1).state_dict())
     >>> load_model(path, expected_kind="demo")[1]

@@ -120,7 +120,7 @@ def _roi_on_common_grid(mask, loaded, reference):
 
 
 def _apply_net(net, loaded, paths, domains, output, seed, threads, force, protect) -> None:
-    from itreg.groupwise.net import apply_dcc, save_dcc
+    from itreg.nets.dcc_apply import apply_dcc, save_dcc
 
     names = None
     if domains is not None:

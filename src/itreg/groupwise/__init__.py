@@ -8,8 +8,9 @@
   zero-sum projection (Eq. 37) or a fixed reference.
 * :mod:`~itreg.groupwise.bias`: optional N4 bias-field correction before registration.
 * :mod:`~itreg.groupwise.api`: :func:`register_group`, :class:`GroupResult`, :func:`save_group`.
-* :mod:`~itreg.groupwise.net`: :func:`apply_dcc`, :func:`save_dcc` (a trained deep-combined-
-  computing network registers and segments a group in one pass).
+
+A trained deep-combined-computing network, which registers and segments a group in one pass,
+is applied by :func:`itreg.nets.apply_dcc` (it uses these modules, so it lives above them).
 """
 
 from itreg.groupwise import baselines as _baselines  # noqa: F401  (registers the baselines)
@@ -29,19 +30,16 @@ from itreg.groupwise.coreg import (
     default_stages,
     project_zero_mean,
 )
-from itreg.groupwise.net import DCCResult, apply_dcc, save_dcc
 from itreg.groupwise.xmetric import XMetric, x_metric
 
 __all__ = [
     "BIAS_CORRECTIONS",
     "GROUP_METRICS",
     "GROUP_TRANSFORMS",
-    "DCCResult",
     "GroupObjective",
     "GroupResult",
     "GroupStage",
     "XMetric",
-    "apply_dcc",
     "available_group_metrics",
     "co_register",
     "default_stages",
@@ -50,7 +48,6 @@ __all__ = [
     "project_zero_mean",
     "register_group",
     "register_group_metric",
-    "save_dcc",
     "save_group",
     "write_group",
     "x_metric",

@@ -71,18 +71,20 @@ for _name, _factory in (
     register_metric(_name, _factory)
 del _name, _factory
 
-# Learned metrics register their "prefix:model-file" factories when imported.
+# Learned metrics register their factories ("mine", "kldiv" and the "prefix:model-file" ones)
+# when imported: every metric is registered by itreg.metrics itself.
 from itreg.metrics import deepsim as _deepsim  # noqa: F401
 from itreg.metrics import ditr as _ditr  # noqa: F401
+from itreg.metrics import neural as _neural  # noqa: F401
 
 __all__ = [
     "DEFAULT_PERCENTILES",
     "INTENSITY_MODES",
     "KERNELS",
+    "MINDSSC",
     "GaussianMutualInformation",
     "JointEntropy",
     "LocalNormalizedCrossCorrelation",
-    "MINDSSC",
     "MeanSquaredError",
     "Metric",
     "MutualInformation",

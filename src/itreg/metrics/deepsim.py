@@ -2,7 +2,7 @@
 
 ``DeepSim(I o Phi, J) = (1/L) sum_l (1/|Omega_l|) sum_{p in Omega_l} cos(F^l_p(I o Phi),
 F^l_p(J))``: features ``F^l`` are the outputs of the ``L = 3`` encoder stages of a trained
-extractor (:class:`~itreg.nets.deepsim.DeepSimNet`, auto-encoder or segmentation net), the
+extractor (:class:`~itreg.blocks.deepsim.DeepSimNet`, auto-encoder or segmentation net), the
 cosine is taken over the channels at each position, without mean-centring. As in the authors'
 code, squared feature norms are clamped at ``1e-6`` and the extractor is frozen and forced into
 eval mode at every call (BatchNorm running statistics, no dropout). The loss is
@@ -34,7 +34,7 @@ from itreg.errors import ConfigError
 from itreg.metrics.base import Range
 from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.registry import register_metric
-from itreg.nets.deepsim import MODEL_KIND, DeepSimNet
+from itreg.blocks.deepsim import MODEL_KIND, DeepSimNet
 
 __all__ = ["DeepSimMetric", "deepsim_metric", "feature_cosine"]
 
@@ -66,7 +66,7 @@ class DeepSimMetric(FrozenNetworkMetric):
     """DeepSim loss ``1 - mean_l mean_p cos(F^l_p(moving), F^l_p(fixed))`` (paper 004, Eq. 5).
 
     Args:
-        network: a trained :class:`~itreg.nets.deepsim.DeepSimNet` (frozen, eval mode).
+        network: a trained :class:`~itreg.blocks.deepsim.DeepSimNet` (frozen, eval mode).
         intensity: ``"minmax"`` (default, as in training), ``"percentile"`` or ``"none"``.
         source: the model file it came from (for reports).
         stages: encoder stages (1-based, from 1 to 3) averaged in Eq. 5; None: all three.

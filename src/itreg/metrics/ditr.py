@@ -49,8 +49,8 @@ from itreg.errors import ConfigError
 from itreg.metrics.base import Range
 from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.registry import register_metric
-from itreg.nets.ditr import MODEL_KIND, DITRNet, extract_patches
-from itreg.nets.modelfile import load_model
+from itreg.blocks.ditr import MODEL_KIND, DITRNet, extract_patches
+from itreg.blocks.modelfile import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DITRMetric(FrozenNetworkMetric):
     """DITR similarity: ``-sum_i f(u_i, v_i)`` over patch pairs (paper 000, Eq. 11).
 
     Args:
-        network: the trained :class:`~itreg.nets.ditr.DITRNet` (frozen and put in eval mode).
+        network: the trained :class:`~itreg.blocks.ditr.DITRNet` (frozen and put in eval mode).
         stride: patch-centre grid spacing in voxels (the largest one used).
         min_patches: reduce the stride (down to 1) until at least this many centres fall in
             the mask (0: always `stride`).

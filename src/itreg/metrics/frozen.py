@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from itreg.blocks.modelfile import build_model
 from itreg.errors import ConfigError, InvalidImageError, MaskError
 from itreg.metrics.base import Metric, Range, resolve_range
 from itreg.metrics.intensity import intensity_range, rescale
-from itreg.nets.modelfile import build_model
 
 __all__ = ["FrozenNetworkMetric", "safe_range", "scale_intensity"]
 

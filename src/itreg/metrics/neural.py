@@ -1,6 +1,6 @@
 """Neural MI / KL metrics: MINE (paper 001) and KLDivNet (paper 003) critics as pairwise metrics.
 
-:class:`NeuralMI` owns a voxel-wise :class:`~itreg.nets.critics.Critic` and estimates the mutual
+:class:`NeuralMI` owns a voxel-wise :class:`~itreg.blocks.critics.Critic` and estimates the mutual
 information of the fixed and the (warped) moving intensities with one of the variational bounds
 of :mod:`itreg.metrics.bounds`:
 
@@ -15,7 +15,7 @@ Joint samples are the aligned voxel pairs ``(F_i, M_i)``; product-of-marginal sa
 (a random single cycle, so no voxel keeps its partner) drawn from the metric's own seeded
 ``torch.Generator`` at every call. The shuffle is applied to the fixed branch's voxel-wise
 feature vectors, which for a ``1x1`` critic is the same as shuffling the fixed voxels (see
-:mod:`itreg.nets.critics` for why the critic is voxel-wise).
+:mod:`itreg.blocks.critics` for why the critic is voxel-wise).
 
 Sign convention: the loss is ``-estimate`` (nats), so lower is better aligned, like ``"mi"``;
 ``quantity(loss)`` gives the estimate. Intensities are mapped to about ``[-1, 1]`` through the
@@ -58,8 +58,8 @@ from itreg.errors import ConfigError, InvalidImageError, MaskError, ModelFileErr
 from itreg.metrics import bounds
 from itreg.metrics.base import Metric, Range, check_mask, check_pair
 from itreg.metrics.intensity import DEFAULT_PERCENTILES, intensity_range
-from itreg.nets.critics import MODEL_KIND, Critic
-from itreg.nets.modelfile import build_model, save_model
+from itreg.blocks.critics import MODEL_KIND, Critic
+from itreg.blocks.modelfile import build_model, save_model
 
 logger = logging.getLogger(__name__)
 

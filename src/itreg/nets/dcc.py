@@ -35,14 +35,14 @@ grid with ``phi_j(x) = x + d_j(x)``: common-space world points -> image ``j``'s 
 of the images' orientation.
 
 The inference pieces of the extended framework are here too, shared by training
-(:mod:`itreg.train.dcc`) and application (:mod:`itreg.groupwise.net`):
+(:mod:`itreg.train.dcc`) and application (:mod:`itreg.nets.dcc_apply`):
 :func:`distance_probabilities` (``rho_jk ∝ exp(tau D_jk)`` from signed distance maps, Eq. 38),
 :func:`clip_probabilities` (the paper's ``[zeta, 1 - (K-1) zeta]`` clip), :func:`warp_group`
 (intensities and probability maps through ``phi_j``) and :func:`common_anatomy` (``Z^[2]``: the
 posterior of Eq. 40 from the appearance model of Eq. 39, then one EM update with Eq. 20).
 
 The model-file kind is ``"dcc"`` (:data:`MODEL_KIND`); config + weights, rebuilt from the file
-alone with ``weights_only=True`` (:func:`itreg.nets.modelfile.build_model`).
+alone with ``weights_only=True`` (:func:`itreg.blocks.modelfile.build_model`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itreg.blocks.modelfile import register_model_kind
 from itreg.errors import ConfigError, GeometryError
 from itreg.grid import Grid
 from itreg.groupwise.base import sample_mask
@@ -68,7 +69,6 @@ from itreg.groupwise.xmetric import (
     class_log_likelihood,
 )
 from itreg.image import Image
-from itreg.nets.modelfile import register_model_kind
 from itreg.transforms.dense import integrate_velocity
 
 __all__ = [

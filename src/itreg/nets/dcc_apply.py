@@ -41,7 +41,7 @@ calling :func:`itreg.groupwise.write_group`) plus ``j/segmentation.nii.gz`` and
 ``j/probabilities.nii.gz`` on each image's own grid.
 
 Example:
-    >>> from itreg.groupwise.net import apply_dcc, save_dcc
+    >>> from itreg.nets.dcc_apply import apply_dcc, save_dcc
     >>> result = apply_dcc("dcc.pt", ["t1.nii.gz", "t2.nii.gz", "pd.nii.gz"])  # doctest: +SKIP
     >>> save_dcc(result, "out/")                                                # doctest: +SKIP
 """
@@ -145,8 +145,8 @@ class DCCResult:
 
 
 def _load(model: Any):
+    from itreg.blocks.modelfile import build_model
     from itreg.nets.dcc import MODEL_KIND, DCCNet
-    from itreg.nets.modelfile import build_model
 
     if isinstance(model, DCCNet):
         return model, {}

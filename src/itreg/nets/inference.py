@@ -221,7 +221,7 @@ class NetRegistrationResult:
 
 
 def _load(model: PathLike | nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    from itreg.nets.modelfile import load_model
+    from itreg.blocks.modelfile import load_model
     from itreg.nets.regnets import load_regnet
 
     if isinstance(model, nn.Module):

@@ -42,7 +42,7 @@ world transform: an :class:`~itreg.transforms.Affine`, a
 :class:`~itreg.transforms.DisplacementField` on the fixed grid (an SVF network returns its
 integrated field) or ``Compose(Affine, DisplacementField)``.
 
-**Model files.** :func:`save_regnet` / :func:`load_regnet` use :mod:`itreg.nets.modelfile`
+**Model files.** :func:`save_regnet` / :func:`load_regnet` use :mod:`itreg.blocks.modelfile`
 (kinds ``"regnet-affine"``, ``"regnet-deform"``, ``"regnet-cascade"``): configuration and
 weights, loaded from the file alone with ``weights_only=True``.
 
@@ -71,11 +71,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itreg.blocks.modelfile import build_model, load_model, register_model_kind, save_model
 from itreg.errors import ConfigError, GeometryError, ModelFileError
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.metrics.intensity import DEFAULT_PERCENTILES, check_intensity, intensity_range, rescale
-from itreg.nets.modelfile import build_model, load_model, register_model_kind, save_model
 from itreg.transforms import Affine, Compose, DisplacementField, Transform
 from itreg.transforms.dense import integrate_velocity
 from itreg.warp import resample, sample

@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ConfigError, GeometryError, OutputExistsError
 from itreg.grid import Grid
 from itreg.groupwise.base import sample_mask
@@ -98,7 +99,6 @@ from itreg.nets.dcc import (
     warp_group,
     world_displacements,
 )
-from itreg.nets.modelfile import save_model
 from itreg.regularisers import bending_energy
 from itreg.runtime import limited_threads
 from itreg.train import FitCheckpoint, TrainResult, checkpoint_path, fit, make_generator, seeded

@@ -65,12 +65,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from itreg.blocks.deepsim import MODEL_KIND, MODES, DeepSimNet
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, OutputExistsError
 from itreg.image import Image
 from itreg.metrics.deepsim import feature_cosine
 from itreg.metrics.frozen import safe_range, scale_intensity
-from itreg.nets.deepsim import MODEL_KIND, MODES, DeepSimNet
-from itreg.nets.modelfile import save_model
 from itreg.runtime import limited_threads
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
 

@@ -1,6 +1,6 @@
 """Training the DITR patch classifier by iterated maximum likelihood (paper 000, Eqs. 9-13).
 
-The classifier ``f(u, v)`` (:class:`~itreg.nets.ditr.DITRNet`) learns to tell registered patch
+The classifier ``f(u, v)`` (:class:`~itreg.blocks.ditr.DITRNet`) learns to tell registered patch
 pairs (``z = 1``: fixed and moving patches cropped at corresponding locations) from unregistered
 ones (``z = 0``: the moving patch cropped at an independent, uniformly drawn location of the
 foreground), with binary cross-entropy on the logits (Eq. 9, ``BCEWithLogits``), classes 1:1.
@@ -102,12 +102,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from itreg.blocks.ditr import DEFAULT_CHANNELS, MODEL_KIND, PATCH_SIZE, DITRNet, extract_patches
+from itreg.blocks.modelfile import save_model
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, unknown_name
 from itreg.image import Image
 from itreg.metrics.ditr import ditr_overrides
 from itreg.metrics.frozen import safe_range, scale_intensity
-from itreg.nets.ditr import DEFAULT_CHANNELS, MODEL_KIND, PATCH_SIZE, DITRNet, extract_patches
-from itreg.nets.modelfile import save_model
 from itreg.runtime import limited_threads
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
 from itreg.transforms import Transform
@@ -197,7 +197,7 @@ class DITRTrainConfig:
         min_patches: the metric's least number of patches during re-registration (the stride
             shrinks until the mask holds that many; see :mod:`itreg.metrics.ditr`).
         symmetric: build a flip-symmetric classifier (logit averaged over the axis flips of
-            the pair, :class:`~itreg.nets.ditr.DITRNet`), so the response peaks without a
+            the pair, :class:`~itreg.blocks.ditr.DITRNet`), so the response peaks without a
             direction preferred by the network.
         zero_mean_updates: after every re-registration, remove the mean update over all
             training pairs (translation at the fixed-mask centroids and log-Euclidean mean of
@@ -215,7 +215,7 @@ class DITRTrainConfig:
             augmented. Off by default: neither 0.1 nor 0.3 changed the errors or the response
             peaks in the 2D benchmark (``2026-12-06-ditr-bias-robust.md``).
         normalize_patches: build the classifier with per-patch intensity normalisation
-            (:class:`~itreg.nets.ditr.DITRNet` ``normalize``): each channel of each patch
+            (:class:`~itreg.blocks.ditr.DITRNet` ``normalize``): each channel of each patch
             standardised by its own mean and standard deviation. Off by default: in the 2D
             benchmark it about halved the errors of T1 -> T2-like registrations with a bias
             field and took the response peaks to within 0.1 mm, but it narrowed the response
