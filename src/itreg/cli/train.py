@@ -75,15 +75,6 @@ def _read_pairs(images, masks, spacing, device=None):
     return out
 
 
-def _neural_trainer():
-    """The colleague's critic trainer, if this itreg has it."""
-    try:
-        from itreg.metrics.neural import save_critic, train_critic
-    except ImportError:
-        return None
-    return train_critic, save_critic
-
-
 @app.command("train-metric")
 @click.option("--kind", type=click.Choice(KINDS), required=True, help="Which metric to train.")
 @click.option("--images", multiple=True, required=True,
@@ -166,13 +157,9 @@ def _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, ex
 
 def _train_neural(kind, images, masks, output, spacing, small, seed, extra,
                   device=None) -> None:
+    from itreg.metrics.neural import save_critic, train_critic
     from itreg.warp import resample
 
-    trainer = _neural_trainer()
-    if trainer is None:
-        raise ConfigError(f"--kind {kind} needs itreg.metrics.neural.train_critic, which this "
-                          "itreg lacks; available kinds: ditr, deepsim-ae, deepsim-seg")
-    train_critic, save_critic = trainer
     fixed, moving, mlist = [], [], []
     for f, m, mask in _read_pairs(images, masks, spacing, device):
         fixed.append(f)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +76,6 @@ class Stop:
 
     def __repr__(self) -> str:
         return f"Stop(reason={self.reason!r}, all_levels={self.all_levels})"
-
-
-@runtime_checkable
-class CallbackProtocol(Protocol):
-    """What the engine calls; every method is optional."""
-
-    def on_level_start(self, state: StepState) -> Stop | type[Stop] | None: ...
-
-    def on_step(self, state: StepState) -> Stop | type[Stop] | None: ...
-
-    def on_level_end(self, state: StepState) -> Stop | type[Stop] | None: ...
-
-    def on_end(self, state: StepState) -> None: ...
 
 
 class Callback:

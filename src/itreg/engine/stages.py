@@ -97,12 +97,6 @@ def _is_identity(a: Tensor) -> bool:
     return bool((a - eye).abs().max() <= _IDENTITY_TOL)
 
 
-def _is_rotation(a: Tensor) -> bool:
-    a64 = a.detach().to(torch.float64)
-    eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
-    return bool((a64 @ a64.T - eye).abs().max() <= 1e-6) and float(torch.linalg.det(a64)) > 0
-
-
 class LinearStage(StageTransform):
     """A linear stage transform (translation, rigid, similarity, affine)."""
 
