@@ -92,3 +92,14 @@ def test_slurm_job_script_from_cluster_sets():
     assert "#SBATCH -t 00:10:00" in script and "--mem=8G" in script
     with pytest.raises(ConfigError, match="cluster-set"):
         jobqueue_cluster("sge", {"no_such_option": 1})
+
+
+def test_dry_run_checks_and_lists_without_running(tmp_path, cli):
+    manifest = write_manifest(tmp_path / "jobs.csv",
+                              [{"id": "s0", "fixed": "f.nii.gz", "moving": "m.nii.gz"},
+                               {"id": "s1", "fixed": "f.nii.gz", "moving": "m.nii.gz"}])
+    out = tmp_path / "out"
+    code, stdout, err = cli(["batch", str(manifest), "-o", str(out), "--dry-run"])
+    assert code == 0, err
+    assert "2 jobs in" in stdout and "2 would run" in stdout and "run s1" in stdout
+    assert not out.exists()
