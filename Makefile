@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itreg-installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-gpu test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m "gpu" -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q
