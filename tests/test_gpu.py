@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tests.test_cli import FAST, blob_image
 
 pytestmark = [
