@@ -661,10 +661,7 @@ def load_preset(name: str) -> RegistrationConfig:
     Raises:
         ConfigError: no preset of that name (the message lists the presets).
     """
-    names = available_presets()
-    if name not in names:
-        raise unknown_name("preset", name, names)
-    text = _preset_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    text = preset_text(name)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # a broken shipped file is a bug, say where
