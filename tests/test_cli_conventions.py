@@ -413,3 +413,18 @@ def test_multi_file_options_take_globs_and_repeats(tmp_path):
     assert [p.name for p in got] == ["t1_01.nii.gz", "t2_01.nii.gz"]
     with pytest.raises(ConfigError, match="matches no file"):
         expand_paths([str(tmp_path / "nothing_*.nii.gz")], "--images")
+
+
+def test_ctrl_c_during_start_up_imports_is_one_line():
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'itreg.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from itreg._entry import main\n"
+        "main(['--help'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 130
+    assert proc.stderr == "itreg: interrupted\n"
