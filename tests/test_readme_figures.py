@@ -6,10 +6,10 @@ fenced code blocks are skipped). A unit *cites* a result file by naming it, eith
 anywhere in the README (in code spans too). The checks:
 
 1. every cited file exists under ``benchmarks/results/``;
-2. a table with figures (decimal numbers or ratios) in its body cites at least one file, in
-   the table or in the paragraph just before it, and every number of the body of a table that
-   cites (outside code spans) appears in a cited file; integer-only tables without a citation
-   (options, exit codes) are not checked;
+2. a table with figures (decimal numbers or ratios) in its body cites at least one file: in
+   the table or, failing that, in the nearest paragraph above it in the same section that
+   cites; every number of the body of a table (outside code spans) appears in one of those
+   files; integer-only tables without a citation (options, exit codes) are not checked;
 3. in a paragraph that cites files, every *figure* outside code spans -- a number with a
    decimal point or a ratio such as ``4.7x`` -- appears in one of that paragraph's files
    (settings such as ``--set lr=1e-4`` go in code spans);
@@ -59,6 +59,7 @@ class Unit:
     line: int  # 1-based first line in the README
     lines: list[str]
     cites: list[str] = field(default_factory=list)
+    section: int = 0  # number of headings above it
 
     @property
     def text(self) -> str:
@@ -89,12 +90,15 @@ def split_units(markdown: str) -> list[Unit]:
     fenced = False
     lines = markdown.splitlines()
     in_table = False
+    section = 0
     for i, line in enumerate(lines, start=1):
         stripped = line.strip()
         if stripped.startswith("```"):
             fenced = not fenced
             current = None
             continue
+        if not fenced and stripped.startswith("#"):
+            section += 1
         if fenced or not stripped or stripped.startswith("#"):
             current = None
             in_table = False
@@ -110,7 +114,7 @@ def split_units(markdown: str) -> list[Unit]:
         kind = "table" if in_table else "paragraph"
         new_item = kind == "paragraph" and re.match(r"([*+-]|\d+\.)\s", stripped) is not None
         if current is None or current.kind != kind or new_item:
-            current = Unit(kind, i, [])
+            current = Unit(kind, i, [], section=section)
             units.append(current)
         current.lines.append(line)
     for unit in units:
@@ -175,14 +179,18 @@ def appears(number: Number, values: list[float]) -> bool:
 
 
 def unit_files(units: list[Unit], i: int) -> list[str]:
-    """The result files that unit `i` is checked against: its own citations and, for a table,
-    those of the paragraph right before it."""
+    """The result files that unit `i` is checked against: its own citations and, for a table
+    that names none, those of the nearest paragraph above it in the same section that names
+    some."""
     unit = units[i]
     files = list(unit.cites)
-    before = units[i - 1] if i > 0 else None
-    if unit.kind == "table" and before is not None and before.kind == "paragraph" \
-            and before.line + len(before.lines) + 1 >= unit.line:
-        files += [f for f in before.cites if f not in files]
+    if unit.kind == "table" and not files:
+        for before in reversed(units[:i]):
+            if before.section != unit.section:
+                break
+            if before.kind == "paragraph" and before.cites:
+                files = list(before.cites)
+                break
     return files
 
 
@@ -303,6 +311,14 @@ def test_checker_rejects_a_missing_file_and_uncited_tables_and_measurements(resu
     assert any("cites no result file" in p for p in problems)
     options = "Options:\n\n| option | meaning |\n|---|---|\n| `--seed N` | 0 .. 2^32 - 1 |\n"
     assert check(options, results) == []
+    # A table under a lead-in line takes the citation of the paragraph above, in its section.
+    lead_in = _README.replace("Measured on phantoms (`benchmarks/results/2026-01-01-run.md`):",
+                              "Measured on phantoms (`benchmarks/results/2026-01-01-run.md`).\n"
+                              "\nAffine, 2 methods:")
+    assert check(lead_in, results) == []
+    other_section = lead_in.replace("\nAffine, 2 methods:", "\n## other\n\nAffine, 2 methods:")
+    assert any("table of numbers cites no result file" in p
+               for p in check(other_section, results))
     for prose in ("Measured: the error is 0.61 mm.\n", "The error falls to 0.61 mm.\n",
                   "An iteration costs 4.7x more.\n", "Refining gives Dice 0.846.\n"):
         assert any("cites no result file" in p for p in check(prose, results)), prose
