@@ -157,7 +157,7 @@ def numbers(text: str) -> list[Number]:
 def _file_values(path: Path) -> list[float]:
     if path.suffix in (".png", ".svg"):
         return []
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8", errors="replace")
     return [float((w + (f or "") + (e or "")).replace(",", ""))
             for w, f, e, _ in _NUMBER.findall(text)]
 
@@ -240,13 +240,13 @@ def check(markdown: str, results: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------- the README
 def test_every_readme_figure_is_in_the_result_file_it_cites():
-    problems = check(README.read_text(), RESULTS)
+    problems = check(README.read_text(encoding="utf-8"), RESULTS)
     assert not problems, "\n".join(problems)
 
 
 def test_the_readme_cites_result_files():
     # The check above is vacuous if nothing is cited.
-    assert len(cited_files(README.read_text())) >= 3
+    assert len(cited_files(README.read_text(encoding="utf-8"))) >= 3
 
 
 # ------------------------------------------------------------------- the checker, on its own
@@ -280,7 +280,7 @@ Setting `--set bending=0.37` (paragraph without figures to check).
 
 @pytest.fixture()
 def results(tmp_path):
-    (tmp_path / "2026-01-01-run.md").write_text(_RESULT)
+    (tmp_path / "2026-01-01-run.md").write_text(_RESULT, encoding="utf-8")
     return tmp_path
 
 
@@ -337,7 +337,7 @@ def test_split_units_separates_tables_paragraphs_and_list_items():
 def test_every_figure_of_a_citing_unit_is_checked():
     # Replace each README decimal figure outside code spans by a value no result file holds:
     # each one in a table or citing paragraph must then be reported.
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     units = split_units(text)
     cited_units = [u for i, u in enumerate(units)
                    if any((RESULTS / f).is_file() for f in unit_files(units, i))]
