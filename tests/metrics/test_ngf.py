@@ -116,6 +116,8 @@ def test_engine_range_hook_carries_eps():
     # The per-level eps passed as the range is what the metric uses.
     assert float(metric(f, m, fixed_range=(0.0, 0.3), moving_range=(0.0, 0.2))) == \
         pytest.approx(-float(ngf(f, m, eps_fixed=0.3, eps_moving=0.2)), abs=1e-12)
+    # The default eta (0.5, measured: see itreg.metrics.ngf).
+    assert get_metric("ngf").intensity_range(f)[1] == pytest.approx(ngf_epsilon(f, eta=0.5))
     fixed = get_metric("ngf", eps=0.25)
     assert fixed.intensity_range(f) == (0.0, 0.25)
     assert fixed.config()["eps"] == 0.25 and metric.config()["eps"] == "noise"
