@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from itreg.errors import ConfigError, ItregError, OutputExistsError
+from itreg.errors import ConfigError, ItregError
 
 #: Path parameter type shared by every command.
 PATH = click.Path(path_type=Path)
@@ -39,17 +39,6 @@ class Terminated(KeyboardInterrupt):
     A KeyboardInterrupt, so every cleanup that handles Ctrl-C (atomic outputs, training
     checkpoints) handles SIGTERM too; the command line then exits 143 instead of 130.
     """
-
-
-def refuse_existing(output: Path, what: str, force: bool) -> None:
-    """Fail before any work when `output` exists and --force was not given (the atomic writers
-    check again when they write).
-
-    Raises:
-        OutputExistsError: naming `what` (for example "output folder", "model file").
-    """
-    if output.exists() and not force:
-        raise OutputExistsError(f"{what} '{output}' exists; use --force to overwrite it")
 
 
 def parse_sets(values) -> dict:
@@ -248,8 +237,9 @@ def standard_options(*, output: str = "folder", output_required: bool = True,
     Adds ``-o/--output`` (`output`: "folder" or "file"; `output_help` overrides its help),
     ``--force``, ``-q/--quiet``, ``-v/--verbose``, ``--log``; with `seed` ``--seed``; with
     `sets` ``--set KEY=VALUE`` (as the ``sets`` parameter); with `compute` ``--threads`` and
-    ``--device`` (`device`=False: ``--threads`` only, for CPU-only computations). The command function receives ``output``, ``force``, ``quiet`` and the others
-    that apply as keyword arguments.
+    ``--device`` (`device`=False: ``--threads`` only, for CPU-only computations). The command
+    function receives ``output``, ``force``, ``quiet`` and the others that apply as keyword
+    arguments.
     """
     what = "folder" if output == "folder" else "file"
     opts = [
