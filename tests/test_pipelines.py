@@ -23,9 +23,9 @@ def pair(tmp_path):
     return fixed, moving
 
 
-def _register(cli, pair, out, kind, iterations=30):
+def _register(cli, pair, out, kind, iterations=30, extra=()):
     code, _, err = cli(["register", str(pair[0]), str(pair[1]), "-o", str(out), "-t", kind,
-                        "--set", f"iterations={iterations}", "-q", "--threads", "1"])
+                        "--set", f"iterations={iterations}", "-q", "--threads", "1", *extra])
     assert code == 0, err
 
 
@@ -69,7 +69,7 @@ def test_linear_run_writes_exact_h5_and_inverse(cli, pair, tmp_path):
 def test_deformable_run_h5_reproduces_warped_and_inverse_field_undoes_it(cli, pair, tmp_path,
                                                                           kind):
     out = tmp_path / kind
-    _register(cli, pair, out, kind, iterations=20)
+    _register(cli, pair, out, kind, iterations=20, extra=("--outputs", "all"))
     h5 = sitk.ReadTransform(str(out / "transform.h5"))
     assert h5.GetName() == "CompositeTransform"
     warped = _arr(out / "warped.nii.gz")
@@ -102,7 +102,7 @@ def _brain_inverse_consistency(kind, ndim, tmp_path, iterations):
     res = register(pair.fixed, pair.moving, transform=kind, fixed_mask=pair.fixed_mask,
                    overrides={"iterations": iterations}, progress=False)
     out = tmp_path / kind
-    save_registration(res, out, inputs={"fixed_mask": tmp_path / "mask.nii.gz"})
+    save_registration(res, out, inputs={"fixed_mask": tmp_path / "mask.nii.gz"}, outputs="all")
     ic = json.loads((out / "report.json").read_text())["inverse_consistency"]
     assert ic["region"] == "fixed mask"
     assert ic["points"] == int(pair.fixed_mask.data.bool().sum())

@@ -323,35 +323,57 @@ def overlap_region(transform: Transform, fixed_grid: Grid, moving_grid: Grid) ->
 
 def write_transform_outputs(transform: Transform, fixed_grid: Grid, moving_grid: Grid,
                             folder: str | os.PathLike, region: torch.Tensor | None = None,
-                            region_name: str = "fixed mask") -> tuple[list[str], dict | None]:
+                            region_name: str = "fixed mask", *, inverse: bool = True,
+                            h5: bool = True, compress: bool | str = True, submit=None,
+                            image_suffix: str = ".nii.gz") -> tuple[list[str], dict | None]:
     """Write ``transform.h5`` and the inverse of a fixed -> moving transform into `folder`.
 
     ``transform.h5`` holds the whole map as one exact ITK file (a ``CompositeTransform`` of
     affine and B-spline or displacement field for deformable maps). Linear maps get
     ``inverse.tfm`` (exact, float64); deformable ones ``inverse_displacement.nii.gz``, the
     moving -> fixed map as a displacement field on `moving_grid` (see :func:`inverse_field`),
-    and the residual ``|inverse(T(x)) - x|`` of the written field over `region` (default: the
-    fixed points that T maps inside the moving image).
+    and the residual ``|inverse(T(x)) - x|`` of the written (float32) field over `region`
+    (default: the fixed points that T maps inside the moving image).
+
+    Args:
+        inverse: write the inverse (False: ``transform.h5`` only, no inverse work).
+        h5: write ``transform.h5``.
+        compress: compression of the inverse field (see :func:`itreg.io.write_image`).
+        submit: ``submit(fn, *args, **kwargs)`` that runs a file write, for example a thread
+            pool's (the caller then waits for it); default: run it here.
+        image_suffix: extension of the inverse field (``.nii.gz`` or ``.nii``).
 
     Returns:
-        The file names written and the inverse-consistency record (None for linear maps).
+        The file names written and the inverse-consistency record (None for linear maps or
+        without `inverse`).
     """
     import copy
 
     from itreg.transforms import exportable
 
+    def run_now(fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    submit = submit or run_now
     folder = Path(folder)
-    io.write_transform(exportable(transform), folder / "transform.h5")
+    written: list[str] = []
+    if h5:
+        io.write_transform(exportable(transform), folder / "transform.h5")
+        written.append("transform.h5")
+    if not inverse:
+        return written, None
     if transform.is_linear:
         lin = transform.linear_part() if isinstance(transform, Compose) else transform
         io.write_transform(copy.deepcopy(lin).double().inverse(), folder / "inverse.tfm")
-        return ["transform.h5", "inverse.tfm"], None
-    inverse = inverse_field(transform, moving_grid, fixed_grid=fixed_grid)
-    io.write_displacement_field(inverse, moving_grid, folder / "inverse_displacement.nii.gz")
-    written = io.read_displacement_field(folder / "inverse_displacement.nii.gz",
-                                         dtype=torch.float64)
+        return [*written, "inverse.tfm"], None
+    field = inverse_field(transform, moving_grid, fixed_grid=fixed_grid)
+    name = "inverse_displacement" + image_suffix
+    submit(io.write_displacement_field, field, moving_grid, folder / name, compress=compress)
+    # The residual of the field as written: its float32 voxels, read back exactly.
+    stored = DisplacementField(field.field.detach().to(torch.float32).to(torch.float64),
+                               moving_grid, learnable=False)
     if region is None:
         region, region_name = overlap_region(transform, fixed_grid, moving_grid), "overlap"
-    record = {**inverse_consistency(transform, written, fixed_grid, region),
+    record = {**inverse_consistency(transform, stored, fixed_grid, region),
               "region": region_name}
-    return ["transform.h5", "inverse_displacement.nii.gz"], record
+    return [*written, name], record

@@ -19,7 +19,8 @@ from itreg.errors import ConfigError
                    "translation, similarity.")
 @click.option("-m", "--metric", default=None,
               help="Similarity metric: mi, nmi, mi-gaussian, joint-entropy, ncc, lncc, mse, "
-                   "or a learned one (ditr:MODEL.pt, mine, kldiv, deepsim:MODEL.pt).")
+                   "ngf, mind-ssc (modality-independent, robust to MR bias fields), or a "
+                   "learned one (ditr:MODEL.pt, mine, kldiv, deepsim:MODEL.pt).")
 @click.option("--config", "config", type=_PATH, default=None,
               help="A registration config as TOML (the presets' format, see 'itreg presets "
                    "show NAME'); --transform, --metric and --set then change it.")
@@ -41,40 +42,68 @@ from itreg.errors import ConfigError
               help="With --refine: start a B-spline refinement from the least-squares FFD of "
                    "a deformable prediction (fit, the default) or keep the prediction as a "
                    "fixed outer transform (compose).")
+@click.option("--outputs", "outputs", default="warped,transform,displacement", show_default=True,
+              metavar="LIST",
+              help="What to write, comma-separated: warped (warped.nii.gz), transform "
+                   "(transform.tfm, transform.h5; linear runs also inverse.tfm), "
+                   "displacement (deformable runs: displacement.nii.gz), inverse (deformable "
+                   "runs: inverse_displacement.nii.gz and its consistency in the report; "
+                   "many times the registration's time), or all. report.json is always "
+                   "written; work an output needs is skipped when it is not asked for "
+                   "(e.g. --outputs transform: no resampling).")
+@click.option("--compress", type=click.Choice(["fast", "best", "none"]), default="fast",
+              show_default=True,
+              help="Compression of the image outputs: fast (gzip, run-length strategy), best "
+                   "(gzip level 9; slow, a few per cent smaller on float images) or none "
+                   "(.nii files instead of .nii.gz).")
 @standard_options(output_help="Output folder (created; with --force an existing one keeps "
                               "every file that itreg did not write).")
 def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, init,
-             bias_correction, net, refine, refine_init, output, force, quiet, seed, sets,
-             threads, device) -> None:
+             bias_correction, net, refine, refine_init, outputs, compress, output, force,
+             quiet, seed, sets, threads, device) -> None:
     """Register MOVING to FIXED.
 
     Writes OUTPUT/warped.nii.gz, OUTPUT/transform.tfm (linear part, fixed -> moving),
-    OUTPUT/report.json and, for deformable runs, OUTPUT/displacement.nii.gz.
+    OUTPUT/transform.h5 (the whole map), OUTPUT/report.json (with the seconds of each stage
+    under timings_s: import, read, prepare, register, resample, transforms, write), for linear runs OUTPUT/inverse.tfm and for deformable runs
+    OUTPUT/displacement.nii.gz; --outputs all adds a deformable run's
+    inverse_displacement.nii.gz, --outputs picks fewer.
 
     With --net MODEL.pt a trained network predicts the transform in one pass (the same
     outputs); --refine then continues iteratively from its prediction (--transform, --metric
     and --set change that refinement).
     """
-    from itreg import io
-    from itreg.io.outputs import check_output_dir
-    from itreg.runtime import resolve_device
+    import time
 
+    from itreg.io.outputs import check_output_dir
+    from itreg.outputs import select_outputs
+
+    t_start = time.perf_counter()
+    selected = select_outputs(outputs)
     inputs = {"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask,
               "moving_mask": moving_mask, "config": config, "net": net}
     init_path = None if init in ("centers", "moments", "none") else Path(init)
     protect = [p for p in (*inputs.values(), init_path) if p is not None]
     check_output_dir(output, force=force, protect=protect)
+    _check_exist({"image": [fixed, moving], "mask": [fixed_mask, moving_mask]})
+    from itreg import io
+    from itreg.runtime import resolve_device
+
     dev = resolve_device(device)
+    t_import = time.perf_counter()
     if refine_init is not None and not refine:
         raise ConfigError("--refine-init applies with --net MODEL.pt --refine")
     if refine and net is None:
         raise ConfigError("--refine continues from a network's prediction; give --net MODEL.pt")
     overrides = parse_sets(sets) or None
     # Registration inputs are intensities even when stored as integers (CT, MR int16).
-    fixed_img = io.read_image(fixed, is_label=False).to(dev)
-    moving_img = io.read_image(moving, is_label=False).to(dev)
+    fixed_img, moving_img = _read_pair(fixed, moving)
+    fixed_img, moving_img = fixed_img.to(dev), moving_img.to(dev)
     fmask = io.read_mask(fixed_mask, fixed_img.grid) if fixed_mask else None
     mmask = io.read_mask(moving_mask, moving_img.grid) if moving_mask else None
+    t_read = time.perf_counter()
+    save = {"outputs": selected, "compress": compress,
+            "timings": {"import": t_import - t_start, "read": t_read - t_import}}
     if net is not None:
         if init != "centers":
             raise ConfigError("--init does not apply with --net (the network predicts the "
@@ -84,7 +113,7 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
                               "not --net")
         _register_with_net(inputs, output, fixed_img, moving_img, fmask, mmask, net, refine,
                            refine_init or "fit", transform, metric, seed, threads, overrides,
-                           force, quiet, protect)
+                           force, quiet, protect, save)
         return
     init_arg: object = init
     if init_path is not None:
@@ -98,8 +127,12 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
         fixed_mask=fmask, moving_mask=mmask, init=init_arg, seed=seed, threads=threads,
         progress=not quiet, overrides=overrides, **extra,
     )
+    t_reg = time.perf_counter()
+    save["timings"] = {**save["timings"],
+                       "prepare": max(t_reg - t_read - result.wall_time_s, 0.0),
+                       "register": result.wall_time_s}
     save_registration(result, output, force=force, protect=protect,
-                      inputs={**inputs, "init": init})
+                      inputs={**inputs, "init": init}, **save)
     reasons = ", ".join(sorted(set(result.stop_reasons)))
     click.echo(f"registered in {result.wall_time_s:.2f} s (stop: {reasons}); outputs in "
                f"{output}")
@@ -112,17 +145,44 @@ def run_registration(*args, **kwargs):
     return api_register(*args, **kwargs)
 
 
-def save_registration(result, output, *, force, protect, inputs):
+def save_registration(result, output, *, force, protect, inputs, **kwargs):
     """:func:`itreg.outputs.save_registration`, refusing to write over any input."""
     from itreg.outputs import save_registration as save
 
-    return save(result, output, force=force, inputs=inputs, protect=protect)
+    return save(result, output, force=force, inputs=inputs, protect=protect, **kwargs)
+
+
+def _check_exist(paths: dict) -> None:
+    """Refuse a missing input before torch loads (the readers check everything else)."""
+    from itreg.errors import ImageReadError, MaskError
+
+    for what, items in paths.items():
+        for p in items:
+            if p is not None and not Path(p).exists():
+                error = MaskError if what == "mask" else ImageReadError
+                raise error(f"{what} {str(p)!r} does not exist; check the path")
+
+
+def _read_pair(fixed, moving):
+    """Read the fixed and moving images side by side (SimpleITK's reader releases the GIL;
+    registration inputs are intensities even when stored as integers: CT, MR int16)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from itreg import io
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(io.read_image, p, is_label=False) for p in (fixed, moving)]
+        return futures[0].result(), futures[1].result()
 
 
 def _register_with_net(inputs, output, fixed_img, moving_img, fmask, mmask, net, refine,
                        refine_init, transform, metric, seed, threads, overrides, force,
-                       quiet, protect) -> None:
+                       quiet, protect, save) -> None:
+    import time
+
     from itreg.nets.inference import register_with_net
+
+    t0 = time.perf_counter()
 
     if not refine and (transform or metric or overrides):
         raise ConfigError("--transform, --metric and --set configure the refinement; add "
@@ -132,7 +192,10 @@ def _register_with_net(inputs, output, fixed_img, moving_img, fmask, mmask, net,
         transform=transform,
         fixed_mask=fmask, moving_mask=mmask, seed=seed, threads=threads,
         progress=not quiet, overrides=overrides)
-    save_registration(result, output, force=force, protect=protect, inputs=inputs)
+    save["timings"] = {**save["timings"],
+                       "prepare": max(time.perf_counter() - t0 - result.wall_time_s, 0.0),
+                       "register": result.wall_time_s}
+    save_registration(result, output, force=force, protect=protect, inputs=inputs, **save)
     how = "network + refinement" if refine else "network"
     click.echo(f"registered by {how} in {result.wall_time_s:.2f} s "
                f"(inference {result.inference_time_s:.3f} s); outputs in {output}")

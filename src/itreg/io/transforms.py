@@ -44,7 +44,7 @@ from itreg.io._native import (
     quiet_native_stderr,
     sitk_message,
 )
-from itreg.io.images import from_sitk, read_image
+from itreg.io.images import compression_mode, from_sitk, read_image, write_sitk_image
 from itreg.transforms.base import Transform
 from itreg.transforms.linear import Affine, LinearTransform
 
@@ -440,7 +440,8 @@ def _field_image(disp: torch.Tensor, grid: Grid, dtype: torch.dtype, path: Path)
 
 
 def write_displacement_field(transform: Transform, grid: Grid, path: str | os.PathLike, *,
-                             dtype: torch.dtype = torch.float32) -> Path:
+                             dtype: torch.dtype = torch.float32,
+                             compress: bool | str = True) -> Path:
     """Write a transform as a displacement field ``d(x) = T(x) - x`` sampled on `grid`.
 
     Image extensions (.nii.gz, .nii, .nrrd, .mha) give a vector image with D components in
@@ -453,6 +454,8 @@ def write_displacement_field(transform: Transform, grid: Grid, path: str | os.Pa
         grid: the fixed grid to sample it on.
         path: output file.
         dtype: ``torch.float32`` (default) or ``torch.float64`` voxels.
+        compress: image extensions' compression, as :func:`itreg.io.write_image` takes it
+            (``"fast"``/True, ``"best"``, ``"none"``/False).
 
     Returns:
         The path written.
@@ -460,8 +463,10 @@ def write_displacement_field(transform: Transform, grid: Grid, path: str | os.Pa
     Raises:
         TransformFileError: NaN/Inf displacements, a dimension mismatch, or an extension
             SimpleITK cannot write.
+        ConfigError: an unknown `compress` value.
     """
     target = Path(path)
+    compression_mode(compress)
     if dtype not in (torch.float32, torch.float64):
         raise TransformFileError(
             f"displacement field {str(target)!r}: dtype must be torch.float32 or torch.float64, "
@@ -486,7 +491,7 @@ def write_displacement_field(transform: Transform, grid: Grid, path: str | os.Pa
                 sitk.WriteTransform(sitk.DisplacementFieldTransform(
                     sitk.Cast(field, sitk.sitkVectorFloat64)), str(tmp))
             else:
-                sitk.WriteImage(field, str(tmp), True)
+                write_sitk_image(field, tmp, target, compress)
     except RuntimeError as exc:
         raise TransformFileError(
             f"cannot write displacement field {str(target)!r}: {sitk_message(exc)}; use an image "

@@ -1,0 +1,174 @@
+"""``register --outputs`` / ``--compress`` and ``write_registration``: only what is asked is
+written (and computed), every compression reads back exactly in SimpleITK and in Python's own
+gzip reader, and report.json records the seconds of each stage (issue 20)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from tests.test_cli import FAST, blob_image
+
+from itreg import io
+from itreg.errors import ConfigError
+from itreg.grid import Grid
+from itreg.image import Image
+
+
+def _image(shape=(24, 40, 48), seed=0):
+    """A float image with a zero background (as MR volumes have) and noise inside."""
+    rng = np.random.default_rng(seed)
+    data = np.zeros(shape, dtype=np.float32)
+    data[4:-4, 8:-8, 10:-10] = rng.random((shape[0] - 8, shape[1] - 16, shape[2] - 20))
+    grid = Grid(tuple(reversed(shape)), spacing=(1.0, 1.5, 2.0), origin=(-3.0, 4.0, 10.0))
+    return Image(torch.from_numpy(data)[None], grid)
+
+
+@pytest.mark.parametrize("mode", ["fast", "best", "none", True, False])
+def test_every_compression_reads_back_exactly(tmp_path, mode):
+    img = _image()
+    path = io.write_image(img, tmp_path / "x.nii.gz", compress=mode)
+    back = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), img.data[0].numpy())
+    assert back.GetSpacing() == (1.0, 1.5, 2.0) and back.GetOrigin() == (-3.0, 4.0, 10.0)
+    raw = gzip.decompress(path.read_bytes())  # a valid gzip file for any reader (CRC, size)
+    assert len(raw) == 352 + img.data.numel() * 4  # NIfTI-1 header + float32 voxels
+    assert not list(tmp_path.glob(".itreg-*"))  # no temporary file is left behind
+
+
+def test_fast_compresses_zero_background_and_none_does_not(tmp_path):
+    img = _image()
+    size = {m: io.write_image(img, tmp_path / f"{m}.nii.gz", compress=m).stat().st_size
+            for m in ("fast", "best", "none")}
+    raw = 352 + img.data.numel() * 4
+    assert size["none"] >= raw  # stored blocks
+    assert size["fast"] < 0.8 * raw  # the zero background is run-length coded
+    assert size["best"] <= size["fast"] * 1.02
+
+
+def test_displacement_field_compression_reads_back(tmp_path):
+    from itreg.transforms import Affine
+
+    img = _image()
+    t = Affine(3, center=img.grid.center, translation=[1.5, -2.0, 0.25])
+    for mode in ("fast", "none"):
+        path = io.write_displacement_field(t, img.grid, tmp_path / f"d{mode}.nii.gz",
+                                           compress=mode)
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        np.testing.assert_allclose(arr.reshape(-1, 3), [[1.5, -2.0, 0.25]] * (arr.size // 3),
+                                   atol=1e-6)
+
+
+def test_unknown_compression_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="compression"):
+        io.write_image(_image(), tmp_path / "x.nii.gz", compress="max")
+
+
+def test_select_outputs():
+    from itreg.outputs import DEFAULT_OUTPUTS, OUTPUTS, select_outputs
+
+    assert select_outputs(None) == DEFAULT_OUTPUTS == ("warped", "transform", "displacement")
+    assert select_outputs("all") == OUTPUTS
+    assert select_outputs("transform, warped") == ("warped", "transform")
+    for bad in ("warp", "", "warped,jacobian"):
+        with pytest.raises(ConfigError, match="outputs"):
+            select_outputs(bad)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    sitk.WriteImage(blob_image(), str(fixed))
+    sitk.WriteImage(blob_image(shift=(2.0, -1.0), remap=True), str(moving))
+    return fixed, moving
+
+
+@pytest.fixture(scope="module")
+def affine_result():
+    from itreg.api import register
+    from itreg.io.images import from_sitk
+
+    fixed = from_sitk(blob_image())
+    moving = from_sitk(blob_image(shift=(2.0, -1.0), remap=True))
+    return register(fixed, moving, transform="affine", overrides={"iterations": 20},
+                    progress=False)
+
+
+def test_transform_only_skips_the_resampling(affine_result, tmp_path):
+    from itreg.outputs import save_registration
+
+    result = affine_result
+    result.__dict__.pop("warped", None)
+    out = save_registration(result, tmp_path / "t", outputs="transform", compress="none")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "inverse.tfm", "report.json", "transform.h5", "transform.tfm"]
+    assert "warped" not in result.__dict__  # the full-resolution warp was never computed
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == ["transform.tfm", "transform.h5", "inverse.tfm", "report.json"]
+    assert report["output_settings"] == {"outputs": ["transform"], "compress": "none"}
+    assert set(report["timings_s"]) == {"resample", "transforms", "write"}
+    # The written inverse undoes the written forward map (SimpleITK's own composition).
+    fwd = sitk.ReadTransform(str(out / "transform.tfm"))
+    inv = sitk.ReadTransform(str(out / "inverse.tfm"))
+    for p in [(3.0, 4.0), (40.0, -7.0)]:
+        np.testing.assert_allclose(inv.TransformPoint(fwd.TransformPoint(p)), p, atol=1e-9)
+
+
+def test_cli_outputs_and_compress_none(pair, tmp_path, cli):
+    fixed, moving = pair
+    out = tmp_path / "out"
+    code, _, err = cli(["register", str(fixed), str(moving), "-o", str(out), "-t", "bspline",
+                        "--outputs", "warped,displacement", "--compress", "none", *FAST])
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["displacement.nii", "report.json", "warped.nii"]
+    report = json.loads((out / "report.json").read_text())
+    timings = report["timings_s"]
+    assert set(timings) == {"import", "read", "prepare", "register", "resample", "transforms",
+                            "write"}
+    assert timings["register"] == pytest.approx(report["wall_time_s"], abs=1e-4)
+    assert all(v >= 0 for v in timings.values())
+    # The uncompressed warped image is the one the default (compressed) run writes.
+    code, _, err = cli(["register", str(fixed), str(moving), "-o", str(tmp_path / "gz"),
+                        "-t", "bspline", *FAST])
+    assert code == 0, err
+    gz_names = sorted(p.name for p in (tmp_path / "gz").iterdir() if not p.name.startswith("."))
+    assert gz_names == ["displacement.nii.gz", "report.json", "transform.h5", "transform.tfm",
+                        "warped.nii.gz"]  # the default: no inverse field
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "gz" / "warped.nii.gz"))))
+
+
+def test_cli_refuses_unknown_outputs_before_reading(pair, tmp_path, cli):
+    fixed, moving = pair
+    code, _, err = cli(["register", str(fixed), str(moving), "-o", str(tmp_path / "o"),
+                        "--outputs", "warped,jacobian", *FAST])
+    assert code == 2 and "outputs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_shared_grid_evaluation_writes_what_each_output_computes_alone(tmp_path):
+    """warped + displacement from one evaluation of T equal the separate computations."""
+    from itreg.api import register
+    from itreg.io.images import from_sitk
+    from itreg.outputs import save_registration
+    from itreg.warp import resample
+
+    fixed = from_sitk(blob_image())
+    moving = from_sitk(blob_image(shift=(2.0, -1.0), remap=True))
+    result = register(fixed, moving, transform="bspline", overrides={"iterations": 10},
+                      progress=False)
+    out = save_registration(result, tmp_path / "o")
+    with torch.no_grad():
+        warped = resample(result.moving, result.transform, fixed.grid, mode="auto")
+        disp = result.transform.displacement(fixed.grid)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))), warped.data[0].numpy())
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz"))), disp.numpy())
+    assert np.abs(disp.numpy()).max() > 0.1  # a real deformation
