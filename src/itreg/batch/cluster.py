@@ -145,7 +145,9 @@ def open_client(spec: ClusterSpec, client=None) -> Iterator[Any]:
         cluster = LocalCluster(
             n_workers=default_workers(spec), threads_per_worker=spec.threads_per_worker,
             processes=True, memory_limit=spec.memory_limit,
-            dashboard_address=":0" if spec.dashboard else None,
+            # The scheduler serves HTTP (health, metrics) even without the dashboard: a free
+            # port, so a second Dask on this machine does not make it warn about 8787.
+            dashboard_address=":0", scheduler_kwargs={"dashboard": spec.dashboard},
             silence_logs=logging.ERROR)
     except ValueError as exc:
         raise ConfigError(f"cannot start the local Dask cluster: {exc} (check --memory-limit, "

@@ -6,8 +6,8 @@ import sys
 
 import click
 
+from itreg.cli.app import DEVICE_HELP, app, parse_sets, standard_options
 from itreg.cli.app import PATH as _PATH
-from itreg.cli.app import app, parse_sets, standard_options
 
 
 @app.command()
@@ -41,13 +41,18 @@ from itreg.cli.app import app, parse_sets, standard_options
               help="Rerun jobs that failed in an earlier run (skipped otherwise).")
 @click.option("--dry-run", is_flag=True,
               help="Check the manifest and print what would run; run nothing.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads per job (default: the CPUs divided among the jobs the "
+                   "local cluster runs at once; 1 on --scheduler/--cluster workers).")
+@click.option("--device", default="auto", show_default=True,
+              help=DEVICE_HELP + " With cuda each worker process uses one GPU.")
 @standard_options(output_help="Output root: a folder per job id, ledger.jsonl, summary.csv "
                               "and summary.html.",
                   sets_help="Default setting for every job; a set.KEY cell overrides it "
-                            "(repeatable).")
+                            "(repeatable).", compute=False)
 def batch(manifest, transform, metric, config, workers, threads_per_worker, memory_limit,
-          scheduler, cluster, cluster_sets, cluster_jobs, retry_failed, dry_run, output, force,
-          quiet, seed, sets, threads, device) -> None:
+          scheduler, cluster, cluster_sets, cluster_jobs, retry_failed, dry_run, threads, device,
+          output, force, quiet, seed, sets) -> None:
     """Run every job of MANIFEST (CSV: id,fixed,moving[,...]) through Dask.
 
     With --device cuda (or auto on a GPU machine) each worker process uses one GPU. Each job
