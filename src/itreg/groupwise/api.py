@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -391,8 +391,12 @@ def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | N
 
 
 def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
-               inputs: Sequence[Any] | None = None, protect=None) -> Path:
+               inputs: Sequence[Any] | None = None, protect=None,
+               write_extra: Callable[[Path], list[str]] | None = None) -> Path:
     """Write a groupwise result to `outdir` atomically (see :func:`write_group`).
+
+    `write_extra(folder)` writes further files into the temporary folder and returns their
+    relative paths, which join the report's ``outputs`` (the DCC network's segmentations).
 
     Raises:
         OutputExistsError: `outdir` exists, is not empty and `force` is False, is a file, or
@@ -405,8 +409,15 @@ def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
     if protect is None:
         protect = [p for p in (inputs or ()) if isinstance(p, (str, Path))]
     with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
-        write_group(result, tmp, inputs)
+        files = write_group(result, tmp, inputs)
         _write_group_pipeline_files(result, Path(tmp))
+        if write_extra is not None:
+            extra = write_extra(Path(tmp))
+            report_path = Path(tmp) / "report.json"
+            report = json.loads(report_path.read_text())
+            report["outputs"] = [f for f in report.get("outputs", files) if f != "report.json"] \
+                + extra + ["report.json"]
+            report_path.write_text(json.dumps(report, indent=2, default=str))
     return Path(outdir)
 
 

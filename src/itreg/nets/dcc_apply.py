@@ -49,7 +49,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -286,29 +285,21 @@ def apply_dcc(
 
 def save_dcc(result: DCCResult, outdir: PathLike, force: bool = False,
              inputs: Sequence[Any] | None = None, protect=None) -> Path:
-    """Write a DCC result to `outdir` atomically (see the module docstring for the layout).
-
-    Raises:
-        OutputExistsError: `outdir` exists, is not empty and `force` is False, is a file, or
-            would overwrite an input (nothing is touched). With `force` only itreg's own
-            earlier outputs there are replaced; `protect` lists paths never written (default:
-            the `inputs` that are paths).
-    """
+    """Write a DCC result to `outdir` atomically: the groupwise layout of
+    :func:`itreg.groupwise.save_group` (the result duck-types a ``GroupResult``) plus
+    ``j/segmentation.nii.gz`` and ``j/probabilities.nii.gz`` per image (see the module
+    docstring). Refusals are those of ``save_group``."""
     from itreg import io
-    from itreg.groupwise.api import write_group
+    from itreg.groupwise.api import save_group
 
-    if protect is None:
-        protect = [p for p in (inputs or ()) if isinstance(p, (str, Path))]
-    with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
-        files = write_group(result, tmp, inputs)  # duck-types GroupResult
+    def segmentations(folder: Path) -> list[str]:
         extra = []
         for j, (seg, prob) in enumerate(zip(result.segmentations,
                                             result.probabilities_per_image)):
-            io.write_image(seg, Path(tmp) / str(j) / "segmentation.nii.gz")
-            io.write_image(prob.float(), Path(tmp) / str(j) / "probabilities.nii.gz")
+            io.write_image(seg, folder / str(j) / "segmentation.nii.gz")
+            io.write_image(prob.float(), folder / str(j) / "probabilities.nii.gz")
             extra += [f"{j}/segmentation.nii.gz", f"{j}/probabilities.nii.gz"]
-        report_path = Path(tmp) / "report.json"
-        report = json.loads(report_path.read_text())
-        report["outputs"] = [f for f in files if f != "report.json"] + extra + ["report.json"]
-        report_path.write_text(json.dumps(report, indent=2, default=str))
-    return Path(outdir)
+        return extra
+
+    return save_group(result, outdir, force=force, inputs=inputs, protect=protect,
+                      write_extra=segmentations)
