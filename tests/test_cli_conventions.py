@@ -425,6 +425,7 @@ def test_ctrl_c_during_start_up_imports_is_one_line():
         "sys.meta_path.insert(0, Interrupt())\n"
         "from itreg._entry import main\n"
         "main(['--help'])\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 130
     assert proc.stderr == "itreg: interrupted\n"

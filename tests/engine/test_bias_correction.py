@@ -3,6 +3,8 @@ inside the masks; the setting is validated first and recorded; outputs keep the 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from engine_data import quick
@@ -20,7 +22,7 @@ class _Spy(Metric):
 
     name = "spy"
     requires_spatial = True
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def loss(self, fixed, moving, mask, fixed_range, moving_range):
         _Spy.seen[:] = [(fixed.detach().clone(), moving.detach().clone())]

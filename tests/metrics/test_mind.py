@@ -129,7 +129,8 @@ def test_gradcheck_float64(shape):
     w = torch.rand(shape, generator=g, dtype=torch.float64)
     for distance in ("ssd", "l1"):
         metric = get_metric("mind-ssc", dilation=1, radius=1, sigma=0.7, distance=distance)
-        assert torch.autograd.gradcheck(lambda x: metric(f, x, mask=w), (m,), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda x, metric=metric: metric(f, x, mask=w), (m,),
+                                        fast_mode=True)
     # Gradients through the fixed image too (no caching then).
     fg = f.clone().requires_grad_(True)
     metric = get_metric("mind-ssc", dilation=1, radius=1)

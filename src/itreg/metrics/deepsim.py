@@ -30,11 +30,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from itreg.blocks.deepsim import MODEL_KIND, DeepSimNet
 from itreg.errors import ConfigError
 from itreg.metrics.base import Range
 from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.registry import register_metric
-from itreg.blocks.deepsim import MODEL_KIND, DeepSimNet
 
 __all__ = ["DeepSimMetric", "deepsim_metric", "feature_cosine"]
 

@@ -45,12 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from itreg.blocks.ditr import MODEL_KIND, DITRNet, extract_patches
+from itreg.blocks.modelfile import load_model
 from itreg.errors import ConfigError
 from itreg.metrics.base import Range
 from itreg.metrics.frozen import FrozenNetworkMetric
 from itreg.metrics.registry import register_metric
-from itreg.blocks.ditr import MODEL_KIND, DITRNet, extract_patches
-from itreg.blocks.modelfile import load_model
 
 logger = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from itreg.errors import ConfigError, unknown_name
-from itreg.metrics.base import Metric, check_mask, check_pair
+from itreg.metrics.base import Metric
 
 __all__ = ["MINDSSC", "MIND_DISTANCES", "mind_ssc", "mind_ssc_pairs"]
 

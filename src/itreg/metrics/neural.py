@@ -54,12 +54,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from itreg.blocks.critics import MODEL_KIND, Critic
+from itreg.blocks.modelfile import build_model, save_model
 from itreg.errors import ConfigError, InvalidImageError, MaskError, ModelFileError
 from itreg.metrics import bounds
 from itreg.metrics.base import Metric, Range, check_mask, check_pair
 from itreg.metrics.intensity import DEFAULT_PERCENTILES, intensity_range
-from itreg.blocks.critics import MODEL_KIND, Critic
-from itreg.blocks.modelfile import build_model, save_model
 
 logger = logging.getLogger(__name__)
 
