@@ -307,8 +307,8 @@ def _dicom_series_files(folder: Path) -> list[str]:
     return files
 
 
-def _open_dicom_series(folder: Path) -> tuple[Path, sitk.ImageFileReader, int]:
-    """A reader of the series' first file (pixel type, in-plane geometry) and its file count."""
+def _open_dicom_series(folder: Path) -> tuple[list[str], sitk.ImageFileReader]:
+    """The series' files and a reader of its first file (pixel type, in-plane geometry)."""
     files = _dicom_series_files(folder)
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
@@ -318,13 +318,13 @@ def _open_dicom_series(folder: Path) -> tuple[Path, sitk.ImageFileReader, int]:
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read DICOM series {str(folder)!r}: {sitk_message(exc)}") \
             from exc
-    return folder, reader, len(files)
+    return files, reader
 
 
-def _read_dicom_series(folder: Path, dtype, is_label, max_bytes) -> Image:
-    files = _dicom_series_files(folder)
-    _, first, count = _open_dicom_series(folder)
-    size = tuple(first.GetSize()[:2]) + (count,)
+def _read_dicom_series(folder: Path, files: list[str], first: sitk.ImageFileReader, dtype,
+                       is_label, max_bytes) -> Image:
+    """The series of :func:`_open_dicom_series` as one volume (size and memory checked first)."""
+    size = tuple(first.GetSize()[:2]) + (len(files),)
     _check_voxels(folder, size)
     out_bytes = torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
     _check_budget(folder, size, int(first.GetNumberOfComponents()), first.GetPixelID(),
@@ -359,8 +359,8 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         GeometryError: the header's geometry is invalid (zero spacing, degenerate direction).
     """
     if Path(path).is_dir():
-        image = _read_dicom_series(Path(path), None, None, None)
-        _, first, _ = _open_dicom_series(Path(path))
+        files, first = _open_dicom_series(Path(path))
+        image = _read_dicom_series(Path(path), files, first, None, None, None)
         return ImageHeader(Path(path), image.grid, image.channels,
                            sitk.GetPixelIDValueAsString(first.GetPixelID()))
     p, reader = _open_reader(path)
@@ -545,7 +545,8 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         GeometryError: invalid spacing or direction in the header.
     """
     if Path(path).is_dir():
-        return _read_dicom_series(Path(path), dtype, is_label, max_bytes)
+        files, first = _open_dicom_series(Path(path))
+        return _read_dicom_series(Path(path), files, first, dtype, is_label, max_bytes)
     p, reader = _open_reader(path)
     size = reader.GetSize()
     _check_dimension(p, size)

@@ -18,7 +18,7 @@ import torch
 from itreg.errors import ImageFormatError, ImageReadError
 from itreg.image import Image
 from itreg.io._native import check_input_file, quiet_native_stderr, sitk_message
-from itreg.io.images import from_sitk, to_sitk
+from itreg.io.images import _open_reader, from_sitk, to_sitk
 
 logger = logging.getLogger("itreg.io")
 
@@ -34,14 +34,7 @@ class SeriesAxis:
 
 def image_dimension(path: str | os.PathLike) -> tuple[int, tuple[int, ...]]:
     """``(dimension, size)`` of an image file from its header."""
-    p = check_input_file(path, "image", ImageReadError)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        with quiet_native_stderr():
-            reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise ImageReadError(f"cannot read image {str(p)!r}: {sitk_message(exc)}") from exc
+    _, reader = _open_reader(path)
     return reader.GetDimension(), tuple(int(n) for n in reader.GetSize())
 
 

@@ -57,6 +57,22 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+
+def _bias_region(grid, mask, device) -> torch.Tensor:
+    """Where a bias field is normalised: the mask on `grid` (nonzero inside), else everywhere.
+
+    Raises:
+        MaskError: for an empty mask or one of another shape.
+    """
+    if mask is None:
+        return torch.ones(grid.shape, dtype=torch.bool, device=device)
+    if mask.numel() != grid.numel:
+        raise MaskError(f"bias mask of shape {tuple(mask.shape)} is not on grid {grid.shape}")
+    inside = mask.reshape(grid.shape).to(device) != 0
+    if not bool(inside.any()):
+        raise MaskError("the bias-field mask is empty")
+    return inside
+
 def bias_field(
     grid: Grid,
     mask: Tensor | None = None,
@@ -95,14 +111,7 @@ def bias_field(
         raise ConfigError(f"bias range must satisfy 0 < lo <= hi, got {value_range}")
     # float32 is ample for a field normalised to [-1, 1] (and halves the memory traffic).
     points = grid.points(dtype=torch.float32, device=device)  # (*shape, D)
-    if mask is None:
-        inside = torch.ones(grid.shape, dtype=torch.bool, device=points.device)
-    else:
-        if mask.numel() != grid.numel:
-            raise MaskError(f"bias mask of shape {tuple(mask.shape)} is not on grid {grid.shape}")
-        inside = mask.reshape(grid.shape).to(points.device) != 0
-    if not bool(inside.any()):
-        raise MaskError("the bias-field mask is empty")
+    inside = _bias_region(grid, mask, points.device)
     corners = bounding_corners(grid, inside, dtype=torch.float32)
     low, high = corners.min(dim=0).values, corners.max(dim=0).values
     half = ((high - low) / 2).clamp_min(1e-6)
@@ -167,14 +176,7 @@ def random_bias_field(
     if not (0.0 <= a < 1.0):
         raise ConfigError(f"bias amplitude must be in [0, 1), got {amplitude!r}")
     points = grid.points(dtype=torch.float64, device=device)  # (*shape, D)
-    if mask is None:
-        inside = torch.ones(grid.shape, dtype=torch.bool, device=points.device)
-    else:
-        if mask.numel() != grid.numel:
-            raise MaskError(f"bias mask of shape {tuple(mask.shape)} is not on grid {grid.shape}")
-        inside = mask.reshape(grid.shape).to(points.device) != 0
-    if not bool(inside.any()):
-        raise MaskError("the bias-field mask is empty")
+    inside = _bias_region(grid, mask, points.device)
     gen = _generator(seed)
     d = grid.ndim
     k = BIAS_COMPONENTS
