@@ -429,3 +429,15 @@ def test_ctrl_c_during_start_up_imports_is_one_line():
                           check=False)
     assert proc.returncode == 130
     assert proc.stderr == "itreg: interrupted\n"
+
+
+def test_command_progress_off_a_terminal_is_plain_lines(capsys):
+    from itreg.cli.app import progress_callback
+
+    with progress_callback("landscape", True) as cb:
+        for done in range(1, 4):
+            cb(done, 3)
+    err = capsys.readouterr().err
+    assert "landscape: 1/3 (" in err and "landscape: 3/3 (" in err and "\x1b[" not in err
+    with progress_callback("landscape", False) as cb:
+        assert cb is None

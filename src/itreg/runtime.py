@@ -7,13 +7,14 @@ so that a ``threads=`` option never changes the caller's setting (no hidden glob
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
 
 from itreg.errors import ConfigError
 
-__all__ = ["DEVICE_NAMES", "limited_threads", "provenance", "resolve_device"]
+__all__ = ["DEVICE_NAMES", "ProgressLines", "limited_threads", "provenance", "resolve_device"]
 
 
 @contextlib.contextmanager
@@ -112,3 +113,46 @@ def provenance() -> dict:
         "command": shlex.join(argv),
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+class ProgressLines:
+    """Progress as plain timestamped lines on stderr, for logs and batch jobs (off a terminal a
+    live bar would be cut and redrawn): at most one line every `every_s` seconds, and the last.
+
+    Use ``update(advance=1, loss=...)`` (training loops) or call it as ``lines(done, total)``
+    (progress callbacks such as the landscape's).
+    """
+
+    def __init__(self, description: str, total: float | None = None,
+                 every_s: float = 10.0) -> None:
+        import time
+
+        self.description, self.total, self.every_s = description, total, every_s
+        self.done = 0.0
+        self.start = time.monotonic()
+        self.last = -math.inf
+
+    def update(self, advance: float = 0.0, **fields) -> None:
+        """Count `advance` and print a line with `fields` when one is due (or at the end)."""
+        self.done += advance
+        self._emit(fields)
+
+    def __call__(self, done: float, total: float | None) -> None:
+        self.done, self.total = done, total
+        self._emit({})
+
+    def _emit(self, fields: dict) -> None:
+        import sys
+        import time
+
+        now = time.monotonic()
+        finished = self.total is not None and self.done >= self.total
+        if not finished and now - self.last < self.every_s:
+            return
+        self.last = now
+        count = f"{self.done:.0f}" + (f"/{self.total:.0f}" if self.total is not None else "")
+        parts = [count, *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in fields.items()), f"({now - self.start:.1f} s)"]
+        sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.description}: "
+                         f"{' '.join(parts)}\n")
+        sys.stderr.flush()

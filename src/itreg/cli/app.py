@@ -60,8 +60,8 @@ def parse_sets(values) -> dict:
 def expand_paths(values, what: str) -> list[Path]:
     """Repeated or comma-separated path options, with shell-style globs expanded (sorted).
 
-    A glob that matches nothing is an error; so is a comma inside a plain path only if the
-    pieces do not exist (``a.nii.gz,b.nii.gz`` is two files).
+    A glob that matches nothing is an error. A value that is not an existing path is split at
+    commas (``a.nii.gz,b.nii.gz`` is two files).
 
     Raises:
         ConfigError: a pattern that matches no file.
@@ -158,26 +158,6 @@ def _verbose_option():
 
 # --------------------------------------------------------------------------- progress
 
-class _LineProgress:
-    """Plain, timestamped progress lines (off a terminal): at most one every `every_s` seconds
-    and at the end."""
-
-    def __init__(self, description: str, every_s: float = 5.0) -> None:
-        self.description, self.every_s = description, every_s
-        self.last = -1e9
-        self.start = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self.last < self.every_s:
-            return
-        self.last = now
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        sys.stderr.write(f"{stamp} {self.description}: {done}/{total} "
-                         f"({now - self.start:.1f} s)\n")
-        sys.stderr.flush()
-
-
 class progress_callback:
     """``with progress_callback("landscape", enabled) as cb: work(progress=cb)``.
 
@@ -196,7 +176,9 @@ class progress_callback:
 
         console = Console(stderr=True)
         if not console.is_terminal:
-            return _LineProgress(self.description)
+            from itreg.runtime import ProgressLines
+
+            return ProgressLines(self.description, every_s=5.0)
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,

@@ -57,7 +57,6 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-
 def _bias_region(grid, mask, device) -> torch.Tensor:
     """Where a bias field is normalised: the mask on `grid` (nonzero inside), else everywhere.
 

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from itreg.errors import ConfigError, ItregError, ModelFileError
+from itreg.runtime import ProgressLines
 
 logger = logging.getLogger(__name__)
 
@@ -235,30 +235,6 @@ class _NoProgress:
         """Ignore progress updates."""
 
 
-class _LineProgress:
-    """Timestamped progress lines on stderr: at most one every `every_s` seconds, and the last."""
-
-    def __init__(self, description: str, total: float | None, every_s: float = 10.0) -> None:
-        self.description, self.total, self.every_s = description, total, every_s
-        self.done = 0.0
-        self.last = -math.inf
-
-    def update(self, advance: float = 0.0, **fields: Any) -> None:
-        """Count `advance` and print a line when due (or at the end)."""
-        self.done += advance
-        now = time.monotonic()
-        finished = self.total is not None and self.done >= self.total
-        if not finished and now - self.last < self.every_s:
-            return
-        self.last = now
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in fields.items())
-        total = f"/{self.total:.0f}" if self.total is not None else ""
-        sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.description}: "
-                         f"{self.done:.0f}{total} {text}\n")
-        sys.stderr.flush()
-
-
 class _RichProgress:
     def __init__(self, progress: Any, task: Any) -> None:
         self._progress, self._task = progress, task
@@ -287,7 +263,7 @@ def progress_bar(enabled: bool, description: str, total: float | None) -> Iterat
         return
     console = Console(file=sys.stderr)
     if not console.is_terminal:  # a log file or a batch job: plain lines, never cut
-        yield _LineProgress(description, total)
+        yield ProgressLines(description, total)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/"
                "{task.total:.0f}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
