@@ -65,8 +65,8 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
 
     Writes OUTPUT/warped.nii.gz, OUTPUT/transform.tfm (linear part, fixed -> moving),
     OUTPUT/transform.h5 (the whole map), OUTPUT/report.json (with the seconds of each stage
-    under timings_s: import, read, prepare, register, resample, transforms, write), for linear runs OUTPUT/inverse.tfm and for deformable runs
-    OUTPUT/displacement.nii.gz; --outputs all adds a deformable run's
+    under timings_s: import, read, prepare, register, resample, transforms, write), for
+    linear runs OUTPUT/inverse.tfm and for deformable runs OUTPUT/displacement.nii.gz; --outputs all adds a deformable run's
     inverse_displacement.nii.gz, --outputs picks fewer.
 
     With --net MODEL.pt a trained network predicts the transform in one pass (the same
@@ -121,11 +121,10 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
 
         init_arg = (io.read_displacement_field(init_path) if is_image_path(init_path)
                     else io.read_transform(init_path))
-    extra = {} if bias_correction == "none" else {"bias_correction": bias_correction}
     result = run_registration(
         fixed_img, moving_img, transform=transform, metric=metric, preset=config,
         fixed_mask=fmask, moving_mask=mmask, init=init_arg, seed=seed, threads=threads,
-        progress=not quiet, overrides=overrides, **extra,
+        progress=not quiet, overrides=overrides, bias_correction=bias_correction,
     )
     t_reg = time.perf_counter()
     save["timings"] = {**save["timings"],
