@@ -240,7 +240,6 @@ def prepare_inputs(fixed: Image | PathLike, moving: Image | PathLike,
             raise GeometryError(f"{name} has {img.channels} components; registration needs "
                                 "scalar images (pick one channel or convert to grey levels)")
         _check_finite(img, name)
-    for img, name in ((fixed_img, fname), (moving_img, mname)):
         _check_extent(img, name)
     _check_spacings(fixed_img, moving_img, fname, mname)
     fmask = _load_mask(fixed_mask, fixed_img, fname, "fixed")
