@@ -72,7 +72,7 @@ def part1(args) -> dict:
         grid = images[0].grid
         table["none"].append(gwi(mis, [None] * 3, grid, mask))
         for method in args.methods:
-            opts = {"k": args.k} if method in ("xmetric", "gmm") else {}
+            opts = {"k": args.k} if method in ("xmetric", "gmm", "mvmm") else {}
             if method == "xmetric":
                 opts.update(init=args.init, sample_rate=args.sample_rate,
                             full_update_every=args.full_update_every,
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--skip", choices=["part1", "part2"], nargs="*", default=[])
     ap.add_argument("--warmup", type=int, default=0,
                     help="X-CoReg EM warm-up updates before the first step (0: the paper's).")
-    ap.add_argument("--k", type=int, default=5, help="classes of X-CoReg and GMM (2D part).")
+    ap.add_argument("--k", type=int, default=5, help="classes of X-CoReg, GMM and MvMM (2D part).")
     ap.add_argument("--init", choices=["random", "kmeans"], default="kmeans",
                     help="X-CoReg start of Gamma (random: the paper's Eq. 22).")
     ap.add_argument("--sample-rate", type=float, default=0.25,

@@ -32,7 +32,7 @@ def test_baseline_reduces_misalignment(easy_group, metric):
 
 
 def test_registry_lists_every_metric_and_rejects_unknown_names():
-    assert available_group_metrics() == ["ape", "congealing", "cte", "gmm", "vi", "xmetric"]
+    assert available_group_metrics() == ["ape", "congealing", "cte", "gmm", "mvmm", "vi", "xmetric"]
     with pytest.raises(ConfigError, match="valid groupwise metrics"):
         get_group_metric("nmi")
     with pytest.raises(ConfigError):

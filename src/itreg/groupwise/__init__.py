@@ -4,6 +4,7 @@
   (Eqs. 20-21) and the :class:`XMetric` objective (one EM update per step).
 * :mod:`~itreg.groupwise.em`: E-step (Eq. 12), proportions (Eq. 14), initialisation (Eq. 22).
 * :mod:`~itreg.groupwise.baselines`: CTE, APE, VI, congealing, GMM.
+* :mod:`~itreg.groupwise.mvmm`: Zhuang's multivariate mixture model (MvMM), generalised EM + ICM.
 * :mod:`~itreg.groupwise.coreg`: the staged multi-resolution loop (Algorithm 1) with the
   zero-sum projection (Eq. 37) or a fixed reference.
 * :mod:`~itreg.groupwise.bias`: optional N4 bias-field correction before registration.
@@ -14,6 +15,7 @@ is applied by :func:`itreg.nets.apply_dcc` (it uses these modules, so it lives a
 """
 
 from itreg.groupwise import baselines as _baselines  # noqa: F401  (registers the baselines)
+from itreg.groupwise import mvmm as _mvmm  # noqa: F401  (registers MvMM)
 from itreg.groupwise.api import GroupResult, register_group, save_group, write_group
 from itreg.groupwise.base import (
     GROUP_METRICS,
