@@ -11,7 +11,8 @@ from itreg.blocks.critics import Critic
 from itreg.errors import ConfigError, ModelFileError
 from itreg.metrics import get_metric
 from itreg.metrics.bounds import ESTIMATORS
-from itreg.metrics.neural import NeuralMI, derangement, save_critic, train_critic
+from itreg.metrics.neural import NeuralMI, derangement, save_critic
+from itreg.train.critic import train_critic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

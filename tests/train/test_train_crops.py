@@ -14,7 +14,8 @@ from itreg.errors import ConfigError
 from itreg.grid import Grid
 from itreg.metrics import get_metric
 from itreg.nets.regnets import load_regnet
-from itreg.train.regnet import TrainNetConfig, _Batch, _crop, build_network, train_regnet
+from itreg.train.regnet import TrainNetConfig, build_network, train_regnet
+from itreg.train.regnet_batches import Batch, crop_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,9 +31,9 @@ def test_a_crop_keeps_every_voxel_at_its_world_point():
     # Tensors whose values are the voxels' world x, y, z: a crop must carry them unchanged.
     world = grid.points(dtype=torch.float64).movedim(-1, 0)[None]  # (1, 3, Z, Y, X)
     labels = torch.arange(grid.numel).reshape(1, 1, *grid.shape)
-    batch = _Batch(world, world.clone(), labels, labels.clone())
+    batch = Batch(world, world.clone(), labels, labels.clone())
     for _ in range(5):
-        sub, sub_grid = _crop(batch, grid, (4, 6, 5), 1, gen)
+        sub, sub_grid = crop_batch(batch, grid, (4, 6, 5), 1, gen)
         assert sub.fixed.shape == (1, 3, 4, 6, 5) and sub_grid.shape == (4, 6, 5)
         torch.testing.assert_close(sub.fixed[0].movedim(0, -1),
                                    sub_grid.points(dtype=torch.float64), atol=1e-9, rtol=0)
@@ -40,7 +41,7 @@ def test_a_crop_keeps_every_voxel_at_its_world_point():
         # The region is the crop less one voxel at every face.
         assert sub.inner(sub.fixed).shape == (1, 3, 2, 4, 3)
     # A crop larger than an axis takes the whole axis.
-    whole, g = _crop(batch, grid, 50, 2, gen)
+    whole, g = crop_batch(batch, grid, 50, 2, gen)
     assert g.same_as(grid) and torch.equal(whole.fixed_labels, labels)
 
 
@@ -93,9 +94,9 @@ def test_background_only_crops_are_drawn_again():
     grid = Grid((40, 40), (1.0, 1.0))
     fixed = torch.zeros(1, 1, 40, 40)
     fixed[..., 20:, 20:] = torch.rand(1, 1, 20, 20, generator=torch.Generator().manual_seed(0))
-    batch = _Batch(fixed, fixed.clone(), None, None)
+    batch = Batch(fixed, fixed.clone(), None, None)
     gen = torch.Generator().manual_seed(1)
     for _ in range(20):
-        sub, _ = _crop(batch, grid, 16, 2, gen)
+        sub, _ = crop_batch(batch, grid, 16, 2, gen)
         inner = sub.inner(sub.fixed)
         assert float(inner.max()) > float(inner.min())

@@ -175,7 +175,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monke
     assert checkpoint_path(out).is_file() and not out.exists()
     state = torch.load(checkpoint_path(out), weights_only=True)
     assert state["result"]["epochs"] == 1
-    assert all(bool(torch.isfinite(v).all()) for v in state["net"].values()
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values()
                if v.is_floating_point())
 
 

@@ -157,7 +157,8 @@ def _train_ditr(images, masks, output, spacing, small, schedule, seed, quiet, ex
 
 def _train_neural(kind, images, masks, output, spacing, small, seed, extra,
                   device=None) -> None:
-    from itreg.metrics.neural import save_critic, train_critic
+    from itreg.metrics.neural import save_critic
+    from itreg.train.critic import train_critic
     from itreg.warp import resample
 
     fixed, moving, mlist = [], [], []

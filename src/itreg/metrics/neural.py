@@ -40,14 +40,11 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +62,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NeuralMI",
-    "TrainResult",
     "derangement",
     "kldiv_metric",
     "mine_metric",
+    "pooled_samples",
     "save_critic",
-    "train_critic",
 ]
 
 
@@ -313,27 +309,6 @@ def save_critic(metric: NeuralMI, path: str | os.PathLike, extra: dict | None = 
 
 
 # ---------------------------------------------------------------------------------- training
-@dataclass
-class TrainResult:
-    """The outcome of :func:`train_critic`.
-
-    Attributes:
-        metric: the metric with the best-validation critic weights.
-        best_val: the best validation estimate (nats).
-        steps: training steps done.
-        stop_reason: ``"max-steps"``, ``"early-stopping"`` or ``"non-finite"``.
-        message: a human-readable summary (the NaN explanation when ``"non-finite"``).
-        history: ``(step, train_estimate, val_estimate)`` at every validation.
-    """
-
-    metric: NeuralMI
-    best_val: float
-    steps: int
-    stop_reason: str
-    message: str
-    history: list[tuple[int, float, float]] = field(default_factory=list)
-
-
 def _values(x: Any) -> Tensor:
     data = getattr(x, "data", x)
     if not isinstance(data, Tensor):
@@ -341,9 +316,10 @@ def _values(x: Any) -> Tensor:
     return data
 
 
-def _pool_samples(fixed: Sequence[Any], moving: Sequence[Any], masks: Sequence[Any] | None,
+def pooled_samples(fixed: Sequence[Any], moving: Sequence[Any], masks: Sequence[Any] | None,
                   metric: NeuralMI) -> tuple[Tensor, Tensor]:
-    """Scaled voxel values ``(C, P)`` of all aligned pairs, each pair scaled by its own ranges."""
+    """Scaled voxel values ``(C, P)`` of all aligned pairs, each pair scaled by its own ranges
+    (the training data of :func:`itreg.train.critic.train_critic`)."""
     fs, ms = [], []
     for i, (f, m) in enumerate(zip(fixed, moving)):
         fv, mv = check_pair(_values(f), _values(m))
@@ -355,140 +331,6 @@ def _pool_samples(fixed: Sequence[Any], moving: Sequence[Any], masks: Sequence[A
         fs.append(_scale(fsel, _range_of(fsel, None, metric.intensity, metric.percentiles)))
         ms.append(_scale(msel, _range_of(msel, None, metric.intensity, metric.percentiles)))
     return torch.cat(fs, 1), torch.cat(ms, 1)
-
-
-def train_critic(
-    fixed: Sequence[Any],
-    moving: Sequence[Any],
-    metric: NeuralMI | str = "mine",
-    masks: Sequence[Any] | None = None,
-    steps: int = 2000,
-    batch: int = 4096,
-    lr: float = 1e-3,
-    val_fraction: float = 0.2,
-    val_every: int = 50,
-    patience: int = 10,
-    seed: int = 0,
-    checkpoint: str | os.PathLike | None = None,
-    progress: Callable[[int, float, float], None] | None = None,
-    **metric_kwargs: Any,
-) -> TrainResult:
-    """Pre-train a critic on aligned pairs (maximise the bound on joint vs shuffled voxels).
-
-    The voxels of all pairs (inside the masks) are pooled and split at random into training and
-    validation voxels; each step draws ``batch`` training voxels and ascends the metric's bound
-    with Adam; every ``val_every`` steps the bound on the validation voxels (one fixed shuffle
-    seed) is computed, the best weights are kept (and written to ``checkpoint``), and training
-    stops early after ``patience`` validations without improvement. A NaN/Inf estimate or
-    gradient stops training with a clear message, keeping the last good weights. Small
-    setting (two CPU cores, seconds): the defaults on a 2D slice or a 3D brain at 3-4 mm; full
-    scale on a GPU: ``batch=65536``, ``steps=20000``, ``patience=20`` (device follows inputs).
-
-    Args:
-        fixed: aligned fixed images (Images or tensors ``(C, *S)``).
-        moving: the moving images, aligned with ``fixed`` (same shapes, pair by pair).
-        metric: a :class:`NeuralMI` to train or an architecture name (``"mine"``/``"kldiv"``).
-        masks: optional masks (one per pair, shape ``S``) selecting the voxels used.
-        steps: maximal training steps.
-        batch: voxels per step.
-        lr: Adam learning rate.
-        val_fraction: fraction of the voxels held out for validation.
-        val_every: steps between validations.
-        patience: validations without improvement before stopping.
-        seed: seed of the split, the batches and the shuffles.
-        checkpoint: optional model-file path, rewritten with the best weights.
-        progress: optional ``callback(step, train_estimate, val_estimate)`` at each validation.
-        **metric_kwargs: settings of a new :class:`NeuralMI` when ``metric`` is a name.
-
-    Returns:
-        :class:`TrainResult` (its ``metric`` holds the best weights, in eval mode).
-
-    Raises:
-        ConfigError: invalid settings or no pairs.
-    """
-    if not fixed or len(fixed) != len(moving):
-        raise ConfigError("train_critic needs one or more (fixed, moving) pairs of equal count")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if min(steps, batch, val_every, patience) < 1:
-        raise ConfigError("steps, batch, val_every and patience must be >= 1")
-    if isinstance(metric, str):
-        metric = NeuralMI(arch=metric, seed=seed, **metric_kwargs)
-    metric.critic.requires_grad_(True)
-    f_all, m_all = _pool_samples(fixed, moving, masks, metric)
-    dtype = next(metric.critic.parameters()).dtype
-    f_all, m_all = f_all.to(dtype), m_all.to(dtype)
-    metric.critic.to(f_all.device)
-    g = torch.Generator().manual_seed(int(seed))
-    p = f_all.shape[1]
-    order = torch.randperm(p, generator=g).to(f_all.device)
-    n_val = max(2, round(val_fraction * p))
-    val_idx, tr_idx = order[:n_val], order[n_val:]
-    if tr_idx.numel() < 2:
-        raise ConfigError(f"too few voxels ({p}) to train a critic")
-    unit = (-1.0, 1.0)  # values are already scaled
-    opt = torch.optim.Adam(metric.critic_parameters(), lr=lr)
-    best_state = copy.deepcopy(metric.critic.state_dict())
-    best_val, bad, history = -math.inf, 0, []
-    reason, message, step = "max-steps", "", 0
-    t0 = time.perf_counter()
-    metric.reset_generator(seed)
-
-    def validate() -> float:
-        state = metric.generator.get_state()
-        metric.generator.manual_seed(int(seed) + 1)
-        with torch.no_grad():
-            v = float(metric.estimate(f_all[:, val_idx], m_all[:, val_idx], None, unit, unit))
-        metric.generator.set_state(state)
-        return v
-
-    for step in range(1, int(steps) + 1):
-        pick = tr_idx[torch.randint(tr_idx.numel(), (min(batch, tr_idx.numel()),), generator=g)
-                      .to(tr_idx.device)]
-        opt.zero_grad(set_to_none=True)
-        est = metric.estimate(f_all[:, pick], m_all[:, pick], None, unit, unit)
-        (-est).backward()
-        grads_ok = all(q.grad is None or bool(torch.isfinite(q.grad).all())
-                       for q in metric.critic.parameters())
-        if not (bool(torch.isfinite(est)) and grads_ok):
-            reason = "non-finite"
-            message = (f"training stopped at step {step}: the estimate or its gradient became "
-                       f"NaN/Inf (try a lower lr than {lr}, or the 'smile'/'nwj' estimator); "
-                       f"the last good weights (best validation {best_val:.4g} nats) are kept")
-            logger.warning(message)
-            break
-        opt.step()
-        if step % val_every == 0 or step == steps:
-            val = validate()
-            history.append((step, float(est.detach()), val))
-            if progress is not None:
-                progress(step, float(est.detach()), val)
-            logger.info("critic step %d: train %.4f nats, validation %.4f nats", step,
-                        float(est.detach()), val)
-            if not math.isfinite(val):
-                reason = "non-finite"
-                message = (f"training stopped at step {step}: the validation estimate is "
-                           f"{val}; the last good weights are kept")
-                logger.warning(message)
-                break
-            if val > best_val:
-                best_val, bad = val, 0
-                best_state = copy.deepcopy(metric.critic.state_dict())
-                if checkpoint is not None:
-                    save_critic(metric, checkpoint, {"step": step, "val_estimate": val,
-                                                     "seed": int(seed)}, force=True)
-            else:
-                bad += 1
-                if bad >= patience:
-                    reason = "early-stopping"
-                    break
-    metric.critic.load_state_dict(best_state)
-    metric.critic.eval()
-    metric.reset_generator()
-    if not message:
-        message = (f"critic trained for {step} steps ({reason}) in "
-                   f"{time.perf_counter() - t0:.1f} s; best validation estimate {best_val:.4f} nats")
-    return TrainResult(metric, best_val, step, reason, message, history)
 
 
 def _register() -> None:
