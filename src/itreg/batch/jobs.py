@@ -8,12 +8,14 @@ A pair job calls exactly what ``itreg register`` calls (:func:`itreg.api.registe
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import socket
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,27 +141,18 @@ def run_job(job: Job, outroot: str, options: JobOptions) -> dict[str, Any]:
         A record: ``id``, ``status`` (``done`` or ``failed``), ``error`` (one line), times
         (``started``, ``finished`` as Unix times, ``job_s``, ``registration_s``),
         ``final_metric`` and ``quantity``, ``stop_reasons``, ``host`` and ``pid`` of the worker
-        process, and ``thumbnail`` (PNG bytes of a checkerboard, or None).
+        process, ``torch_threads`` and ``malloc_trim_threshold`` as the job saw them, and
+        ``thumbnail`` (PNG bytes of a checkerboard, or None).
     """
     started = time.time()
     record: dict[str, Any] = {"id": job.id, "kind": job.kind, "fingerprint": job.fingerprint(),
                               "started": started, "host": socket.gethostname(),
                               "pid": os.getpid(), "thumbnail": None, "error": None}
     try:
-        outdir = Path(outroot) / job.id
-        state = finished_state(job, outroot)
-        if state == "labels" and not options.force:
-            _warp_labels(job, outdir)
-            record.update(report_fields(outdir / "report.json"))
-        else:
-            if state != "absent" and not options.force:
-                raise OutputExistsError(
-                    f"output folder '{outdir}' exists but does not match this job (other "
-                    "inputs or settings, or older than an input); use --force to overwrite it")
-            if job.kind == "pair":
-                record.update(_run_pair(job, outdir, options))
-            else:
-                record.update(_run_group(job, outdir, options))
+        # The whole job (reading, registration, writing, thumbnail) at the job's threads,
+        # whatever the worker process's default is.
+        with _job_threads(options.threads, record):
+            _run(job, outroot, options, record)
         record["status"] = "done"
     except ItregError as exc:
         record.update(status="failed", error=_one_line(str(exc)))
@@ -169,6 +162,38 @@ def run_job(job: Job, outroot: str, options: JobOptions) -> dict[str, Any]:
     record["finished"] = time.time()
     record["job_s"] = record["finished"] - started
     return record
+
+
+@contextlib.contextmanager
+def _job_threads(threads: int | None, record: dict[str, Any]) -> Iterator[None]:
+    """Run the block at `threads` torch threads; record the threads and the worker's
+    ``MALLOC_TRIM_THRESHOLD_`` (see :func:`itreg.batch.cluster.worker_environ`) as the job
+    sees them (``torch_threads``, ``malloc_trim_threshold``)."""
+    import torch
+
+    from itreg.runtime import limited_threads
+
+    with limited_threads(threads):
+        record["torch_threads"] = torch.get_num_threads()
+        record["malloc_trim_threshold"] = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+        yield
+
+
+def _run(job: Job, outroot: str, options: JobOptions, record: dict[str, Any]) -> None:
+    outdir = Path(outroot) / job.id
+    state = finished_state(job, outroot)
+    if state == "labels" and not options.force:
+        _warp_labels(job, outdir)
+        record.update(report_fields(outdir / "report.json"))
+        return
+    if state != "absent" and not options.force:
+        raise OutputExistsError(
+            f"output folder '{outdir}' exists but does not match this job (other inputs or "
+            "settings, or older than an input); use --force to overwrite it")
+    if job.kind == "pair":
+        record.update(_run_pair(job, outdir, options))
+    else:
+        record.update(_run_group(job, outdir, options))
 
 
 def _one_line(text: str) -> str:

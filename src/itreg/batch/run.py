@@ -156,7 +156,7 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any] | Job], client=None
             view = ProgressView(len(to_run), len(job_list) - len(to_run), echo,
                                 enabled=True if progress is None else progress)
             try:
-                with open_client(spec, client) as dask_client:
+                with open_client(spec, client, job_threads=threads) as dask_client:
                     if spec.dashboard and getattr(dask_client, "dashboard_link", None):
                         echo(f"Dask dashboard: {dask_client.dashboard_link}")
                     _submit_and_collect(dask_client, to_run, outroot, options, ledger, thumbs,
