@@ -25,3 +25,18 @@ def test_threads_are_set_inside_and_restored_after() -> None:
 def test_bad_thread_counts_are_refused(bad) -> None:
     with pytest.raises(ConfigError, match="positive integer"), limited_threads(bad):
         pass
+
+
+def test_seeded_repeats_draws_and_restores_the_callers_generator():
+    from itreg.runtime import seeded
+
+    torch.manual_seed(123)
+    expected_after = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded(7):
+        a = torch.rand(4)
+    with seeded(7, "cpu"):
+        b = torch.rand(4)
+    assert torch.equal(a, b)
+    assert torch.equal(a, torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.rand(3), expected_after)  # the caller's stream went on untouched

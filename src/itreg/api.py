@@ -15,11 +15,10 @@ initialisation (:class:`~itreg.errors.GeometryError`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from itreg.engine.config import (
 from itreg.engine.registration import LevelRecord, RegistrationResult, run
 from itreg.errors import ConfigError, GeometryError, InvalidImageError, MaskError, unknown_name
 from itreg.image import Image
-from itreg.runtime import limited_threads
+from itreg.runtime import limited_threads, seeded
 from itreg.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -283,17 +282,6 @@ def _n4_pair(fixed: Image, moving: Image, fixed_mask: Tensor | None,
     return n4_correct(fixed, mask=fmask)[0], n4_correct(moving, mask=mmask)[0]
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global generators for the call (for metrics that draw random numbers) and
-    restore their state afterwards."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def register(
     fixed: Image | PathLike,
     moving: Image | PathLike,
@@ -363,7 +351,7 @@ def register(
         "dtype": str(fixed_f.dtype).replace("torch.", ""),
         "bias_correction": bias_correction,
     }
-    with limited_threads(threads), _seeded(seed, fixed_f.device):
+    with limited_threads(threads), seeded(seed, fixed_f.device):
         result = run(fixed_f, moving_f, config, fixed_mask=fmask, moving_mask=mmask, init=init,
                      seed=seed, callbacks=cbs, settings=settings)
     result.moving = original_moving  # the correction steers the metric; outputs keep intensities

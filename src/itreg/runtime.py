@@ -1,7 +1,9 @@
 """Run-time settings shared by the API, the training loops and the CLI.
 
 :func:`limited_threads` sets torch's number of CPU threads for a block and restores it after,
-so that a ``threads=`` option never changes the caller's setting (no hidden global state).
+so that a ``threads=`` option never changes the caller's setting (no hidden global state);
+:func:`seeded` does the same for torch's global random generators (the one seeded-RNG context
+of the package: registration, weight initialisation of networks and critics).
 """
 
 from __future__ import annotations
@@ -14,7 +16,24 @@ import torch
 
 from itreg.errors import ConfigError
 
-__all__ = ["DEVICE_NAMES", "ProgressLines", "limited_threads", "provenance", "resolve_device"]
+__all__ = ["DEVICE_NAMES", "ProgressLines", "limited_threads", "provenance", "resolve_device",
+           "seeded"]
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Seed torch's global CPU generator (and a CUDA `device`'s) inside the block and restore
+    their states afterwards.
+
+    Module constructors and metrics that draw from the global generators are then reproducible
+    without changing the caller's random state.
+    """
+    device = torch.device("cpu" if device is None else device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @contextlib.contextmanager
