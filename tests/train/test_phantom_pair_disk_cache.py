@@ -51,3 +51,25 @@ def test_other_settings_or_a_broken_file_do_not_reuse_the_cache(tmp_path, mni4):
     fresh = PhantomPairs(1, ndim=2, spacing_mm=4.0, seed=3, contrast="pd", template=mni4)[0]
     assert torch.equal(sample.moving.data, fresh.moving.data)
     assert torch.equal(torch.load(path, weights_only=True)["moving"], fresh.moving.data)
+
+
+@pytest.mark.parametrize("fixed_contrast", ["pd", "t2"])
+def test_fixed_contrast_gives_paper_003s_pd_t2_and_t2_t2_tasks(tmp_path, mni4, fixed_contrast):
+    from itreg.phantoms import axial_slices, synthesize
+
+    default = PhantomPairs(1, ndim=2, spacing_mm=4.0, seed=5, template=mni4)
+    other = PhantomPairs(1, ndim=2, spacing_mm=4.0, seed=5, template=mni4,
+                         fixed_contrast=fixed_contrast, cache_dir=tmp_path)
+    a, b = default[0], other[0]
+    # The fixed image is the noise-free template in that contrast; the moving side is the
+    # same phantom (same seed) as in the T1-T2 task.
+    want = synthesize(axial_slices(mni4), fixed_contrast, noise_sigma=0.0, bias=None)
+    assert torch.equal(b.fixed.data, want.data) and not torch.equal(b.fixed.data, a.fixed.data)
+    for key in ("moving", "fixed_labels", "moving_labels"):
+        assert torch.equal(getattr(a, key).data, getattr(b, key).data), key
+    assert other.config()["fixed_contrast"] == fixed_contrast
+    assert "fixed_contrast" not in default.config()  # T1 caches keep their names
+    # A pair read back from the disk cache has the same fixed image.
+    again = PhantomPairs(1, ndim=2, spacing_mm=4.0, seed=5, template=mni4,
+                         fixed_contrast=fixed_contrast, cache_dir=tmp_path)[0]
+    assert torch.equal(again.fixed.data, want.data)

@@ -243,6 +243,9 @@ class PhantomPairs:
             2D for the small CPU setting).
         seed: pair ``i`` uses seed ``seed + i`` (FFD, bias field, noise).
         contrast: the moving contrast, ``"t2"`` (default), ``"pd"`` or ``"t1"``.
+        fixed_contrast: the fixed image: ``"t1"`` (default, the template's real T1) or a
+            noise-free, bias-free ``"t2"`` or ``"pd"`` synthesised from the template (paper
+            003's PD-T2 and T2-T2 tasks).
         control_spacing_mm: FFD control-point spacing (paper 003: 20 mm).
         sigma_mm: FFD coefficient standard deviation (paper 003: 6 mm).
         noise_sigma: Rician noise of the moving image.
@@ -266,7 +269,7 @@ class PhantomPairs:
 
     def __init__(self, n: int, ndim: int = 2, spacing_mm: float = 2.0, seed: int = 0,
                  contrast: str = "t2", control_spacing_mm: float = 20.0, sigma_mm: float = 6.0,
-                 noise_sigma: float = 0.02, bias: tuple[float, float] | None = (0.80, 1.17),
+                 fixed_contrast: str = "t1", noise_sigma: float = 0.02, bias: tuple[float, float] | None = (0.80, 1.17),
                  slice_index: int | None = None, cache: bool = True,
                  device: torch.device | str | None = None,
                  template: dict[str, Image] | None = None,
@@ -279,8 +282,11 @@ class PhantomPairs:
             raise ConfigError(f"ndim must be 2 or 3, got {ndim!r}")
         if not float(spacing_mm) > 0:
             raise ConfigError(f"spacing_mm must be > 0, got {spacing_mm}")
-        if contrast not in CONTRAST_NAMES:
-            raise ConfigError(f"unknown contrast {contrast!r}; valid: {', '.join(CONTRAST_NAMES)}")
+        for c in (contrast, fixed_contrast):
+            if c not in CONTRAST_NAMES:
+                raise ConfigError(f"unknown contrast {c!r}; valid: {', '.join(CONTRAST_NAMES)}")
+        self.fixed_contrast = fixed_contrast
+        self._fixed: Image | None = None
         self.n, self.ndim, self.spacing_mm = int(n), int(ndim), float(spacing_mm)
         self.seed, self.contrast = int(seed), contrast
         self.control_spacing_mm, self.sigma_mm = float(control_spacing_mm), float(sigma_mm)
@@ -296,13 +302,30 @@ class PhantomPairs:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def config(self) -> dict:
-        """The settings (JSON-able), for training logs."""
-        return {"source": "phantom", "n": self.n, "ndim": self.ndim,
-                "spacing_mm": self.spacing_mm, "seed": self.seed, "contrast": self.contrast,
-                "control_spacing_mm": self.control_spacing_mm, "sigma_mm": self.sigma_mm,
-                "noise_sigma": self.noise_sigma,
-                "bias": list(self.bias) if self.bias is not None else None,
-                "slice_index": self.slice_index}
+        """The settings (JSON-able), for training logs (``fixed_contrast`` only where it is
+        not the default T1, so the disk caches of T1 pairs keep their names)."""
+        out = {"source": "phantom", "n": self.n, "ndim": self.ndim,
+               "spacing_mm": self.spacing_mm, "seed": self.seed, "contrast": self.contrast,
+               "control_spacing_mm": self.control_spacing_mm, "sigma_mm": self.sigma_mm,
+               "noise_sigma": self.noise_sigma,
+               "bias": list(self.bias) if self.bias is not None else None,
+               "slice_index": self.slice_index}
+        if self.fixed_contrast != "t1":
+            out["fixed_contrast"] = self.fixed_contrast
+        return out
+
+    @property
+    def fixed(self) -> Image:
+        """The fixed image of every pair: the template in ``fixed_contrast``."""
+        if self._fixed is None:
+            if self.fixed_contrast == "t1":
+                self._fixed = self.tissues["t1"]
+            else:
+                from itreg.phantoms import synthesize
+
+                self._fixed = synthesize(self.tissues, self.fixed_contrast, noise_sigma=0.0,
+                                         bias=None)
+        return self._fixed
 
     @property
     def tissues(self) -> dict[str, Image]:
@@ -351,7 +374,7 @@ class PhantomPairs:
                 pickle.UnpicklingError) as exc:
             logger.warning("phantom cache %s unusable (%s); rebuilding the pair", path, exc)
             return None
-        fixed = self.tissues["t1"]
+        fixed = self.fixed
         if self._fixed_labels is None:
             self._fixed_labels = labels(self.tissues)
         truth = random_ffd(grid, self.control_spacing_mm, self.sigma_mm, seed=seed,
@@ -391,7 +414,7 @@ class PhantomPairs:
         # below only crops (voxel centres coincide).
         moving = resample(pair.moving, None, grid, mode="linear")
         moving_labels = resample(pair.moving_labels, None, grid, mode="nearest")
-        return PairSample(pair.fixed, moving, pair.fixed_labels, moving_labels,
+        return PairSample(self.fixed, moving, pair.fixed_labels, moving_labels,
                           pair.true_transform, f"phantom seed {seed}")
 
 
