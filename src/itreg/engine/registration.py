@@ -21,6 +21,7 @@ from torch import Tensor
 
 from itreg.engine.callbacks import CallbackList, StepState
 from itreg.engine.config import RegistrationConfig, StageConfig
+from itreg.engine.divergence import DivergenceGuard
 from itreg.engine.initialise import initial_transforms
 from itreg.engine.objective import (
     SAMPLERS,
@@ -129,11 +130,13 @@ class RegistrationResult:
         fixed: the fixed image.
         moving: the moving image.
         settings: the call's other settings (init, seed, threads, masks) for the report.
+        divergence: one dict per level that diverged and kept its best parameters (see
+            :mod:`itreg.engine.divergence`).
     """
 
     def __init__(self, transform: Transform, linear: Affine | None, levels: Sequence[LevelRecord],
                  wall_time_s: float, config: RegistrationConfig, fixed: Image, moving: Image,
-                 settings: dict[str, Any]) -> None:
+                 settings: dict[str, Any], divergence: Sequence[dict] = ()) -> None:
         self.transform = transform
         self.linear = linear
         self.levels = tuple(levels)
@@ -142,6 +145,7 @@ class RegistrationResult:
         self.fixed = fixed
         self.moving = moving
         self.settings = dict(settings)
+        self.divergence = list(divergence)
 
     @property
     def stop_reasons(self) -> list[str]:
@@ -173,6 +177,7 @@ class RegistrationResult:
             "moving": {"size": list(self.moving.grid.size),
                        "spacing": list(self.moving.grid.spacing)},
             "stop_reasons": self.stop_reasons,
+            "divergence": self.divergence,
             "levels": [lv.as_dict(history) for lv in self.levels],
             "final_metric": self.final_metric,
             "transform": type(self.transform).__name__,
@@ -361,7 +366,8 @@ def run(
     t0 = time.perf_counter()
     components = build_components(config)
     dtype, device = fixed.dtype, fixed.device
-    cbs = CallbackList(callbacks)
+    guard = DivergenceGuard()  # restores a diverged level's best parameters, warns at the end
+    cbs = CallbackList([*callbacks, guard])
     pyramid = Pyramid(fixed, moving, fixed_mask, moving_mask)
     # Every level of every stage at once, so that each is smoothed from the next finer one.
     pyramid.levels([f for st in config.stages for f in st.shrink],
@@ -418,11 +424,13 @@ def run(
             for li, level in enumerate(levels):
                 current = builder.for_level(current, level, setup)
                 current.requires_grad_(True)
+                guard.watch(current)
                 with _level_threads(_points_per_evaluation(stage, li, level, metric)):
                     record, ctx = _run_level(
                         si, stage, li, level, current, outer, metric, regs, builder, setup,
                         optimizer, options, cbs, seed, radius, min_overlap, t0, range_cache)
                 records.append(record)
+                guard.check(record, ctx, level)
                 last_state = ctx.state(record.iterations, ctx.last, None, record.stop_reason)
                 stop = cbs.on_level_end(last_state)
                 if ctx.stop_all or (stop is not None and stop.all_levels):
@@ -444,7 +452,7 @@ def run(
     logger.info("registration finished in %.3f s; stop reasons: %s", wall,
                 ", ".join(r.stop_reason for r in records))
     return RegistrationResult(transform, linear_part, records, wall, config, fixed, moving,
-                              settings or {})
+                              settings or {}, guard.events)
 
 
 def _starts_first_stage(init: Transform | None, config: RegistrationConfig,
