@@ -1,9 +1,10 @@
 """Registration networks trained with different metrics on paper 003's phantoms, beside iterative
 itreg B-spline registration with MI.
 
-Data (:class:`itreg.train.sources.PhantomPairs`): fixed = the MNI template T1, moving = a
-T2-like contrast of the anatomy deformed by a random cubic B-spline FFD (20 mm control spacing,
-N(0, 6^2 mm^2) per coefficient), with CSF/GM/WM labels. Training pairs use seeds ``0..``,
+Data (:class:`itreg.train.sources.PhantomPairs`): fixed = the MNI template T1 (or, with
+``--fixed-contrast t2|pd``, a noise-free T2-like or PD-like template: paper 003's T2-T2 and
+PD-T2 tasks), moving = a T2-like contrast of the anatomy deformed by a random cubic B-spline
+FFD (20 mm control spacing, N(0, 6^2 mm^2) per coefficient), with CSF/GM/WM labels. Training pairs use seeds ``0..``,
 validation pairs ``100000..`` and test pairs ``200000..``, so no pair is shared. ``--ndim 2``
 (default) uses the middle axial slice; ``--ndim 3`` the whole volume.
 
@@ -410,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute the selected rows again (trained models are still reused)")
     ap.add_argument("--table", action="store_true",
                     help="only assemble the rows in --out into table.md and print it")
+    ap.add_argument("--fixed-contrast", default="t1", choices=("t1", "t2", "pd"),
+                    help="fixed image: the template's T1 (default) or a noise-free T2-like / "
+                         "PD-like template (paper 003's PD-T2 and T2-T2 tasks)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rows_dir = args.out / "rows"
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     template = load_mni(spacing)
     kw = {"ndim": args.ndim, "spacing_mm": spacing, "template": template,
-          "cache_dir": args.out / "pairs"}
+          "cache_dir": args.out / "pairs", "fixed_contrast": args.fixed_contrast}
     train = PhantomPairs(args.train, seed=args.seed, **kw)
     val = PhantomPairs(args.val, seed=args.seed + 100_000, **kw)
     test = PhantomPairs(args.test, seed=args.seed + 200_000, **kw)
