@@ -111,3 +111,28 @@ def test_objective_worse_keeps_best_parameters(grid2d):
     kept = event["kept_values"]["loss"]
     assert kept <= event["start"]["loss"] and kept < event["end"]["loss"]
     assert mean_error_vox(result.transform, true, grid2d) < 0.05
+
+
+def test_cli_warns_once_exits_zero_and_reports(ffd_pair, tmp_path, cli):
+    import json
+
+    from itreg.io import write_image
+
+    _, fixed, moving = ffd_pair
+    write_image(fixed, tmp_path / "fixed.nii.gz")
+    write_image(moving, tmp_path / "moving.nii.gz")
+    config = tmp_path / "fold.toml"
+    config.write_text(
+        'name = "fold"\n[[stages]]\ntransform = "bspline"\ncontrol_spacing_mm = 8.0\n'
+        'optimizer = "adam"\nlearning_rate = [8.0]\nshrink = [1]\nsmoothing_mm = [0.0]\n'
+        'iterations = [80]\nmetric = { name = "mse" }\nsampling = { strategy = "full" }\n')
+    out = tmp_path / "out"
+    code, _, err = cli(["register", str(tmp_path / "fixed.nii.gz"),
+                        str(tmp_path / "moving.nii.gz"), "-o", str(out), "--config", str(config),
+                        "--quiet"])
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("itreg: warning: divergence detected"), err
+    report = json.loads((out / "report.json").read_text())
+    assert [e["reasons"] for e in report["divergence"]] == [["folding", "overlap-lost"]]
+    assert report["divergence"][0]["kept"] == "start"
