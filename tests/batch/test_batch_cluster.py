@@ -15,7 +15,7 @@ import pytest
 from batch_data import FAST_SETS
 
 from itreg.batch import ClusterSpec, run
-from itreg.batch.cluster import open_client
+from itreg.batch.cluster import WORKER_ENVIRON_EXPORT, open_client
 
 ENV_KEYS = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED")
@@ -73,3 +73,15 @@ def test_jobs_run_at_their_threads_on_the_embedded_cluster(pairs, tmp_path, clea
             assert record["torch_threads"] == threads
             assert record["malloc_trim_threshold"] is None
     assert {k: os.environ.get(k) for k in ENV_KEYS} == clean_environ
+
+
+def test_the_shell_line_for_other_workers_unsets_the_threshold_in_dask(clean_environ):
+    # What a nanny started after the line (a dask-jobqueue batch job) sets before its worker.
+    code = ("from distributed.nanny import _get_env_variables; "
+            "print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')))")
+    out = subprocess.run(["bash", "-c", f"{WORKER_ENVIRON_EXPORT}; {sys.executable} -c \"{code}\""],
+                         capture_output=True, text=True, check=True).stdout
+    assert "MALLOC_TRIM_THRESHOLD_" not in out and "OMP_NUM_THREADS" in out
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "MALLOC_TRIM_THRESHOLD_" in out  # Dask's default, without the line

@@ -10,7 +10,13 @@ import pytest
 from batch_data import write_manifest
 
 from itreg.batch import ClusterSpec, Defaults, read_manifest, run
-from itreg.batch.cluster import check_spec, default_workers, jobqueue_cluster, machine_cpus
+from itreg.batch.cluster import (
+    WORKER_ENVIRON_EXPORT,
+    check_spec,
+    default_workers,
+    jobqueue_cluster,
+    machine_cpus,
+)
 from itreg.batch.manifest import jobs_from_rows
 from itreg.errors import ConfigError
 
@@ -90,6 +96,7 @@ def test_slurm_job_script_from_cluster_sets():
         cluster.close()
     assert "#SBATCH -p short" in script and "#SBATCH -A lab" in script
     assert "#SBATCH -t 00:10:00" in script and "--mem=8G" in script
+    assert WORKER_ENVIRON_EXPORT in script.splitlines()
     with pytest.raises(ConfigError, match="cluster-set"):
         jobqueue_cluster("sge", {"no_such_option": 1})
 

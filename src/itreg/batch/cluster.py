@@ -105,6 +105,10 @@ def jobqueue_cluster(name: str, sets: Mapping[str, Any]):
     """
     cls = _jobqueue(name)
     kwargs = {"cores": 1, "memory": "4GB", "processes": 1, **dict(sets)}
+    # The batch jobs' workers read this Dask setting from their environment (see
+    # worker_environ); a user's own prologue lines come after it.
+    kwargs["job_script_prologue"] = [WORKER_ENVIRON_EXPORT,
+                                     *(kwargs.get("job_script_prologue") or [])]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -161,6 +165,13 @@ def open_client(spec: ClusterSpec, client=None, job_threads: int | None = None) 
     # A worker the nanny restarts (memory limit, crash) gets the same environment again.
     with cluster, Client(cluster) as client, _restored_environ(environ):
         yield client
+
+
+#: A shell line that gives ``dask worker`` processes started after it (a dask-jobqueue batch
+#: job, or a worker started by hand for ``--scheduler``) the malloc setting of
+#: :func:`worker_environ`; Dask merges it into its default ``pre-spawn-environ``.
+WORKER_ENVIRON_EXPORT = ("export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="
+                         "\"{'MALLOC_TRIM_THRESHOLD_': None}\"")
 
 
 def worker_environ(job_threads: int | None) -> dict[str, str | None]:

@@ -171,6 +171,7 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any] | Job], client=None
                                        "ran": "this run", "fingerprint": job.fingerprint()}
                     if interrupted:
                         ledger.job(records[job.id])
+    _warn_malloc(records[job.id] for job in to_run if job.id in records)
     ordered = [dict(records[job.id], output=f"{job.id}/") for job in job_list]
     if thumbnails:
         for job in job_list:
@@ -192,6 +193,20 @@ def _default_threads(spec: ClusterSpec, client) -> int:
         return 1
     workers = default_workers(spec)
     return max(1, machine_cpus() // (workers * spec.threads_per_worker))
+
+
+def _warn_malloc(records: Iterable[dict[str, Any]]) -> None:
+    """Say once when jobs ran in workers with Dask's default ``MALLOC_TRIM_THRESHOLD_``
+    (an existing scheduler's workers): it costs a registration about a third more CPU."""
+    values = {r.get("malloc_trim_threshold") for r in records} - {None}
+    if values:
+        from itreg.batch.cluster import WORKER_ENVIRON_EXPORT
+
+        logger.warning(
+            "the Dask workers ran with MALLOC_TRIM_THRESHOLD_=%s (Dask's default), which makes "
+            "registration jobs page-fault their buffers again each iteration (about 30 %% more "
+            "CPU); start the workers after: %s", ", ".join(sorted(values)),
+            WORKER_ENVIRON_EXPORT)
 
 
 def plan_job(job: Job, outroot: Path, earlier: dict | None, force: bool,
