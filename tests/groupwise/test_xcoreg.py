@@ -154,13 +154,19 @@ def test_x_reg_gt_uses_the_segmentation_appearance_model_and_registers(shifted_g
 
 
 def test_step_decay_runs_from_one_to_the_final_factor():
+    from itreg.engine.optimizers import step_factor
     from itreg.errors import ConfigError
-    from itreg.groupwise.coreg import _lr_factor
 
-    assert _lr_factor(0.1, 0, 50) == pytest.approx(1.0)
-    assert _lr_factor(0.1, 49, 50) == pytest.approx(0.1)
-    assert _lr_factor(0.1, 24.5, 50) == pytest.approx(0.55)  # cosine midpoint
-    assert _lr_factor(1.0, 10, 50) == 1.0
+    assert step_factor("cosine", 0.1, 0, 50) == pytest.approx(1.0)
+    assert step_factor("cosine", 0.1, 49, 50) == pytest.approx(0.1)
+    assert step_factor("cosine", 0.1, 24.5, 50) == pytest.approx(0.55)  # cosine midpoint
+    assert step_factor("cosine", 1.0, 10, 50) == 1.0
+    # The pairwise Adam's schedule: geometric from 1 to the final fraction.
+    assert step_factor("exponential", 0.01, 0, 3) == 1.0
+    assert step_factor("exponential", 0.01, 1, 3) == pytest.approx(0.1)
+    assert step_factor("exponential", 0.01, 2, 3) == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="schedule"):
+        step_factor("linear", 0.1, 0, 10)
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="final_lr_factor"):
             GroupStage("ffd", final_lr_factor=bad)

@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -238,12 +238,93 @@ class _TailAverage:
         return self.total / self.count
 
 
-class Adam(Optimizer):
-    """Adam (Kingma & Ba) on fresh random samples each iteration (see the module docstring).
+#: Step-size schedules of :func:`step_factor`.
+SCHEDULES = ("exponential", "cosine")
 
-    Written out on the flat vector ``q`` (the same update as ``torch.optim.Adam`` without
-    weight decay): it avoids the second-long first construction of a ``torch.optim``
-    optimiser and is deterministic.
+
+def step_factor(schedule: str, final: float, iteration: float, iterations: int) -> float:
+    """The step-size multiplier at `iteration` of a level of `iterations` steps: 1 at the
+    first step, `final` at the last, in between ``final ** (i / (n - 1))`` (``"exponential"``,
+    the pairwise Adam's ``final_lr_fraction``) or ``final + (1 - final) (1 + cos(pi i /
+    (n - 1))) / 2`` (``"cosine"``, the groupwise stages' ``final_lr_factor``).
+
+    Raises:
+        ConfigError: unknown schedule.
+    """
+    if schedule not in SCHEDULES:
+        from itreg.errors import unknown_name
+
+        raise unknown_name("step-size schedule", schedule, SCHEDULES)
+    if final == 1.0 or iterations <= 1:
+        return 1.0
+    x = iteration / (iterations - 1)
+    if schedule == "cosine":
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * x))
+    return final ** x
+
+
+class AdamMoments:
+    """Adam's (Kingma & Ba) moment estimates of one tensor and its bias-corrected step: the
+    update rule of :class:`Adam` (on the flat scaled vector ``q``) and of the groupwise loop
+    (one per parameter tensor, each with its own step size). The same update as
+    ``torch.optim.Adam`` without weight decay, written out: it avoids the second-long first
+    construction of a ``torch.optim`` optimiser and is deterministic.
+
+    Args:
+        like: a tensor of the parameters' shape, dtype and device.
+        beta1: first-moment decay rate.
+        beta2: second-moment decay rate.
+        eps: denominator floor.
+    """
+
+    def __init__(self, like: Tensor, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        self.m = torch.zeros_like(like)
+        self.v = torch.zeros_like(like)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.t = 0
+
+    def update(self, grad: Tensor, lr: float) -> Tensor:
+        """Fold `grad` into the moments and return the step to subtract (step size `lr`)."""
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+        return (lr / (1 - b1 ** self.t)) * self.m / denom
+
+
+class ParameterAdam:
+    """Adam on parameter tensors in place, one step size per tensor (the groupwise loop, whose
+    parameters stay in their modules): :class:`AdamMoments` per tensor.
+
+    Args:
+        params: ``(parameter, learning_rate)`` pairs; the rate is in the parameter's units.
+        betas: moment decay rates.
+        eps: denominator floor.
+    """
+
+    def __init__(self, params: Sequence[tuple[Tensor, float]],
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = [(p, float(lr), AdamMoments(p, betas[0], betas[1], eps))
+                       for p, lr in params]
+
+    def zero_grad(self) -> None:
+        for p, _, _ in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, factor: float = 1.0) -> None:
+        """One step of every parameter that has a gradient, its step size times `factor`."""
+        for p, lr, moments in self.params:
+            if p.grad is not None:
+                p.sub_(moments.update(p.grad, factor * lr))
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) on fresh random samples each iteration (see the module docstring),
+    with :class:`AdamMoments` on the flat vector ``q`` and the ``"exponential"``
+    :func:`step_factor` schedule.
     """
 
     name = "adam"
@@ -258,14 +339,13 @@ class Adam(Optimizer):
             raise ConfigError(f"Adam's beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
         q = q0.clone()
         last_good = q.clone()
-        m = torch.zeros_like(q)
-        v = torch.zeros_like(q)
+        moments = AdamMoments(q, beta1, beta2, eps)
         n = max(ctx.max_iterations, 1)
-        decay = float(o["final_lr_fraction"]) ** (1.0 / max(n - 1, 1))
+        final = float(o["final_lr_fraction"])
         average = _TailAverage(n, float(o["average_fraction"]) if ctx.stationary else 0.0)
         reason = "max-iterations"
-        lr = ctx.learning_rate
         for it in range(ctx.max_iterations):
+            lr = ctx.learning_rate * step_factor("exponential", final, it, n)
             ctx.objective.resample()
             ev = ctx.objective.evaluate(q)
             if not ev.ok:
@@ -277,13 +357,7 @@ class Adam(Optimizer):
             if stop is not None:
                 reason = stop
                 break
-            g = ev.grad
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            step = lr / (1 - beta1 ** (it + 1))
-            denom = (v / (1 - beta2 ** (it + 1))).sqrt_().add_(eps)
-            q = q - step * m / denom
-            lr *= decay
+            q = q - moments.update(ev.grad, lr)
         if reason in ("max-iterations", "converged") and average.count > 1:
             # The averaged parameters were never evaluated: check them like a last step.
             q, why = self._finish(ctx, average.mean(), last_good, "max-iterations")
@@ -495,13 +569,17 @@ def get_optimizer(name: str) -> Optimizer:
 __all__ = [
     "LBFGS",
     "OPTIMIZERS",
+    "SCHEDULES",
     "STOP_REASONS",
     "Adam",
+    "AdamMoments",
     "ConvergenceMonitor",
     "GradientDescent",
     "LevelContext",
     "Optimizer",
+    "ParameterAdam",
     "Powell",
     "Stop",
     "get_optimizer",
+    "step_factor",
 ]

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from itreg.engine.callbacks import CallbackList, StepState
 from itreg.engine.config import ConvergenceConfig
-from itreg.engine.optimizers import ConvergenceMonitor
+from itreg.engine.optimizers import ConvergenceMonitor, ParameterAdam, step_factor
 from itreg.engine.pyramid import ImagePyramid
 from itreg.engine.registration import finite_or_none
 from itreg.engine.stages import STAGE_TRANSFORMS, StageSetup
@@ -331,42 +331,6 @@ def project_zero_mean(transforms: Sequence[Transform]) -> None:
 
 
 # ------------------------------------------------------------------------------ the loop
-class _Adam:
-    """Adam (Kingma & Ba) with one step size per parameter tensor, written out (constructing
-    ``torch.optim.Adam`` the first time imports seconds of optional modules).
-
-    Args:
-        params: ``(parameter, learning_rate)`` pairs; the rate is in the parameter's units.
-        betas: moment decay rates.
-        eps: denominator floor.
-    """
-
-    def __init__(self, params: Sequence[tuple[Tensor, float]], betas=(0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.params = [(p, float(lr), torch.zeros_like(p), torch.zeros_like(p))
-                       for p, lr in params]
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.t = 0
-        self.scale = 1.0
-
-    def zero_grad(self) -> None:
-        for p, *_ in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        c1 = 1.0 - self.b1 ** self.t
-        c2 = 1.0 - self.b2 ** self.t
-        for p, lr, m, v in self.params:
-            if p.grad is None:
-                continue
-            m.mul_(self.b1).add_(p.grad, alpha=1.0 - self.b1)
-            v.mul_(self.b2).addcmul_(p.grad, p.grad, value=1.0 - self.b2)
-            p.sub_(self.scale * lr * (m / c1) / ((v / c2).sqrt() + self.eps))
-
-
 @dataclass(frozen=True)
 class GroupLevelRecord:
     """What happened at one level of one stage (JSON via :meth:`as_dict`)."""
@@ -396,13 +360,6 @@ class GroupLevelRecord:
             out["losses"] = [finite_or_none(v) for v in self.losses]
             out["metric_values"] = [finite_or_none(v) for v in self.metric_values]
         return out
-
-
-def _lr_factor(final: float, it: int, iterations: int) -> float:
-    """Cosine decay of the step size from 1 at the first iteration to `final` at the last."""
-    if final == 1.0 or iterations <= 1:
-        return 1.0
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * it / (iterations - 1)))
 
 
 def _smoothing(stage: GroupStage, level: int, grid: Grid) -> float:
@@ -501,7 +458,7 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
             for t in active:
                 for p in t.parameters():
                     p.requires_grad_(True)
-            optimizer = _Adam([(p, stage.learning_rate * float(sc.reshape(-1)[0]))
+            optimizer = ParameterAdam([(p, stage.learning_rate * float(sc.reshape(-1)[0]))
                                for t in active
                                for p, sc in zip(t.parameters(), t.parameter_scales(radius))])
             monitor = ConvergenceMonitor(convergence)
@@ -555,8 +512,8 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
                     reason = "non-finite"
                     break
                 total.backward()
-                optimizer.scale = _lr_factor(stage.final_lr_factor, it, stage.iterations[lvl])
-                optimizer.step()
+                optimizer.step(step_factor("cosine", stage.final_lr_factor, it,
+                                           stage.iterations[lvl]))
                 if reference is None:
                     project_zero_mean(active)
                 value = float(total.detach())
