@@ -32,6 +32,7 @@ from itreg.engine.objective import (
 )
 from itreg.engine.optimizers import LevelContext, get_optimizer
 from itreg.engine.pyramid import Level, Pyramid
+from itreg.engine.ranges import level_ranges
 from itreg.engine.stages import LinearStage, StageSetup, get_stage_transform
 from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.errors import ConfigError, GeometryError
@@ -254,53 +255,10 @@ def _generator(seed: int, stage: int, level: int) -> torch.Generator:
     return g
 
 
-#: Intensity ranges are computed on a regular subsample of at most about this many voxels.
-RANGE_VOXELS = 1 << 18
 #: Levels that evaluate fewer points than this run on one thread (set-up and iterations):
 #: their tensors are too small for threads to pay, and on a busy machine waiting for a
 #: descheduled thread costs far more than the work.
 SINGLE_THREAD_POINTS = 1 << 16
-
-
-def _subsample(data: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Every k-th voxel along each axis so that about :data:`RANGE_VOXELS` remain."""
-    spatial = data.shape[1:]
-    k = math.ceil((math.prod(spatial) / RANGE_VOXELS) ** (1.0 / len(spatial)))
-    if k <= 1:
-        return data, mask
-    index = (slice(None, None, k),) * len(spatial)
-    return data[(slice(None), *index)], (mask[index] if mask is not None else None)
-
-
-def _range(metric, data: Tensor, mask: Tensor | None, cache: dict) -> Any:
-    key = (id(data), id(mask), getattr(metric, "intensity", None),
-           tuple(getattr(metric, "percentiles", ()) or ()))
-    if key not in cache:
-        values, sub_mask = _subsample(data, mask)
-        if sub_mask is not None and not bool(sub_mask.any()):
-            values, sub_mask = data, mask
-        cache[key] = metric.intensity_range(values, sub_mask)
-    return cache[key]
-
-
-def _level_ranges(metric, level: Level, cache: dict) -> tuple[Any, Any]:
-    """Fixed and moving intensity ranges of a level (once per level and metric setting), or
-    (None, None) for metrics without intensity scaling."""
-    if not getattr(metric, "uses_intensity_range", False):
-        return None, None
-    fixed_range = _range(metric, level.fixed.data, level.fixed_mask, cache)
-    mmask = None
-    if level.moving_mask is not None:
-        key = ("moving-mask", id(level.moving))
-        if key not in cache:
-            from itreg.warp import resample
-
-            with torch.no_grad():
-                m = resample(level.moving_mask, None, level.moving.grid, mode="nearest")
-            cache[key] = m.data[0] > 0.5
-        mmask = cache[key]
-    moving_range = _range(metric, level.moving.data, mmask, cache)
-    return fixed_range, moving_range
 
 
 @contextlib.contextmanager
@@ -397,7 +355,7 @@ def run(
     residual: list[Transform] = []  # frozen linear factors a stage could not absorb
     nonlinear: list[Transform] = []
     records: list[LevelRecord] = []
-    radius = fixed.grid.radius()
+    run_state = RunState(cbs, seed, fixed.grid.radius(), min_overlap, t0, range_cache)
     last_state: StepState | None = None
     stop_all = False
     try:
@@ -427,8 +385,8 @@ def run(
                 guard.watch(current)
                 with _level_threads(_points_per_evaluation(stage, li, level, metric)):
                     record, ctx = _run_level(
-                        si, stage, li, level, current, outer, metric, regs, builder, setup,
-                        optimizer, options, cbs, seed, radius, min_overlap, t0, range_cache)
+                        LevelSpec(si, stage, li, level, current, outer, metric, regs, builder,
+                                  setup, optimizer, options), run_state)
                 records.append(record)
                 guard.check(record, ctx, level)
                 last_state = ctx.state(record.iterations, ctx.last, None, record.stop_reason)
@@ -485,18 +443,73 @@ def _assemble(outer_init, residual, linear, nonlinear) -> tuple[Transform, Affin
     return transform, linear_affine
 
 
-def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Transform,
-               outer: list[Transform], metric, regs, builder, setup, optimizer, options,
-               cbs: CallbackList, seed: int, radius: float, min_overlap: float,
-               t0: float, range_cache: dict) -> tuple[LevelRecord, LevelContext]:
+@dataclass(frozen=True)
+class LevelSpec:
+    """One level to optimise: where it is in the schedule and what it optimises with.
+
+    Attributes:
+        stage_index: stage index.
+        stage: the stage's config.
+        level_index: level index in the stage (0 = coarsest).
+        level: the level's images and grid.
+        transform: the transform optimised at this level (trainable).
+        outer: frozen transforms applied after it (fixed -> moving order).
+        metric: the stage's metric module.
+        regularisers: the stage's weighted regularisers.
+        builder: the stage's transform builder (field, penalty, preconditioner).
+        setup: the stage's :class:`StageSetup`.
+        optimizer: the stage's optimiser.
+        options: its validated options.
+    """
+
+    stage_index: int
+    stage: StageConfig
+    level_index: int
+    level: Level
+    transform: Transform
+    outer: list[Transform]
+    metric: Any
+    regularisers: list[Regulariser]
+    builder: Any
+    setup: StageSetup
+    optimizer: Any
+    options: dict
+
+
+@dataclass
+class RunState:
+    """What every level of one registration shares.
+
+    Attributes:
+        callbacks: the callbacks.
+        seed: seed of every random choice.
+        radius: the fixed grid's radius in mm (parameter scaling).
+        min_overlap: fewest overlap fraction a level may reach.
+        start_time: ``time.perf_counter()`` at the start of the registration.
+        range_cache: intensity ranges computed so far.
+    """
+
+    callbacks: CallbackList
+    seed: int
+    radius: float
+    min_overlap: float
+    start_time: float
+    range_cache: dict
+
+
+def _run_level(spec: LevelSpec, run: RunState) -> tuple[LevelRecord, LevelContext]:
+    si, stage, li, level = spec.stage_index, spec.stage, spec.level_index, spec.level
+    current, metric, regs, builder, setup = (spec.transform, spec.metric, spec.regularisers,
+                                             spec.builder, spec.setup)
+    cbs, seed, t0 = run.callbacks, run.seed, run.start_time
     start = time.perf_counter()
-    params = ScaledParameters(current, radius)
+    params = ScaledParameters(current, run.radius)
     sampler = SAMPLERS[stage.sampling.strategy](level, stage.sampling, _generator(seed, si, li))
-    fixed_range, moving_range = _level_ranges(metric, level, range_cache)
+    fixed_range, moving_range = level_ranges(metric, level, run.range_cache)
     objective = LevelObjective(
-        level, current, outer, metric, sampler, params, fixed_range, moving_range,
+        level, current, spec.outer, metric, sampler, params, fixed_range, moving_range,
         regularisers=regs, field_fn=lambda t: builder.field(t, level, setup),
-        min_overlap=min_overlap, precondition=builder.preconditioner(current, setup),
+        min_overlap=run.min_overlap, precondition=builder.preconditioner(current, setup),
         penalty_fn=(lambda t: builder.penalty(t, regs, level, setup)) if regs else None)
     if is_trainable(metric):  # the critic ascends the bound while the transform descends
         objective = CriticTraining(objective, metric)
@@ -504,7 +517,7 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
     ctx = LevelContext(
         objective=objective, stage=si, transform=stage.transform, level=li,
         levels=stage.levels, max_iterations=stage.iterations[li],
-        learning_rate=stage.learning_rate[li], options=options,
+        learning_rate=stage.learning_rate[li], options=spec.options,
         convergence=stage.convergence, callbacks=cbs,
         quantity=lambda v: float(quantity(v)),
         quantity_name=getattr(metric, "quantity_name", "loss"), start_time=t0,
@@ -518,7 +531,7 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
     elif stage.iterations[li] == 0:
         reason, q = "max-iterations", q0
     else:
-        q, reason = optimizer.run(ctx, q0)
+        q, reason = spec.optimizer.run(ctx, q0)
     params.load(q)
     if ctx.last is None:  # nothing recorded (zero iterations, or stopped at once)
         ev = objective.evaluate(q, grad=False)
@@ -544,5 +557,5 @@ def _run_level(si: int, stage: StageConfig, li: int, level: Level, current: Tran
     return record, ctx
 
 
-__all__ = ["LevelRecord", "RegistrationResult", "build_components", "build_metric",
+__all__ = ["LevelRecord", "LevelSpec", "RegistrationResult", "RunState", "build_components", "build_metric",
            "build_regularisers", "run"]
