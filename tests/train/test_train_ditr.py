@@ -8,7 +8,7 @@ from ditr_data import blob_pair
 
 from itreg.blocks.ditr import DITRNet
 from itreg.blocks.modelfile import build_model
-from itreg.train import EarlyStopping, TrainingError, fit
+from itreg.train import TrainingError, ValidationPatience, fit
 from itreg.train.ditr import (
     DITRTrainConfig,
     IMLStage,
@@ -169,7 +169,7 @@ def test_fit_early_stopping_and_best_weights():
               checkpoint=lambda m, info: seen.append(info["epoch"]), progress=False)
     assert res.stop_reason == "early-stopping" and res.best_epoch == 1 and res.epochs == 4
     assert seen == [0, 1]
-    stopper = EarlyStopping(patience=1, mode="max")
+    stopper = ValidationPatience(patience=1, mode="max")
     assert stopper.update(0.5, 0) and not stopper.update(0.4, 1) and stopper.should_stop
     assert math.isclose(stopper.best, 0.5)
 

@@ -192,3 +192,27 @@ def test_a_deepsim_extractor_file_as_the_loss(tmp_path):
     res = train_regnet(cfg, _pairs(4), None, tmp_path / "n.pt", progress=False)
     assert res.stages["deform"].steps == 3 and math.isfinite(res.history[0]["val_loss"])
     assert load_regnet(tmp_path / "n.pt").extra["train"]["loss"] == f"deepsim:{path}"
+
+
+def test_a_two_stage_cascade_resumed_in_its_second_stage_equals_an_uninterrupted_run(tmp_path):
+    cfg = TrainNetConfig(kind="cascade", loss="ncc", epochs=2, **{**TINY, "steps_per_epoch": 2})
+    src, val = _pairs(4), _pairs(2, seed=1)
+    full = train_regnet(cfg, src, val, tmp_path / "full.pt", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(record):
+        if record["stage"] == "deform" and record["epoch"] == 0:
+            raise Stop
+
+    out = tmp_path / "part.pt"
+    with pytest.raises(Stop):
+        train_regnet(cfg, src, val, out, progress=False, callback=interrupt)
+    resumed = train_regnet(cfg, src, val, out, progress=False)
+    assert list(resumed.stages) == ["affine", "deform"]
+    for stage in ("affine", "deform"):
+        assert [h["val_loss"] for h in resumed.stages[stage].history] == \
+            [h["val_loss"] for h in full.stages[stage].history]
+    a, b = full.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -57,6 +57,7 @@ from itreg.errors import ConfigError, InvalidImageError, MaskError, ModelFileErr
 from itreg.metrics import bounds
 from itreg.metrics.base import Metric, Range, check_mask, check_pair
 from itreg.metrics.intensity import DEFAULT_PERCENTILES, intensity_range
+from itreg.runtime import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +186,7 @@ class NeuralMI(Metric):
             self.trained_with = dict(extra)
             self.trainable = bool(finetune)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 self.critic = Critic(arch=arch, width=width)
             self.name = arch
             self.trained_with = {}

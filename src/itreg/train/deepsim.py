@@ -73,6 +73,7 @@ from itreg.metrics.deepsim import feature_cosine
 from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.runtime import limited_threads
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
+from itreg.train.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ __all__ = ["CropSampler", "DeepSimTrainConfig", "DeepSimTrainingResult", "random
 
 
 @dataclass(frozen=True)
-class DeepSimTrainConfig:
+class DeepSimTrainConfig(TrainingConfig):
     """Settings of :func:`train_deepsim`.
 
     Args:
@@ -131,6 +132,7 @@ class DeepSimTrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"unknown DeepSim mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.channels is not None:

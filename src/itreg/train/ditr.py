@@ -60,6 +60,9 @@ least 5 pairs, otherwise from the training pairs with another seed), early stopp
 validation loss, the best weights kept; a non-finite loss stops training with
 :class:`~itreg.train.TrainingError` after writing the last good weights to the output file.
 
+The settings (:class:`DITRTrainConfig`, the IML schedules) are in :mod:`itreg.train.ditr_config`;
+pairs, stage images and patch sampling in :mod:`itreg.train.ditr_data` (all re-exported here).
+
 Settings:
 
 - **Small CPU setting** (:meth:`DITRTrainConfig.small`, minutes on two cores): 2D axial slices
@@ -89,9 +92,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -102,14 +103,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from itreg.blocks.ditr import DEFAULT_CHANNELS, MODEL_KIND, PATCH_SIZE, DITRNet, extract_patches
+from itreg.blocks.ditr import MODEL_KIND, DITRNet
 from itreg.blocks.modelfile import save_model
-from itreg.errors import ConfigError, GeometryError, InvalidImageError, unknown_name
+from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
 from itreg.metrics.ditr import ditr_overrides
-from itreg.metrics.frozen import safe_range, scale_intensity
 from itreg.runtime import limited_threads
 from itreg.train import TrainingError, TrainResult, fit, make_generator, seeded
+from itreg.train.ditr_config import SCHEDULES, DITRTrainConfig, IMLStage
+from itreg.train.ditr_data import (
+    PatchSampler,
+    StageImages,
+    TrainingPair,
+    augment_pairs,
+    classifier_accuracy,
+    pair_mask,
+    prepare_stage,
+    random_bias_fields,
+)
 from itreg.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -117,444 +128,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["SCHEDULES", "DITRTrainConfig", "DITRTrainingResult", "IMLStage", "PatchSampler",
            "StageImages", "TrainingPair", "augment_pairs", "classifier_accuracy", "prepare_stage",
            "random_bias_fields", "remove_mean_update", "reregister", "train_ditr"]
-
-
-@dataclass(frozen=True)
-class IMLStage:
-    """One stage ``IML(l, sigma^2)``.
-
-    Attributes:
-        factor: downsampling factor ``l`` of the input images (0 or 1: none).
-        sigma2_mm2: dither variance ``sigma^2`` in mm^2 (0: no dithering).
-    """
-
-    factor: int
-    sigma2_mm2: float
-
-    def __post_init__(self) -> None:
-        if isinstance(self.factor, bool) or int(self.factor) != self.factor or self.factor < 0:
-            raise ConfigError(f"an IML downsampling factor is an integer >= 0, got "
-                              f"{self.factor!r}")
-        if not (float(self.sigma2_mm2) >= 0 and math.isfinite(float(self.sigma2_mm2))):
-            raise ConfigError(f"a dither variance is a finite number >= 0 (mm^2), got "
-                              f"{self.sigma2_mm2!r}")
-        object.__setattr__(self, "factor", int(self.factor))
-        object.__setattr__(self, "sigma2_mm2", float(self.sigma2_mm2))
-
-    @property
-    def stride(self) -> int:
-        """The decimation factor (``max(l, 1)``)."""
-        return max(self.factor, 1)
-
-
-#: Paper 000's schedules ``IML(l, sigma^2)``.
-SCHEDULES: dict[str, tuple[IMLStage, ...]] = {
-    "rigid": (IMLStage(4, 100.0), IMLStage(2, 15.0), IMLStage(0, 0.0)),
-    "affine": (IMLStage(4, 100.0), IMLStage(2, 15.0), IMLStage(0, 0.0)),
-    "edges": (IMLStage(2, 20.0), IMLStage(2, 10.0), IMLStage(0, 0.0)),
-}
-
-
-def _schedule(value: Any) -> tuple[IMLStage, ...]:
-    if isinstance(value, str):
-        if value not in SCHEDULES:
-            raise unknown_name("IML schedule", value, SCHEDULES)
-        return SCHEDULES[value]
-    try:
-        stages = tuple(s if isinstance(s, IMLStage) else IMLStage(*s) for s in value)
-    except TypeError as exc:
-        raise ConfigError(f"an IML schedule is a name or a list of (factor, sigma2_mm2), got "
-                          f"{value!r}") from exc
-    if not stages:
-        raise ConfigError("an IML schedule needs at least one stage")
-    return stages
-
-
-@dataclass(frozen=True)
-class DITRTrainConfig:
-    """Settings of :func:`train_ditr` (defaults: the paper's where it gives them).
-
-    Args:
-        schedule: ``"rigid"``, ``"affine"``, ``"edges"`` or a list of ``(factor, sigma2_mm2)``.
-        channels: hidden widths of the classifier (methods.md: 32, 64, 128, 256).
-        patch_size: patch edge length in voxels (17).
-        patches_per_epoch: patch pairs (positives + negatives, 1:1) drawn fresh per epoch.
-        val_patches: size of the fixed validation set per stage.
-        epochs: maximum epochs per stage.
-        patience: early-stopping patience in epochs (0: none).
-        batch_size: patch pairs per step (paper: 256).
-        learning_rate: Adam step size (paper: 5e-5).
-        weight_decay: L2 weight decay (paper: 0.005).
-        augment: random 90-degree rotations and flips, the same for both channels.
-        transform: transform re-registered between stages (``"rigid"``, ``"affine"``,
-            ``"translation"``, ``"similarity"``). None (default): the schedule's: ``"affine"``
-            for the ``"affine"`` schedule (paper 000's affine experiment re-registers the
-            training pairs with the affine model it is trained for), ``"rigid"`` otherwise.
-        reregister: re-register the training pairs between stages (IML, Eq. 12). False trains
-            every stage on the initial transforms (plain maximum likelihood on rough data).
-        register_iterations: Powell iterations per re-registration.
-        stride: patch-centre stride of the metric during re-registration, in voxels.
-        min_patches: the metric's least number of patches during re-registration (the stride
-            shrinks until the mask holds that many; see :mod:`itreg.metrics.ditr`).
-        symmetric: build a flip-symmetric classifier (logit averaged over the axis flips of
-            the pair, :class:`~itreg.blocks.ditr.DITRNet`), so the response peaks without a
-            direction preferred by the network.
-        zero_mean_updates: after every re-registration, remove the mean update over all
-            training pairs (translation at the fixed-mask centroids and log-Euclidean mean of
-            the linear parts, :func:`remove_mean_update`), so IML cannot drift in the common
-            mode that the data do not identify. Off by default: it made no measurable
-            difference in the 2D benchmark (see the module docstring).
-        bias_augment: amplitude ``s`` of the bias-field augmentation of the training patches
-            (0: none). Each channel of every training pair (z=1 and z=0 alike) is multiplied
-            by its own random smooth positive field ``exp(s (a + sum_d g_d x_d))``, with
-            ``a, g_d ~ U(-1, 1)`` and ``x_d`` the patch position normalised to [-1, 1]
-            (:func:`random_bias_fields`): a random gain and linear log-ramp, within
-            ``[exp(-(1 + D) s), exp((1 + D) s)]``. The phantoms' bias field spans 0.80-1.17
-            over the brain (log range 0.38), about a third of that over a 17-voxel patch at
-            3 mm; ``s = 0.1`` covers that with room. The validation patches are not
-            augmented. Off by default: neither 0.1 nor 0.3 changed the errors or the response
-            peaks in the 2D benchmark (``2026-12-06-ditr-bias-robust.md``).
-        normalize_patches: build the classifier with per-patch intensity normalisation
-            (:class:`~itreg.blocks.ditr.DITRNet` ``normalize``): each channel of each patch
-            standardised by its own mean and standard deviation. Off by default: in the 2D
-            benchmark it about halved the errors of T1 -> T2-like registrations with a bias
-            field and took the response peaks to within 0.1 mm, but it narrowed the response
-            (FWHM 34 -> 17 mm) and the capture range (no dither: 3 of 5 missed at 25 mm;
-            edges model: 60% / 0% instead of 80% / 80% at 15 / 25 mm). Use it when the start
-            is within about 15 mm, with a dithered schedule. ``False`` gives the classifier
-            of models trained before.
-        val_fraction: fraction of pairs held out for validation when there are >= 5 pairs.
-        seed: seed of the initial weights, sampling and augmentation.
-        threads: torch CPU threads while training (None: unchanged). On a shared CPU, 1 is
-            often fastest for these small convolutions.
-        progress: show progress bars on stderr.
-    """
-
-    schedule: Any = "rigid"
-    channels: tuple[int, ...] = DEFAULT_CHANNELS
-    patch_size: int = PATCH_SIZE
-    patches_per_epoch: int = 65536
-    val_patches: int = 8192
-    epochs: int = 20
-    patience: int = 3
-    batch_size: int = 256
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.005
-    augment: bool = False
-    transform: str | None = None
-    reregister: bool = True
-    register_iterations: int = 20
-    stride: int = 8
-    min_patches: int = 256
-    symmetric: bool = True
-    zero_mean_updates: bool = False
-    bias_augment: float = 0.0
-    normalize_patches: bool = False
-    val_fraction: float = 0.2
-    seed: int = 0
-    threads: int | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.transform is None:
-            named_affine = isinstance(self.schedule, str) and self.schedule == "affine"
-            object.__setattr__(self, "transform", "affine" if named_affine else "rigid")
-        object.__setattr__(self, "schedule", _schedule(self.schedule))
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        for name in ("patches_per_epoch", "val_patches", "batch_size", "epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or int(v) < (0 if name == "epochs" else 2):
-                raise ConfigError(f"{name} must be an integer >= {0 if name == 'epochs' else 2}"
-                                  f", got {v!r}")
-        if not self.learning_rate > 0 or not self.weight_decay >= 0:
-            raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
-        if self.transform not in ("translation", "rigid", "similarity", "affine"):
-            raise unknown_name("IML transform", self.transform,
-                               ("translation", "rigid", "similarity", "affine"))
-        if not 0.0 <= float(self.bias_augment) < float("inf"):
-            raise ConfigError(f"bias_augment must be >= 0, got {self.bias_augment}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-
-    @classmethod
-    def small(cls, **overrides: Any) -> DITRTrainConfig:
-        """The small CPU setting (2D slices or 3D at 3-4 mm; minutes on two cores)."""
-        base = {"schedule": ((2, 100.0), (1, 15.0), (1, 0.0)), "patches_per_epoch": 16384,
-                "val_patches": 4096, "epochs": 8, "patience": 2, "learning_rate": 1e-3,
-                "weight_decay": 1e-4, "register_iterations": 10}
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def full(cls, **overrides: Any) -> DITRTrainConfig:
-        """The paper-scale setting for a GPU (3D at 1 mm, 10^6 patch pairs per stage)."""
-        base = {"schedule": "rigid", "patches_per_epoch": 200_000, "val_patches": 20_000,
-                "epochs": 30, "patience": 5, "learning_rate": 5e-5, "weight_decay": 0.005,
-                "register_iterations": 30}
-        base.update(overrides)
-        return cls(**base)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data settings (stored in the model file)."""
-        out = dataclasses.asdict(self)
-        out["schedule"] = [[s.factor, s.sigma2_mm2] for s in self.schedule]
-        out["channels"] = list(self.channels)
-        return out
-
-
-@dataclass
-class TrainingPair:
-    """One roughly aligned training pair.
-
-    Attributes:
-        fixed: the fixed image (scalar, 2D or 3D).
-        moving: the moving image (any grid of the same dimension).
-        mask: foreground of the fixed image (an Image on the fixed grid, or a bool tensor of
-            its shape); None thresholds the fixed image (scaled > 0.05, dilated 2 voxels).
-        init: initial fixed -> moving transform ``beta^0`` (None: identity).
-    """
-
-    fixed: Image
-    moving: Image
-    mask: Image | Tensor | None = None
-    init: Transform | None = None
-
-
-@dataclass
-class StageImages:
-    """A pair at one IML stage's resolution, intensities scaled to ``[0, 1]``.
-
-    Attributes:
-        fixed: fixed image on the decimated fixed grid.
-        moving: moving image on its decimated grid.
-        mask: bool foreground ``(*S)`` of the decimated fixed grid.
-        foreground: its voxel indices ``(N, D)`` in tensor order.
-    """
-
-    fixed: Image
-    moving: Image
-    mask: Tensor
-    foreground: Tensor
-
-
-def _default_mask(fixed: Image) -> Tensor:
-    data = scale_intensity(fixed.data, safe_range(fixed.data, None, "minmax", (0.0, 100.0)))
-    m = (data[0] > 0.05).float()[None, None]
-    pool = nn.functional.max_pool2d if fixed.ndim == 2 else nn.functional.max_pool3d
-    return pool(m, 5, stride=1, padding=2)[0, 0] > 0
-
-
-def _mask_tensor(pair: TrainingPair) -> Tensor:
-    if pair.mask is None:
-        return _default_mask(pair.fixed)
-    m = pair.mask.data[0] if isinstance(pair.mask, Image) else torch.as_tensor(pair.mask)
-    if tuple(m.shape) != tuple(pair.fixed.grid.shape):
-        raise GeometryError(f"a training mask of shape {tuple(m.shape)} does not match its "
-                            f"fixed image {tuple(pair.fixed.grid.shape)}")
-    m = m.to(pair.fixed.device) != 0
-    if not bool(m.any()):
-        raise InvalidImageError("a training mask selects no voxels")
-    return m
-
-
-def _downsample(image: Image, stride: int) -> Image:
-    from itreg.engine.pyramid import smooth_image
-
-    data = image.data if image.data.is_floating_point() else image.data.float()
-    image = Image(data, image.grid, is_label=False)
-    if stride <= 1:
-        return image
-    sigma = 0.5 * stride * min(image.grid.spacing)
-    return smooth_image(image, sigma, stride)
-
-
-def prepare_stage(pair: TrainingPair, stage: IMLStage) -> StageImages:
-    """Downsample (blur + decimate) and scale a pair for an IML stage.
-
-    Intensities are min-max scaled to ``[0, 1]`` per image, the scaling the DITR metric uses.
-    """
-    for name, img in (("fixed", pair.fixed), ("moving", pair.moving)):
-        if img.channels != 1:
-            raise GeometryError(f"DITR trains on scalar images; a {name} image has "
-                                f"{img.channels} channels")
-        if not bool(torch.isfinite(img.data).all()):
-            raise InvalidImageError(f"a {name} training image has NaN or Inf voxels")
-    if pair.fixed.ndim != pair.moving.ndim or pair.fixed.ndim not in (2, 3):
-        raise GeometryError("training pairs must be both 2D or both 3D")
-    s = stage.stride
-    fixed = _downsample(pair.fixed, s)
-    moving = _downsample(pair.moving, s)
-    fixed = fixed.with_data(scale_intensity(fixed.data, safe_range(
-        fixed.data, None, "minmax", (0.0, 100.0))), is_label=False)
-    moving = moving.with_data(scale_intensity(moving.data, safe_range(
-        moving.data, None, "minmax", (0.0, 100.0))), is_label=False)
-    mask = _mask_tensor(pair)
-    mask = mask[(slice(None, None, s),) * mask.dim()].contiguous()
-    if tuple(mask.shape) != tuple(fixed.grid.shape):
-        raise GeometryError("internal: decimated mask and image disagree")
-    fg = torch.nonzero(mask, as_tuple=False)
-    if fg.shape[0] == 0:
-        raise InvalidImageError("a training mask selects no voxels at this resolution")
-    return StageImages(fixed, moving, mask, fg)
-
-
-def augment_pairs(pairs: Tensor, generator: torch.Generator) -> Tensor:
-    """The same random 90-degree rotation and flips on both channels of each pair.
-
-    Args:
-        pairs: ``(B, 2, *P)`` square/cubic patches.
-        generator: CPU generator of the random choices.
-
-    Returns:
-        Augmented pairs, same shape.
-    """
-    b, nd = pairs.shape[0], pairs.dim() - 2
-    out = pairs.clone()
-    k = torch.randint(4, (b,), generator=generator)
-    flips = torch.rand((b, nd), generator=generator) < 0.5
-    dims = (pairs.dim() - 2, pairs.dim() - 1)
-    for i in range(b):
-        x = out[i]
-        if int(k[i]):
-            x = torch.rot90(x, int(k[i]), dims=(dims[0] - 1, dims[1] - 1))
-        fd = [a + 1 for a in range(nd) if bool(flips[i, a])]
-        if fd:
-            x = torch.flip(x, fd)
-        out[i] = x
-    return out
-
-
-def random_bias_fields(n: int, ndim: int, size: int, amplitude: float,
-                       generator: torch.Generator, channels: int = 2) -> Tensor:
-    """Random smooth positive multiplicative fields over patches (bias-field augmentation).
-
-    Field ``k, c``: ``exp(s (a + sum_d g_d x_d))`` with ``a, g_d ~ U(-1, 1)`` independent per
-    patch and channel, ``s = amplitude`` and ``x_d`` the voxel position along patch axis ``d``
-    mapped linearly to [-1, 1]: a random gain and a random linear ramp of the log-intensity.
-    Every value lies in ``[exp(-(1 + ndim) s), exp((1 + ndim) s)]``.
-
-    Args:
-        n: number of patches.
-        ndim: patch dimension (2 or 3).
-        size: patch edge length in voxels.
-        amplitude: ``s >= 0``.
-        generator: CPU generator of the coefficients.
-        channels: fields per patch.
-
-    Returns:
-        Fields ``(n, channels, *[size] * ndim)`` (float32, CPU).
-    """
-    coefs = torch.rand((n, channels, ndim + 1), generator=generator, dtype=torch.float64) * 2 - 1
-    ar = torch.linspace(-1.0, 1.0, size, dtype=torch.float64) if size > 1 else torch.zeros(1)
-    grids = torch.meshgrid(*([ar] * ndim), indexing="ij")
-    shape = (n, channels, *([1] * ndim))
-    log = coefs[..., 0].reshape(shape)  # broadcast to (n, channels, *patch) by the ramps
-    for d in range(ndim):
-        log = log + coefs[..., d + 1].reshape(shape) * grids[d]
-    return torch.exp(float(amplitude) * log).float()
-
-
-class PatchSampler:
-    """Draws labelled patch pairs from stage images with the current transforms.
-
-    Positives (label 1): fixed patch at a foreground voxel ``c``; moving patch sampled at
-    ``beta(x + d)`` for the fixed patch's voxel positions ``x``, with one dither displacement
-    ``d ~ N(0, sigma^2 I)`` (mm) per pair. Negatives (label 0): the fixed patch at ``c`` and the
-    moving patch of an independent uniform foreground voxel ``c'`` (``beta(x')``), same pair.
-
-    Args:
-        images: stage images of the pairs.
-        transforms: current fixed -> moving transform per pair (None: identity).
-        size: patch edge length in voxels.
-        sigma2_mm2: dither variance in mm^2.
-        generator: CPU generator of all random draws.
-        bias_augment: amplitude of the bias-field augmentation applied to every drawn pair
-            (:func:`random_bias_fields`, drawn after the patches; 0: none, and no draws).
-    """
-
-    def __init__(self, images: Sequence[StageImages], transforms: Sequence[Transform | None],
-                 size: int, sigma2_mm2: float, generator: torch.Generator,
-                 bias_augment: float = 0.0) -> None:
-        self.images = list(images)
-        self.transforms = list(transforms)
-        self.size = int(size)
-        self.sigma = math.sqrt(float(sigma2_mm2))
-        self.generator = generator
-        self.bias_augment = float(bias_augment)
-        d = self.images[0].fixed.ndim
-        ar = torch.arange(self.size, dtype=torch.float64) - self.size // 2
-        self.offsets = torch.stack(torch.meshgrid(*([ar] * d), indexing="ij"),
-                                   dim=-1).reshape(-1, d)  # tensor order
-
-    def _moving_patches(self, k: int, centres: Tensor, dither: bool) -> Tensor:
-        st = self.images[k]
-        grid = st.fixed.grid
-        idx = centres.double()[:, None, :] + self.offsets[None]  # (P, K, D) tensor order
-        world = grid.index_to_world(idx.flip(-1).reshape(-1, grid.ndim))
-        world = world.reshape(centres.shape[0], -1, grid.ndim)
-        if dither and self.sigma > 0:
-            d = torch.randn((centres.shape[0], 1, grid.ndim), generator=self.generator,
-                            dtype=torch.float64) * self.sigma
-            world = world + d
-        dev = st.moving.device
-        points = world.to(dtype=st.moving.dtype, device=dev)
-        t = self.transforms[k]
-        with torch.no_grad():
-            if t is not None:
-                points = t.to(dev)(points)
-            from itreg.warp import sample
-
-            values, _ = sample(st.moving, points, padding=0.0)
-        return values[0].reshape(centres.shape[0], 1, *([self.size] * grid.ndim))
-
-    def draw(self, n: int, augment: bool = False) -> tuple[Tensor, Tensor]:
-        """``n`` labelled patch pairs: ``(pairs (n, 2, *P), labels (n,) float)``, 1:1."""
-        n_pos = n // 2
-        labels = torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])
-        which = torch.randint(len(self.images), (n,), generator=self.generator)
-        out = None
-        for k in torch.unique(which).tolist():
-            rows = torch.nonzero(which == k).reshape(-1)
-            st = self.images[k]
-            fg = st.foreground.cpu()
-            ci = fg[torch.randint(fg.shape[0], (rows.numel(),), generator=self.generator)]
-            cj = fg[torch.randint(fg.shape[0], (rows.numel(),), generator=self.generator)]
-            pos = labels[rows] > 0.5
-            centres_m = torch.where(pos[:, None], ci, cj)
-            u = extract_patches(st.fixed.data, ci.to(st.fixed.device), self.size)
-            v = torch.empty_like(u)
-            if bool(pos.any()):
-                v[pos.to(v.device)] = self._moving_patches(k, centres_m[pos], True).to(u.dtype)
-            if bool((~pos).any()):
-                v[(~pos).to(v.device)] = self._moving_patches(k, centres_m[~pos],
-                                                              False).to(u.dtype)
-            block = torch.cat([u, v], dim=1)
-            if out is None:
-                out = torch.empty((n, *block.shape[1:]), dtype=block.dtype, device=block.device)
-            out[rows.to(block.device)] = block
-        if self.bias_augment > 0:
-            fields = random_bias_fields(n, out.dim() - 2, self.size, self.bias_augment,
-                                        self.generator, out.shape[1])
-            out = out * fields.to(out.device, out.dtype)
-        if augment:
-            out = augment_pairs(out.cpu(), self.generator).to(out.device)
-        return out, labels.to(out.device, out.dtype)
-
-
-def classifier_accuracy(net: DITRNet, pairs: Tensor, labels: Tensor,
-                        batch_size: int = 1024) -> tuple[float, float]:
-    """``(mean BCE loss, accuracy)`` of the classifier on labelled pairs (no grad)."""
-    net.eval()
-    losses, correct = 0.0, 0.0
-    with torch.no_grad():
-        for s in range(0, pairs.shape[0], batch_size):
-            logit = net(pairs[s:s + batch_size])
-            y = labels[s:s + batch_size]
-            losses += float(nn.functional.binary_cross_entropy_with_logits(
-                logit, y, reduction="sum"))
-            correct += float(((logit > 0).to(y.dtype) == y).sum())
-    n = max(pairs.shape[0], 1)
-    return losses / n, correct / n
 
 
 def reregister(images: Sequence[StageImages], transforms: Sequence[Transform | None],
@@ -762,7 +335,7 @@ def train_ditr(pairs: Sequence[TrainingPair], config: DITRTrainConfig | None = N
     if cfg.zero_mean_updates:
         from itreg.phantoms._geometry import centroid
 
-        centres = [centroid(p.fixed.grid, _mask_tensor(p).cpu()) for p in pairs]
+        centres = [centroid(p.fixed.grid, pair_mask(p).cpu()) for p in pairs]
     cleanup = contextlib.ExitStack()
     tmpdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="itreg-ditr-"))
     cleanup.enter_context(limited_threads(cfg.threads))

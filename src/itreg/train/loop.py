@@ -20,8 +20,8 @@ settings continues from the epoch after the last one written. It is the one chec
 the training code.
 
 Helpers: :func:`make_generator` (seeded ``torch.Generator`` on a device), :func:`seeded`
-(a context in which module initialisation is seeded without touching the global RNG state
-outside it), :class:`Patience` (early stopping on a validation value), :class:`TrainResult`,
+(:func:`itreg.runtime.seeded`, re-exported: module initialisation seeded without touching the
+global RNG state outside the block), :class:`Patience` (early stopping on a validation value), :class:`TrainResult`,
 :func:`progress_bar`, :func:`checkpoint_path`, :func:`state_copy`.
 """
 
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from itreg.errors import ConfigError, ItregError, ModelFileError
-from itreg.runtime import ProgressLines
+from itreg.runtime import ProgressLines, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +72,6 @@ def make_generator(seed: int, device: torch.device | str | None = None) -> torch
     if isinstance(seed, bool) or int(seed) != seed:
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return torch.Generator(device=device or "cpu").manual_seed(int(seed))
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed the global CPU RNG inside the block (weight initialisation, dropout) and restore it.
-
-    Module constructors draw from the global generator; this makes them reproducible without
-    changing the caller's random state.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
 
 
 def checkpoint_path(out_path: str | os.PathLike) -> Path:

@@ -6,7 +6,6 @@ See :mod:`itreg.train.regnet` for what each setting does in training; the small 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from itreg.errors import ConfigError, unknown_name
 from itreg.metrics import available_metrics, get_metric
 from itreg.nets.regnets import FIELDS, NORMS
+from itreg.train.config import TrainingConfig
 
 __all__ = ["AUG_TARGETS", "CASCADE_MODES", "KINDS", "REGULARISERS", "RESUMABLE", "TrainNetConfig"]
 
@@ -40,7 +40,7 @@ def _positive(name: str, value: Any, integer: bool = False, zero: bool = False) 
 
 
 @dataclass(frozen=True)
-class TrainNetConfig:
+class TrainNetConfig(TrainingConfig):
     """Settings of :func:`train_regnet` (see the module docstring).
 
     Args:
@@ -137,6 +137,7 @@ class TrainNetConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.kind not in KINDS:
             raise unknown_name("network kind", str(self.kind), KINDS)
         prefix = str(self.loss).partition(":")[0].strip().lower()
@@ -163,7 +164,7 @@ class TrainNetConfig:
                      "aug_scale", "aug_translation_mm", "weight_decay"):
             _positive(name, getattr(self, name), zero=True)
         _positive("lr", self.lr)
-        for name in ("epochs", "patience", "critic_warmup", "crop_margin"):
+        for name in ("critic_warmup", "crop_margin"):
             _positive(name, getattr(self, name), integer=True, zero=True)
         if self.crop_size is not None:
             sizes = (tuple(self.crop_size) if isinstance(self.crop_size, (list, tuple))
@@ -174,9 +175,8 @@ class TrainNetConfig:
                 raise ConfigError("crop_size must be None, or one or one-per-axis integers "
                                   f"larger than 2 * crop_margin, got {self.crop_size!r}")
             object.__setattr__(self, "crop_size", sizes[0] if len(sizes) == 1 else sizes)
-        for name in ("batch_size", "critic_steps"):
-            _positive(name, getattr(self, name), integer=True)
-        for name in ("steps_per_epoch", "val_max_pairs", "threads"):
+        _positive("critic_steps", self.critic_steps, integer=True)
+        for name in ("steps_per_epoch", "val_max_pairs"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), integer=True)
         for name in ("critic_lr", "grad_clip"):
@@ -184,8 +184,6 @@ class TrainNetConfig:
                 _positive(name, getattr(self, name))
         if not 0.0 <= float(self.ema_decay) < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
     @classmethod
     def small(cls, **overrides: Any) -> TrainNetConfig:
@@ -195,12 +193,3 @@ class TrainNetConfig:
                                 "patience": 5, "lr": 1e-3, "critic_warmup": 50}
         base.update(overrides)
         return cls(**base)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able settings (tuples become lists)."""
-        out = dataclasses.asdict(self)
-        for k, v in out.items():
-            if isinstance(v, tuple):
-                out[k] = list(v)
-        return out
-
