@@ -86,6 +86,31 @@ def test_overrides_new_number_of_levels():
     assert stage.smoothing_mm == (4.0, 2.0, 1.0, 0.0)
 
 
+def test_a_single_shrink_factor_keeps_the_presets_finest_per_level_values():
+    # The README's DITR walkthrough: --set shrink=1 on the rigid preset, whose sample counts
+    # are given per level (4096, 8192, 24576). As elastix, the finest level's value is kept.
+    preset = load_preset("rigid")
+    config = preset.with_overrides({"optimizer": "powell", "shrink": 1, "smoothing_mm": 0,
+                                    "learning_rate": 1, "iterations": 30})
+    for before, stage in zip(preset.stages, config.stages):
+        assert stage.shrink == (1,) and stage.levels == 1
+        assert stage.sampling.count_at(0) == before.sampling.count_at(before.levels - 1)
+        assert stage.iterations == (30,) and stage.smoothing_mm == (0.0,)
+    assert config.stages[-1].sampling.count_at(0) == 24576
+    # Two levels keep the two finest values; per stage too.
+    two = preset.with_overrides({"stages.0.shrink": [2, 1]}).stages[0]
+    assert two.sampling.count == (8192, 24576)
+    assert two.smoothing_mm == (1.0, 0.0)
+
+
+def test_per_level_values_the_user_gives_must_match_the_new_shrink():
+    with pytest.raises(ConfigError, match=r"'stages.0.sampling.count': has 3 values but the "
+                                          r"stage has 1 levels"):
+        load_preset("rigid").with_overrides({"shrink": 1, "sampling.count": [512, 1024, 2048]})
+    with pytest.raises(ConfigError, match="has 2 values but the stage has 3 levels"):
+        load_preset("rigid").with_overrides({"iterations": [10, 20]})
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"foo": 1}, "unknown setting 'foo'; valid keys are: .*metric.bins"),
     ({"metric.binz": 3}, "does not take 'binz'; its settings are: bins"),

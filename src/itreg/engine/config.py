@@ -24,108 +24,32 @@ import importlib.resources
 import json
 import math
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from itreg.engine.overrides import apply_override
+from itreg.engine.schema import (
+    _CONVERGENCE_KEYS,
+    _SAMPLING_KEYS,
+    _STAGE_KEYS,
+    LINEAR_TRANSFORM_NAMES,
+    MAX_ITERATIONS,
+    OPTIMIZER_NAMES,
+    SAMPLING_STRATEGIES,
+    TRANSFORM_ALIASES,
+    TRANSFORM_NAMES,
+    _as_bool,
+    _as_choice,
+    _as_float,
+    _as_int,
+    _broadcast,
+    _check_keys,
+    _fail,
+    _per_level,
+    _plain,
+)
 from itreg.errors import ConfigError, unknown_name
-
-#: Names of the transforms a stage can optimise (the registry lives in ``engine.stages``).
-#: The most iterations a level may run: a bound that catches typos such as 1e30, far above
-#: any useful schedule (the presets use at most a few hundred).
-MAX_ITERATIONS = 100_000
-
-#: Other names users of other tools (and itreg's groupwise command) give these transforms.
-TRANSFORM_ALIASES = {"ffd": "bspline", "b-spline": "bspline", "bsplines": "bspline",
-                     "syn": "svf", "demons": "dense", "displacement": "dense"}
-
-TRANSFORM_NAMES = ("translation", "rigid", "similarity", "affine", "bspline", "dense", "svf")
-#: Linear stage transforms; they must come before the non-linear ones.
-LINEAR_TRANSFORM_NAMES = ("translation", "rigid", "similarity", "affine")
-#: Optimiser names (the registry lives in ``engine.optimizers``).
-OPTIMIZER_NAMES = ("adam", "gd", "lbfgs", "powell")
-#: Sampling strategies (the registry lives in ``engine.objective``).
-SAMPLING_STRATEGIES = ("random", "full")
-
-
-# ---------------------------------------------------------------------------------- converters
-def _fail(path: str, message: str) -> ConfigError:
-    return ConfigError(f"setting '{path}': {message}")
-
-
-def _as_float(value: Any, path: str, low: float = -math.inf, high: float = math.inf,
-              low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(path, f"expected a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        if high < math.inf:
-            bound += f" and <= {high:g}"
-        raise _fail(path, f"expected a finite number {bound}, got {value!r}")
-    return v
-
-
-def _as_int(value: Any, path: str, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (isinstance(value, float) and not math.isfinite(value)) or int(value) != value:
-        raise _fail(path, f"expected an integer, got {value!r}")
-    if int(value) < low:
-        raise _fail(path, f"expected an integer >= {low}, got {value!r}")
-    if high is not None and int(value) > high:
-        raise _fail(path, f"expected an integer <= {high}, got {value!r}")
-    return int(value)
-
-
-def _as_bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, f"expected true or false, got {value!r}")
-    return value
-
-
-def _as_choice(value: Any, path: str, choices: Sequence[str], kind: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        err = unknown_name(kind, str(value), choices)
-        raise ConfigError(f"setting '{path}': {err}")
-    return value
-
-
-def _check_keys(data: Mapping, valid: Sequence[str], path: str) -> None:
-    if not isinstance(data, Mapping):
-        raise _fail(path or "config", f"expected a table of settings, got {data!r}")
-    unknown = [k for k in data if k not in valid]
-    if unknown:
-        where = f"'{path}'" if path else "the registration config"
-        raise ConfigError(
-            f"unknown setting(s) {', '.join(repr(k) for k in unknown)} in {where}; "
-            f"valid keys are: {', '.join(valid)}"
-        )
-
-
-def _per_level(value: Any, path: str, convert: Callable[[Any, str], Any]) -> tuple:
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise _fail(path, "expected at least one value")
-        return tuple(convert(v, f"{path}[{i}]") for i, v in enumerate(value))
-    return (convert(value, path),)
-
-
-def _broadcast(values: tuple, n: int, path: str) -> tuple:
-    if len(values) == n:
-        return values
-    if len(values) == 1:
-        return values * n
-    raise _fail(path, f"has {len(values)} values but the stage has {n} levels (one per 'shrink' "
-                      "factor); give one value or one per level")
-
-
-def _plain(value: Any) -> Any:
-    """A JSON/TOML-friendly deep copy (tuples become lists)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------- dataclasses
@@ -169,7 +93,6 @@ class MetricConfig:
         return cls(name=data.pop("name", "mi"), options=data)
 
 
-_SAMPLING_KEYS = ("strategy", "count", "fraction", "jitter")
 
 
 @dataclass(frozen=True)
@@ -228,7 +151,6 @@ class SamplingConfig:
         return cls(**data)
 
 
-_CONVERGENCE_KEYS = ("tolerance", "window", "abs_tolerance")
 
 
 @dataclass(frozen=True)
@@ -268,11 +190,6 @@ class ConvergenceConfig:
         return cls(**data)
 
 
-_STAGE_KEYS = (
-    "transform", "metric", "optimizer", "learning_rate", "optimizer_options", "shrink",
-    "smoothing_mm", "iterations", "sampling", "convergence", "regularisers",
-    "control_spacing_mm", "svf_steps", "gradient_smoothing_mm",
-)
 
 
 @dataclass(frozen=True)
@@ -498,7 +415,7 @@ class RegistrationConfig:
         # Shrink factors first: they set the number of levels the other keys are checked against.
         items = sorted(overrides.items(), key=lambda kv: not str(kv[0]).endswith("shrink"))
         for key, value in items:
-            _apply_override(data, str(key), copy.deepcopy(_plain(value)))
+            apply_override(data, str(key), copy.deepcopy(_plain(value)))
         config = RegistrationConfig.from_dict(data)
         if any(str(k).split(".")[-2:-1] == ["metric"] or str(k).endswith("metric")
                for k in overrides):
@@ -541,107 +458,6 @@ def _replace(stage: StageConfig, **changes) -> StageConfig:
     for k, v in changes.items():
         data[k] = v.to_dict() if hasattr(v, "to_dict") else v
     return StageConfig.from_dict(data)
-
-
-def _stage_valid_keys(stage: Mapping) -> list[str]:
-    keys = []
-    for k in _STAGE_KEYS:
-        v = stage.get(k)
-        if isinstance(v, Mapping) and k not in ("optimizer_options", "regularisers"):
-            valid = {"sampling": ("strategy", "count", "fraction", "jitter"),
-                     "convergence": ("tolerance", "window", "abs_tolerance")}.get(k, tuple(v))
-            keys.extend(f"{k}.{sub}" for sub in valid)
-        else:
-            keys.append(k if k not in ("optimizer_options", "regularisers") else f"{k}.<name>")
-    return keys
-
-
-def _set_in_stage(stage: dict, parts: list[str], value: Any, key: str) -> None:
-    head = parts[0]
-    if head not in _STAGE_KEYS:
-        valid = ["stages.<i>.<key>", "min_overlap", "name"] + _stage_valid_keys(stage)
-        raise ConfigError(f"unknown setting {key!r}; valid keys are: {', '.join(valid)}")
-    if len(parts) == 1:
-        if head == "metric" and isinstance(value, str) and value != stage["metric"]["name"]:
-            stage["metric"] = {"name": value}  # a new metric drops the old one's options
-        elif head == "optimizer" and value != stage["optimizer"]:
-            stage["optimizer"] = value  # a new optimiser drops the old one's options
-            stage["optimizer_options"] = {}
-        else:
-            stage[head] = value
-        return
-    if len(parts) != 2 or not isinstance(stage.get(head), dict):
-        raise ConfigError(f"setting {key!r}: '{head}' has no sub-keys")
-    sub = parts[1]
-    if head == "metric" and sub == "name" and value != stage["metric"].get("name"):
-        stage["metric"] = {"name": value}
-        return
-    if head in ("sampling", "convergence"):
-        valid = {"sampling": ("strategy", "count", "fraction", "jitter"),
-                 "convergence": ("tolerance", "window", "abs_tolerance")}[head]
-        if sub not in valid:
-            raise ConfigError(f"unknown setting {key!r}; valid keys of '{head}' are: "
-                              f"{', '.join(valid)}")
-        if head == "sampling" and sub == "fraction" and "count" in stage[head]:
-            stage[head].pop("count")
-        if head == "sampling" and sub == "count" and "fraction" in stage[head]:
-            stage[head].pop("fraction")
-    stage[head][sub] = value
-
-
-_LEVEL_KEYS = ("learning_rate", "iterations")
-
-
-def _adapt_levels(values: Any, n: int) -> Any:
-    if not isinstance(values, list) or not values:
-        return values
-    if all(v == values[0] for v in values):
-        return values[0]
-    if len(values) > n:
-        return values[-n:]
-    return [values[0]] * (n - len(values)) + values
-
-
-def _collapse_levels(stages: list[dict], n: int) -> None:
-    """Adapt per-level lists to a new number of levels `n` before the shrink factors change:
-    lists of one repeated value become that value; longer lists keep their last (finest) `n`
-    values; shorter ones repeat their first (coarsest) value in front. Smoothing is derived
-    again from the new shrink factors unless it is overridden too."""
-    for stage in stages:
-        if len(stage.get("shrink", [])) == n:
-            continue
-        for key in _LEVEL_KEYS:
-            stage[key] = _adapt_levels(stage.get(key), n)
-        sampling = stage.get("sampling")
-        if isinstance(sampling, dict) and "count" in sampling:
-            sampling["count"] = _adapt_levels(sampling["count"], n)
-        stage["smoothing_mm"] = None
-
-
-def _apply_override(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if any(not p for p in parts):
-        raise ConfigError(f"invalid setting key {key!r}")
-    if parts[0] in ("min_overlap", "name") and len(parts) == 1:
-        data[parts[0]] = value
-        return
-    if parts[0] == "stages":
-        n = len(data["stages"])
-        if len(parts) < 3 or not parts[1].lstrip("-").isdigit():
-            raise ConfigError(f"setting {key!r}: expected 'stages.<index>.<key>' with an index "
-                              f"0..{n - 1}")
-        i = int(parts[1])
-        if not -n <= i < n:
-            raise ConfigError(f"setting {key!r}: stage index {i} out of range; this "
-                              f"registration has {n} stage(s), 0..{n - 1}")
-        if parts[2:] == ["shrink"] and isinstance(value, list):
-            _collapse_levels([data["stages"][i]], len(value))
-        _set_in_stage(data["stages"][i], parts[2:], value, key)
-        return
-    if parts == ["shrink"] and isinstance(value, list):
-        _collapse_levels(data["stages"], len(value))
-    for stage in data["stages"]:
-        _set_in_stage(stage, parts, copy.deepcopy(value), key)
 
 
 # ---------------------------------------------------------------------------------- presets
