@@ -138,10 +138,8 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None, *
     try:
         t0 = time.perf_counter()
         field = None
-        if "warped" in selected and "displacement" in selected and not transform.is_linear:
-            field = _warp_and_field(result)  # one full-resolution evaluation of T for both
-        elif "warped" in selected and transform.is_linear:
-            _warp_linear(result)
+        if "warped" in selected:  # and the field from the same evaluation of T
+            field = _warp_fast(result, "displacement" in selected and not transform.is_linear)
         if "warped" in selected:
             warped = result.warped
             submit(io.write_image, warped, folder / f"warped{suffix}", compress=mode)
@@ -182,70 +180,30 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None, *
     return report["outputs"]
 
 
-def _warp_linear(result) -> None:
-    """Fill ``result.warped`` of a linear run the fast way: one matrix from the fixed grid's
-    ``grid_sample`` coordinates to the moving grid's (both from :class:`~itreg.grid.Grid`'s
-    matrices, composed in float64), ``affine_grid`` and one ``grid_sample``; the same linear
-    interpolation, border handling and inside test (voxel extent, ``-0.5 <= index < n - 0.5``)
-    as :func:`itreg.warp.resample`, without the three full-resolution point arrays it makes.
-    Nothing is done for label or non-float32 images, or axes of one voxel."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from itreg.image import Image
-    from itreg.transforms import Compose
-
-    moving, transform, grid = result.moving, result.transform, result.fixed.grid
-    if ("warped" in getattr(result, "__dict__", {}) or moving.is_label
-            or moving.data.dtype != torch.float32 or min(grid.size) < 2
-            or min(moving.grid.size) < 2):
-        return
-    lin = transform.linear_part() if isinstance(transform, Compose) else transform
-    a = lin.homogeneous().detach().to("cpu", torch.float64).numpy()
-    theta = (moving.grid.world_to_normalized_matrix() @ a
-             @ np.linalg.inv(grid.world_to_normalized_matrix()))
-    d = grid.ndim
-    data = moving.data
-    with torch.no_grad():
-        coords = F.affine_grid(
-            torch.as_tensor(theta[:d], dtype=torch.float32, device=data.device)[None],
-            [1, data.shape[0], *grid.shape], align_corners=True)
-        values = F.grid_sample(data[None], coords, mode="bilinear", padding_mode="border",
-                               align_corners=True)[0]
-        # index = (u + 1) (n - 1) / 2 lies in [-0.5, n - 0.5)  <=>  |u| within 1 + 1 / (n - 1).
-        half = torch.tensor([1.0 / (n - 1) for n in moving.grid.size], dtype=coords.dtype,
-                            device=coords.device)
-        inside = ((coords >= -1 - half) & (coords < 1 + half)).all(dim=-1)[0]
-        values = torch.where(inside[None], values, values.new_zeros(()))
-    result.__dict__["warped"] = Image(values, grid, is_label=False)
-
-
-def _warp_and_field(result):
-    """Fill ``result.warped`` and return ``T(x) - x`` on the fixed grid as a
-    :class:`~itreg.transforms.dense.DisplacementField`, from one evaluation of ``T`` on the grid
-    (what ``result.warped`` and :func:`itreg.io.write_displacement_field` would each compute
-    on their own, the same float32 points). None (nothing done) where the two would not use
-    the same points: a non-float32 moving image or transform, or ``warped`` already computed.
+def _warp_fast(result, field: bool):
+    """Fill ``result.warped`` through :func:`itreg.warp.warp_on_grid` (linear runs, and
+    B-spline runs on a control grid of the fixed grid's direction: one ``affine_grid`` and
+    three per-axis matrix products instead of full-resolution point arrays) and, with `field`,
+    return ``T(x) - x`` on the fixed grid as a
+    :class:`~itreg.transforms.dense.DisplacementField` (None otherwise). Nothing is done
+    (None) where that path does not apply or ``warped`` is already computed; the callers then
+    take the general path (:func:`itreg.warp.resample`, :func:`itreg.io.write_displacement_field`).
     """
     import torch
 
-    from itreg.image import Image
     from itreg.transforms.dense import DisplacementField
-    from itreg.warp import sample
+    from itreg.warp import warp_on_grid
 
     moving, transform, grid = result.moving, result.transform, result.fixed.grid
-    params = [p for p in transform.parameters()] + [b for b in transform.buffers()]
-    if ("warped" in getattr(result, "__dict__", {}) or moving.data.dtype != torch.float32
-            or any(t.is_floating_point() and t.dtype != torch.float32 for t in params)
-            or moving.is_label):
+    if "warped" in getattr(result, "__dict__", {}) or moving.data.dtype != torch.float32:
         return None
-    with torch.no_grad():
-        points = transform.on_grid(grid, dtype=torch.float32, device=moving.device)
-        values, _ = sample(moving, points, mode="auto")
-        result.__dict__["warped"] = Image(values, grid, is_label=False)
-        points -= grid.points(dtype=torch.float32, device=points.device)
-    return DisplacementField(torch.movedim(points, -1, 0), grid, learnable=False)
+    out = warp_on_grid(moving, transform, grid, field=field)
+    if out is None:
+        return None
+    result.__dict__["warped"], disp = out
+    if disp is None:
+        return None
+    return DisplacementField(torch.movedim(disp, -1, 0), grid, learnable=False)
 
 
 def _fixed_mask(inputs, grid):

@@ -313,3 +313,120 @@ def resample(
 ) -> Image:
     """Resample `image` onto `grid` through `transform` (see :func:`resample_with_mask`)."""
     return resample_with_mask(image, transform, grid, mode=mode, padding=padding)[0]
+
+
+def _linear_and_bspline(transform: Transform) -> tuple[Tensor, Transform | None] | None:
+    """``(H, spline)`` with ``T(x) = H [x + spline(x) - x; 1]`` (homogeneous ``H``, float64)
+    when `transform` is linear (``spline`` None), a B-spline, or a :class:`Compose` of linear
+    transforms applied after one B-spline; else None."""
+    from itreg.transforms.bspline import BSpline
+    from itreg.transforms.compose import Compose
+
+    parts = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+    spline = parts.pop() if isinstance(parts[-1], BSpline) else None
+    h = torch.eye(transform.ndim + 1, dtype=torch.float64)
+    for t in parts:  # outermost first
+        if not t.is_linear:
+            return None
+        if hasattr(t, "homogeneous"):
+            h = h @ t.homogeneous().detach().to("cpu", torch.float64)
+        elif type(t).__name__ != "Identity":
+            return None
+    return h, spline
+
+
+def _separable_map(grid: Grid, affine, linear, spline: Transform | None, dtype,
+                   device) -> Tensor:
+    """``affine [x; 1] + linear d(x)`` on every voxel ``x`` of `grid`, ``(*grid.shape, D)``,
+    for `spline` the B-spline displacement ``d`` (None: zero) on a control grid of `grid`'s
+    direction, ``affine`` a (D+1) x (D+1) and ``linear`` a D x D float64 array.
+
+    Separable: the affine part is linear in each voxel index and the B-spline part is a tensor
+    product of per-axis weight matrices (of the coefficients mapped by ``matrix``'s linear
+    part), so all but the first tensor axis are contracted on the small coefficient grid, and
+    one matrix product over that axis, with two extra rows for the affine part, writes the
+    full-resolution result once (no point arrays, no ``affine_grid``)."""
+    import numpy as np
+
+    d = grid.ndim
+    g = torch.as_tensor((affine @ grid.index_to_world_matrix())[:d], dtype=dtype,
+                        device=device)  # index -> output, (D, D + 1)
+    rest = tuple(reversed(grid.size[:-1]))  # tensor shape of the other axes
+    if spline is None:
+        first = torch.zeros(grid.size[-1], 0, dtype=dtype, device=device)
+        rows = torch.zeros(0, math.prod(rest) * d, dtype=dtype, device=device)
+    else:
+        mats = spline.axis_matrices(grid, dtype, device)
+        coef = torch.tensordot(torch.as_tensor(np.asarray(linear), device=device),
+                               spline.coefficients.detach().to(device, torch.float64),
+                               dims=([1], [0]))
+        out = torch.movedim(coef.to(dtype), 0, -1)  # (*M, D), tensor order
+        for t in range(d - 1, 0, -1):  # tensor axis t is ITK axis d - 1 - t
+            out = torch.movedim(torch.tensordot(mats[d - 1 - t], out, dims=([1], [t])), 0, t)
+        first, rows = mats[-1], out.reshape(out.shape[0], -1)
+    # Affine part over the other axes (a small plane) and its slope along the first one.
+    plane = g[:, d].expand(*rest, d).clone()
+    for a in range(d - 1):
+        index = torch.arange(grid.size[a], dtype=dtype, device=device)
+        shape = [1] * (d - 1)
+        shape[d - 2 - a] = grid.size[a]
+        plane += (index[:, None] * g[:, a]).reshape(*shape, d)
+    slope = g[:, d - 1].expand(*rest, d)
+    n = grid.size[-1]
+    weights = torch.cat([first, torch.ones(n, 1, dtype=dtype, device=device),
+                         torch.arange(n, dtype=dtype, device=device)[:, None]], dim=1)
+    rows = torch.cat([rows, plane.reshape(1, -1), slope.reshape(1, -1)])
+    return (weights @ rows).reshape(*grid.shape, d)
+
+
+def warp_on_grid(image: Image, transform: Transform, grid: Grid, *,
+                 field: bool = False) -> tuple[Image, Tensor | None] | None:
+    """Linear resampling of `image` onto `grid` through a linear transform, or linear
+    transforms after a cubic B-spline whose control grid has `grid`'s direction (what affine
+    and B-spline registration return), without the full-resolution point arrays of
+    :func:`resample`; the same values, inside test and padding (0).
+
+    With ``T(x) = H (x + d(x))`` (``H`` affine) and the moving grid's ``grid_sample``
+    coordinates ``N_m``, the coordinates of voxel ``x`` are ``N_m H x`` (linear in each voxel
+    index) plus ``N_m,lin H_lin d(x)``, a B-spline whose coefficients are ``N_m,lin H_lin c``:
+    per-axis matrix products (:func:`_separable_map`). Not differentiable (no_grad).
+
+    Args:
+        image: a floating-point intensity image (not a label map), at least 2 voxels per axis.
+        transform: fixed -> moving world map.
+        grid: the output grid, at least 2 voxels per axis.
+        field: also return ``T(x) - x`` on `grid`, ``(*grid.shape, D)`` in world mm.
+
+    Returns:
+        ``(warped, field or None)``, or None where this path does not apply (other transforms,
+        label or integer images, a control grid of another direction, axes of one voxel):
+        use :func:`resample` there.
+    """
+    import numpy as np
+
+    data = image.data
+    if (image.is_label or not data.is_floating_point() or transform.ndim != grid.ndim
+            or grid.ndim != image.ndim or min(grid.size) < 2 or min(image.grid.size) < 2):
+        return None
+    split = _linear_and_bspline(transform)
+    if split is None:
+        return None
+    h, spline = split
+    if spline is not None and not spline.same_direction(grid):
+        return None
+    d, dtype, device = grid.ndim, data.dtype, data.device
+    h = h.numpy()
+    n_m = image.grid.world_to_normalized_matrix()
+    with torch.no_grad():
+        # T(x) - x = H [x + d(x); 1] - [x; 1] = (H - I) [x; 1] + H_lin d(x).
+        disp = (_separable_map(grid, h - np.eye(d + 1), h[:d, :d], spline, dtype, device)
+                if field else None)
+        coords = _separable_map(grid, n_m @ h, (n_m @ h)[:d, :d], spline, dtype, device)
+        values = F.grid_sample(data[None], coords[None], mode="bilinear",
+                               padding_mode="border", align_corners=True)[0]
+        # index = (u + 1) (n - 1) / 2 lies in [-0.5, n - 0.5)  <=>  u in [-1 - h, 1 + h).
+        half = torch.tensor([1.0 / (n - 1) for n in image.grid.size], dtype=dtype,
+                            device=device)
+        inside = ((coords >= -1 - half) & (coords < 1 + half)).all(dim=-1)
+        values = torch.where(inside[None], values, values.new_zeros(()))
+    return Image(values, grid, is_label=False), disp

@@ -92,6 +92,19 @@ def _contract(coefficients: Tensor, matrices: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def _contract_channels_last(values: Tensor, matrices: Sequence[Tensor]) -> Tensor:
+    """:func:`_contract` for ``values (*M, C)`` (channels last): contiguous ``(*N, C)``.
+
+    The first tensor axis (z in 3D) is contracted last, as one matrix product whose result is
+    already in place (no copy of the full-resolution output).
+    """
+    d = len(matrices)
+    out = values
+    for t in range(d - 1, -1, -1):  # tensor axis t is ITK axis d - 1 - t
+        out = torch.movedim(torch.tensordot(matrices[d - 1 - t], out, dims=([1], [t])), 0, t)
+    return out.contiguous()
+
+
 #: Gauss-Legendre nodes and weights on [0, 1]; 4 nodes integrate the degree-6 products of
 #: cubic B-spline pieces exactly.
 _LEGENDRE = np.polynomial.legendre.leggauss(4)
@@ -309,7 +322,7 @@ class BSpline(Transform):
         device = device if device is not None else disp.device
         disp = disp.detach().to(dtype=torch.float64, device=device)
         spline = cls(grid, control_spacing_mm, dtype=torch.float64, device=device)
-        inverses = [torch.linalg.pinv(m) for m in spline._axis_matrices(grid, torch.float64,
+        inverses = [torch.linalg.pinv(m) for m in spline.axis_matrices(grid, torch.float64,
                                                                        device)]
         coefficients = _contract(torch.movedim(disp, -1, 0), inverses)
         return cls.from_control_grid(spline.control_grid, coefficients, dtype=dtype,
@@ -457,12 +470,14 @@ class BSpline(Transform):
 
         return IterativeInverse(self, max_iterations=max_iterations, tolerance_mm=tolerance_mm)
 
-    def _same_direction(self, grid: Grid) -> bool:
+    def same_direction(self, grid: Grid) -> bool:
+        """Whether `grid` has the control grid's direction (then the displacement on it is
+        separable: :meth:`axis_matrices`)."""
         return grid.ndim == self.ndim and bool(
             np.allclose(grid.direction, self.control_grid.direction, atol=_DIRECTION_TOL)
         )
 
-    def _axis_matrices(self, grid: Grid, dtype, device) -> list[Tensor]:
+    def axis_matrices(self, grid: Grid, dtype, device) -> list[Tensor]:
         """Per-axis weight matrices ``W_a (grid.size[a], control_grid.size[a])``."""
         mats = []
         d = self.ndim
@@ -491,11 +506,11 @@ class BSpline(Transform):
         """
         dtype = dtype or self.coefficients.dtype
         device = device or self.coefficients.device
-        if not self._same_direction(grid):
+        if not self.same_direction(grid):
             return self._displacement_points(grid.points(dtype=dtype, device=device))
-        mats = self._axis_matrices(grid, dtype, device)
-        disp = _contract(self._coefficients_as(dtype, device), mats)  # (D, *grid.shape)
-        return torch.movedim(disp, 0, -1).contiguous()
+        mats = self.axis_matrices(grid, dtype, device)
+        coef = torch.movedim(self._coefficients_as(dtype, device), 0, -1)  # (*M, D)
+        return _contract_channels_last(coef, mats)
 
     def on_grid(self, grid: Grid, dtype: torch.dtype | None = None, device=None) -> Tensor:
         """``T(x)`` on every voxel of `grid`, ``(*grid.shape, D)``; fast separable path."""
