@@ -52,6 +52,7 @@ from torch import Tensor
 
 from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
+from itreg.metrics.neural import critic_steps
 
 logger = logging.getLogger(__name__)
 
@@ -273,11 +274,10 @@ def _axis_params(axes: Sequence[str], ndim: int) -> list[tuple[str, int]]:
 
 
 def _fit_critic(metric, f: Tensor, m: Tensor, mask: Tensor, ranges, steps: int, lr: float):
+    """`steps` Adam steps of the critic at one alignment (stops at a non-finite value)."""
     opt = torch.optim.Adam(metric.critic_parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        metric(f, m, mask=mask, fixed_range=ranges[0], moving_range=ranges[1]).backward()
-        opt.step()
+    critic_steps(metric, opt, lambda: metric(f, m, mask=mask, fixed_range=ranges[0],
+                                             moving_range=ranges[1]), steps)
 
 
 def metric_landscape(

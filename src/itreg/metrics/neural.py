@@ -44,7 +44,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NeuralMI",
+    "critic_steps",
     "derangement",
     "kldiv_metric",
     "mine_metric",
@@ -309,6 +310,32 @@ def save_critic(metric: NeuralMI, path: str | os.PathLike, extra: dict | None = 
 
 
 # ---------------------------------------------------------------------------------- training
+def critic_steps(metric: NeuralMI, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[], Tensor], steps: int = 1) -> int:
+    """Up to `steps` optimiser steps of a trainable metric's critic, each descending
+    ``loss_fn()`` (the metric's loss: ascending its bound).
+
+    Stops at the first non-finite loss or critic gradient, without stepping on it. The one
+    critic step of the landscapes (:mod:`itreg.evaluate.landscape`) and the registration
+    networks' trainer (:mod:`itreg.train.regnet`); pre-training on pairs is
+    :func:`itreg.train.critic.train_critic`.
+
+    Returns:
+        The number of steps taken.
+    """
+    params = metric.critic_parameters()
+    for taken in range(int(steps)):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        if not bool(torch.isfinite(loss)):
+            return taken
+        loss.backward()
+        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
+            return taken
+        optimizer.step()
+    return int(steps)
+
+
 def _values(x: Any) -> Tensor:
     data = getattr(x, "data", x)
     if not isinstance(data, Tensor):

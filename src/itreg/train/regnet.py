@@ -87,6 +87,7 @@ from itreg.errors import ConfigError, OutputExistsError
 from itreg.evaluate import dice as dice_score
 from itreg.grid import Grid
 from itreg.metrics import get_metric
+from itreg.metrics.neural import critic_steps
 from itreg.nets.regnets import (
     AffineNet,
     Cascade,
@@ -371,16 +372,8 @@ class _Trainer:
         return torch.optim.Adam(self.metric.critic_parameters(), lr=lr)
 
     def _critic_step(self, copt: torch.optim.Optimizer, fixed: Tensor, warped: Tensor) -> bool:
-        copt.zero_grad(set_to_none=True)
-        loss = self._similarity(fixed, warped.detach())
-        if not bool(torch.isfinite(loss)):
-            return False
-        loss.backward()
-        if not all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                   for p in self.metric.critic_parameters()):
-            return False
-        copt.step()
-        return True
+        return critic_steps(self.metric, copt,
+                            lambda: self._similarity(fixed, warped.detach())) == 1
 
     def _critic_warmup(self, stage: str, stage_index: int, copt: torch.optim.Optimizer) -> None:
         n = self.config.critic_warmup
