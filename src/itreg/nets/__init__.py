@@ -2,7 +2,8 @@
 
 :mod:`itreg.nets.regnets` holds AffineNet, DeformNet and their cascade (papers 001, 003, 004),
 :mod:`itreg.nets.inference` registers a pair with a trained one (``register --net``),
-:mod:`itreg.nets.dcc` the deep-combined-computing network of paper 002 and
+:mod:`itreg.nets.dcc` the deep-combined-computing network of paper 002 (its group pieces in
+:mod:`itreg.nets.dcc_group`) and
 :mod:`itreg.nets.dcc_apply` its application to a group (``groupwise --net``). The model-file
 format and the small networks of the learned metrics are building blocks below the metrics
 (:mod:`itreg.blocks`); the model-file functions are re-exported here for convenience.
