@@ -154,7 +154,9 @@ def itreg_labels(case: Path, out: Path) -> dict:
     from itreg.warp import resample
 
     report = json.loads((out / "report.json").read_text())
-    transform = "displacement.nii.gz" if (out / "displacement.nii.gz").exists() else "transform.tfm"
+    # transform.h5: the whole map (a B-spline run writes no displacement.nii.gz by default).
+    transform = next((n for n in ("displacement.nii.gz", "transform.h5", "transform.tfm")
+                      if (out / n).exists()), "transform.tfm")
     labels = io.read_image(case / "moving_labels.nii.gz", is_label=True)
     grid = io.read_header(case / "fixed.nii.gz").grid
     warped = resample(labels, read_any(out / transform), grid, mode="nearest")

@@ -66,7 +66,8 @@ def test_deformable_run_writes_a_displacement_field(pair, tmp_path, cli):
     fixed, moving = pair
     out = tmp_path / "out"
     code, _, err = cli(["register", str(fixed), str(moving), "-o", str(out), "--transform",
-                        "bspline", "--set", "iterations=10", "--quiet"])
+                        "bspline", "--set", "iterations=10", "--quiet", "--outputs",
+                        "warped,transform,field"])
     assert code == 0, err
     field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     ref = sitk.ReadImage(str(fixed))

@@ -73,6 +73,7 @@ def test_select_outputs():
 
     assert select_outputs(None) == DEFAULT_OUTPUTS == ("warped", "transform", "displacement")
     assert select_outputs("all") == OUTPUTS
+    assert select_outputs("field,warped") == ("warped", "displacement")
     assert select_outputs("transform, warped") == ("warped", "transform")
     for bad in ("warp", "", "warped,jacobian"):
         with pytest.raises(ConfigError, match="outputs"):
@@ -137,11 +138,32 @@ def test_cli_outputs_and_compress_none(pair, tmp_path, cli):
                         "-t", "bspline", *FAST])
     assert code == 0, err
     gz_names = sorted(p.name for p in (tmp_path / "gz").iterdir() if not p.name.startswith("."))
-    assert gz_names == ["displacement.nii.gz", "report.json", "transform.h5", "transform.tfm",
-                        "warped.nii.gz"]  # the default: no inverse field
+    # The default for a B-spline run: no field (transform.h5 holds the exact B-spline), no
+    # inverse field.
+    assert gz_names == ["report.json", "transform.h5", "transform.tfm", "warped.nii.gz"]
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii"))),
         sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "gz" / "warped.nii.gz"))))
+
+
+def test_default_outputs_follow_the_transform():
+    """A B-spline run's default leaves out the field (its ITK file is exact); a dense field
+    transform keeps it (the field is the transform, as ANTs writes it)."""
+    from itreg.grid import Grid
+    from itreg.outputs import select_outputs
+    from itreg.transforms import Affine, Compose
+    from itreg.transforms.bspline import BSpline
+    from itreg.transforms.dense import DisplacementField
+
+    grid = Grid((8, 9), spacing=(1.0, 1.0))
+    spline = BSpline(grid, 4.0)
+    field = DisplacementField(torch.zeros(2, *grid.shape), grid)
+    assert select_outputs(None, Compose(Affine(2), spline)) == ("warped", "transform")
+    assert select_outputs(None, spline) == ("warped", "transform")
+    assert select_outputs(None, Compose(Affine(2), field)) == ("warped", "transform",
+                                                                "displacement")
+    assert select_outputs(None, Affine(2)) == ("warped", "transform", "displacement")
+    assert select_outputs("all", spline) == ("warped", "transform", "displacement", "inverse")
 
 
 def test_cli_refuses_unknown_outputs_before_reading(pair, tmp_path, cli):
@@ -164,7 +186,7 @@ def test_shared_grid_evaluation_writes_what_each_output_computes_alone(tmp_path)
     moving = from_sitk(blob_image(shift=(2.0, -1.0), remap=True))
     result = register(fixed, moving, transform="bspline", overrides={"iterations": 10},
                       progress=False)
-    out = save_registration(result, tmp_path / "o")
+    out = save_registration(result, tmp_path / "o", outputs="warped,transform,field")
     with torch.no_grad():
         warped = resample(result.moving, result.transform, fixed.grid, mode="auto")
         disp = result.transform.displacement(fixed.grid)

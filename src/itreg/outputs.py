@@ -22,19 +22,36 @@ def is_image_path(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-#: Output names of ``register --outputs`` and :func:`write_registration`.
+#: Output names of ``register --outputs`` and :func:`write_registration` (``field`` is read as
+#: ``displacement``).
 OUTPUTS = ("warped", "transform", "displacement", "inverse")
 #: What ``register`` writes by default: the warped image and the transform files (what
-#: SimpleITK's and ANTs' users get; linear runs also get their exact inverse, which is free).
-#: The inverse field of a deformable run is asked for with ``inverse`` or ``all``: its
-#: fixed-point inversion at full resolution takes many times the registration itself (about
-#: 12x for a 1 mm B-spline run, benchmarks/results/2026-12-08-end-to-end.md).
+#: SimpleITK's, elastix's and ANTs' users get; linear runs also get their exact inverse, which
+#: is free), plus ``displacement.nii.gz`` where a dense field is the transform itself (as ANTs
+#: writes its warp): not for a B-spline run, whose ``transform.h5`` holds the exact ITK
+#: ``BSplineTransform`` (elastix writes no field by default either; at 0.75 mm writing it took most
+#: of the 4.4 s of writing, against 6.75 s of registration:
+#: benchmarks/results/2026-12-08-end-to-end.md). The
+#: inverse field of a deformable run is asked for with ``inverse`` or ``all``: its fixed-point
+#: inversion at full resolution takes many times the registration itself (about 12x for a 1 mm
+#: B-spline run).
 DEFAULT_OUTPUTS = ("warped", "transform", "displacement")
 
 
-def select_outputs(outputs=None) -> tuple[str, ...]:
-    """Normalise an output selection: None (the default set), ``"all"``, a comma-separated
-    string or names from :data:`OUTPUTS`, in :data:`OUTPUTS` order.
+def _bspline_run(transform) -> bool:
+    """Whether every non-linear part of `transform` is a B-spline (its ITK file is exact)."""
+    from itreg.transforms import Compose
+    from itreg.transforms.bspline import BSpline
+
+    parts = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+    deformable = [t for t in parts if not t.is_linear]
+    return bool(deformable) and all(isinstance(t, BSpline) for t in deformable)
+
+
+def select_outputs(outputs=None, transform=None) -> tuple[str, ...]:
+    """Normalise an output selection: None (the default set, :data:`DEFAULT_OUTPUTS`, without
+    ``displacement`` when `transform` is a B-spline run), ``"all"``, a comma-separated string
+    or names from :data:`OUTPUTS` (``field`` for ``displacement``), in :data:`OUTPUTS` order.
 
     Raises:
         ConfigError: an unknown name, or an empty selection.
@@ -42,15 +59,18 @@ def select_outputs(outputs=None) -> tuple[str, ...]:
     from itreg.errors import ConfigError
 
     if outputs is None:
+        if transform is not None and _bspline_run(transform):
+            return tuple(n for n in DEFAULT_OUTPUTS if n != "displacement")
         return DEFAULT_OUTPUTS
     names = outputs.split(",") if isinstance(outputs, str) else list(outputs)
     names = [str(n).strip().lower() for n in names if str(n).strip()]
+    names = ["displacement" if n == "field" else n for n in names]
     if "all" in names:
         return OUTPUTS
     bad = [n for n in names if n not in OUTPUTS]
     if bad or not names:
-        raise ConfigError(f"outputs {outputs!r}: choose from {', '.join(OUTPUTS)} or all "
-                          "(comma-separated); report.json is always written")
+        raise ConfigError(f"outputs {outputs!r}: choose from {', '.join(OUTPUTS)} (or field) "
+                          "or all (comma-separated); report.json is always written")
     return tuple(n for n in OUTPUTS if n in names)
 
 
@@ -80,7 +100,8 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None, *
                        timings: dict | None = None, threads: int = 2) -> list[str]:
     """Write a registration result's files into an existing `folder` (not atomic).
 
-    Files, by output name (`outputs`; default :data:`DEFAULT_OUTPUTS`: all but ``inverse``):
+    Files, by output name (`outputs`; default :data:`DEFAULT_OUTPUTS`: all but ``inverse``, and
+    but ``displacement`` for B-spline runs):
 
     * ``warped``: ``warped.nii.gz``, the moving image resampled onto the fixed grid;
     * ``transform``: ``transform.tfm``, the linear part, fixed -> moving, ITK convention (the
@@ -123,7 +144,7 @@ def write_registration(result, folder: str | Path, inputs: dict | None = None, *
     from itreg.pipeline import write_transform_outputs
     from itreg.transforms import Affine
 
-    selected = select_outputs(outputs)
+    selected = select_outputs(outputs, result.transform)
     mode = compression_mode(compress)
     suffix = ".nii" if mode == "none" else ".nii.gz"
     folder = Path(folder)

@@ -243,8 +243,10 @@ def _warp_labels(job: Job, outdir: Path) -> None:
     ``itreg apply --labels`` does); the file is the job's own, so it is replaced."""
     from itreg.outputs import apply_transform_file
 
-    displacement = outdir / "displacement.nii.gz"
-    transform = displacement if displacement.exists() else outdir / "transform.tfm"
+    # transform.h5 is the whole map (exact B-spline; displacement.nii.gz is not written for
+    # B-spline runs by default); older output folders may hold only the field or the .tfm.
+    names = ("transform.h5", "displacement.nii.gz", "transform.tfm")
+    transform = next((outdir / n for n in names if (outdir / n).exists()), outdir / names[-1])
     apply_transform_file(job.moving_labels, job.fixed, transform, outdir / LABELS_FILE,
                          labels=True, force=True)
 

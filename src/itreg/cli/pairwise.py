@@ -42,15 +42,17 @@ from itreg.errors import ConfigError
               help="With --refine: start a B-spline refinement from the least-squares FFD of "
                    "a deformable prediction (fit, the default) or keep the prediction as a "
                    "fixed outer transform (compose).")
-@click.option("--outputs", "outputs", default="warped,transform,displacement", show_default=True,
-              metavar="LIST",
+@click.option("--outputs", "outputs", default=None, metavar="LIST",
               help="What to write, comma-separated: warped (warped.nii.gz), transform "
                    "(transform.tfm, transform.h5; linear runs also inverse.tfm), "
-                   "displacement (deformable runs: displacement.nii.gz), inverse (deformable "
-                   "runs: inverse_displacement.nii.gz and its consistency in the report; "
-                   "many times the registration's time), or all. report.json is always "
-                   "written; work an output needs is skipped when it is not asked for "
-                   "(e.g. --outputs transform: no resampling).")
+                   "displacement or field (deformable runs: displacement.nii.gz), inverse "
+                   "(deformable runs: inverse_displacement.nii.gz and its consistency in the "
+                   "report; many times the registration's time), or all. Default: warped, "
+                   "transform, and displacement where a dense field is the transform (--net "
+                   "field networks); a B-spline run's transform.h5 holds its exact ITK "
+                   "BSplineTransform, so its field is written only on request. report.json "
+                   "is always written; work an output needs is skipped when it is not asked "
+                   "for (e.g. --outputs transform: no resampling).")
 @click.option("--compress", type=click.Choice(["fast", "best", "none"]), default="fast",
               show_default=True,
               help="Compression of the image outputs: fast (gzip, run-length strategy), best "
@@ -66,8 +68,9 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
     Writes OUTPUT/warped.nii.gz, OUTPUT/transform.tfm (linear part, fixed -> moving),
     OUTPUT/transform.h5 (the whole map), OUTPUT/report.json (with the seconds of each stage
     under timings_s: import, read, prepare, register, resample, transforms, write), for
-    linear runs OUTPUT/inverse.tfm and for deformable runs OUTPUT/displacement.nii.gz; --outputs all adds a deformable run's
-    inverse_displacement.nii.gz, --outputs picks fewer.
+    linear runs OUTPUT/inverse.tfm and for dense-field (network) runs
+    OUTPUT/displacement.nii.gz; --outputs field adds a B-spline run's displacement field,
+    --outputs all also a deformable run's inverse_displacement.nii.gz, --outputs picks fewer.
 
     With --net MODEL.pt a trained network predicts the transform in one pass (the same
     outputs); --refine then continues iteratively from its prediction (--transform, --metric
@@ -79,7 +82,7 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
     from itreg.outputs import select_outputs
 
     t_start = time.perf_counter()
-    selected = select_outputs(outputs)
+    select_outputs(outputs)  # refuse unknown names before torch loads
     inputs = {"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask,
               "moving_mask": moving_mask, "config": config, "net": net}
     init_path = None if init in ("centers", "moments", "none") else Path(init)
@@ -102,7 +105,7 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
     fmask = io.read_mask(fixed_mask, fixed_img.grid) if fixed_mask else None
     mmask = io.read_mask(moving_mask, moving_img.grid) if moving_mask else None
     t_read = time.perf_counter()
-    save = {"outputs": selected, "compress": compress,
+    save = {"outputs": outputs, "compress": compress,
             "timings": {"import": t_import - t_start, "read": t_read - t_import}}
     if net is not None:
         if init != "centers":
