@@ -36,7 +36,7 @@ from itreg.errors import ConfigError, GeometryError
 from itreg.grid import Grid
 from itreg.image import Image
 from itreg.transforms.base import Transform
-from itreg.transforms.bspline import cubic_bspline_weights
+from itreg.transforms.bspline_basis import cubic_bspline_weights
 
 logger = logging.getLogger(__name__)
 
