@@ -203,10 +203,10 @@ def test_shared_grid_evaluation_writes_what_each_output_computes_alone(tmp_path)
 def test_parts_deflated_in_parallel_make_one_valid_gzip_stream(tmp_path, monkeypatch, mode):
     import zlib
 
-    from itreg.io import images
+    from itreg.io import writing
 
-    monkeypatch.setattr(images, "_GZIP_CHUNK", 4096)  # several parts on a small image
-    monkeypatch.setattr(images.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(writing, "_GZIP_CHUNK", 4096)  # several parts on a small image
+    monkeypatch.setattr(writing.os, "cpu_count", lambda: 4)
     img = _image()
     path = io.write_image(img, tmp_path / "x.nii.gz", compress=mode)
     blob = path.read_bytes()

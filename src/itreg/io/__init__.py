@@ -12,7 +12,8 @@ import importlib
 #: of a command (:mod:`itreg.io.outputs`, no torch) answer before torch and SimpleITK load.
 _NAMES = {
     "images": ("ImageHeader", "check_image", "default_max_bytes", "from_sitk", "read_header",
-               "read_image", "read_mask", "to_sitk", "write_image"),
+               "read_image", "read_mask"),
+    "writing": ("to_sitk", "write_image"),
     "landmarks": ("read_landmarks", "write_landmarks"),
     "outputs": ("atomic_output_dir", "atomic_output_file", "check_output_dir",
                 "check_output_file"),

@@ -17,13 +17,9 @@ checked for truncation (SimpleITK zero-fills a truncated ``.nii``/``.nii.gz`` si
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import logging
 import math
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +38,17 @@ from itreg.errors import (
 from itreg.grid import MAX_VOXELS, Grid
 from itreg.image import Image
 from itreg.io._native import (
-    atomic_write,
     check_input_file,
-    full_suffix,
     quiet_native_stderr,
     sitk_message,
+)
+from itreg.io.nifti import _check_nifti_complete, _check_nifti_size
+from itreg.io.writing import (  # noqa: F401  (writing's names, importable from here too)
+    COMPRESSION,
+    compression_mode,
+    to_sitk,
+    write_image,
+    write_sitk_image,
 )
 
 logger = logging.getLogger("itreg.io")
@@ -124,144 +126,6 @@ class ImageHeader:
     grid: Grid
     components: int
     pixel_type: str
-
-
-# ---------------------------------------------------------------------------------- NIfTI checks
-def _nifti_layout(header: bytes) -> tuple[int, int] | None:
-    """``(voxel data offset, data bytes)`` from a NIfTI-1/2 header, or None if not NIfTI."""
-    info = _nifti_info(header)
-    return None if info is None else info[:2]
-
-
-def _nifti_info(header: bytes) -> tuple[int, int, np.dtype | None] | None:
-    """``(offset, data bytes, float dtype or None)`` from a NIfTI-1/2 header, or None."""
-    for endian in ("<", ">"):
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            datatype = struct.unpack(endian + "h", header[70:72])[0]
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 352)
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            dims = struct.unpack(endian + "8q", header[16:80])
-            datatype = struct.unpack(endian + "h", header[12:14])[0]
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            offset = max(int(struct.unpack(endian + "q", header[168:176])[0]), 544)
-            break
-    else:
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    count = math.prod(max(int(n), 1) for n in dims[1 : ndim + 1])
-    # NIfTI datatype codes 16 and 64 are float32 and float64 (the types that can hold NaN).
-    floating = {16: "f4", 64: "f8"}.get(int(datatype))
-    return offset, count * bitpix // 8, (np.dtype(endian + floating) if floating else None)
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """Raise ImageReadError if a ``.nii``/``.nii.gz`` file is shorter than its header says.
-
-    SimpleITK reads truncated NIfTI files without error and fills the missing voxels with zeros,
-    so this check is ours. For ``.nii.gz`` the whole stream is decompressed (in chunks), which
-    also verifies gzip's CRC.
-    """
-    suffix = full_suffix(path)
-    fix = "the file is truncated or corrupt; re-export or re-download it"
-    if suffix == ".nii":
-        with open(path, "rb") as f:
-            layout = _nifti_layout(f.read(540))
-        if layout is not None:
-            offset, nbytes = layout
-            actual = path.stat().st_size
-            if actual < offset + nbytes:
-                raise ImageReadError(
-                    f"image {str(path)!r} has {actual} bytes but its header needs "
-                    f"{offset + nbytes}; {fix}"
-                )
-            with open(path, "rb") as f:
-                header = f.read(540)
-            dt = _nifti_info(header)[2]
-            if dt is not None:
-                values = np.memmap(path, dtype=dt, mode="r", offset=offset,
-                                   shape=(nbytes // dt.itemsize,))
-                _refuse_nonfinite(path, int(values.size - np.isfinite(values).sum()))
-        return
-    if suffix != ".nii.gz":
-        return
-    total = 0
-    header = b""
-    info = None
-    nonfinite = 0
-    pending = b""  # bytes of the voxel data not yet scanned (element alignment)
-    try:
-        with gzip.open(path, "rb") as f:
-            while True:
-                chunk = f.read(1 << 22)
-                if not chunk:
-                    break
-                start = total
-                total += len(chunk)
-                if len(header) < 540:
-                    header += chunk[: 540 - len(header)]
-                    if len(header) >= 348 and info is None:
-                        info = _nifti_info(header)
-                if info is not None and info[2] is not None:
-                    offset, nbytes, dt = info
-                    lo = max(offset - start, 0)
-                    hi = min(offset + nbytes - start, len(chunk))
-                    if hi > lo:
-                        pending += chunk[lo:hi]
-                        usable = len(pending) - len(pending) % dt.itemsize
-                        values = np.frombuffer(pending[:usable], dtype=dt)
-                        nonfinite += int(values.size - np.isfinite(values).sum())
-                        pending = pending[usable:]
-    except (EOFError, OSError, zlib.error) as exc:
-        raise ImageReadError(
-            f"image {str(path)!r} is not a complete gzip stream ({exc}); {fix}"
-        ) from exc
-    layout = _nifti_layout(header)
-    if layout is None:
-        raise ImageReadError(f"image {str(path)!r} does not start with a NIfTI header; {fix}")
-    offset, nbytes = layout
-    if total < offset + nbytes:
-        raise ImageReadError(
-            f"image {str(path)!r} decompresses to {total} bytes but its header needs "
-            f"{offset + nbytes}; {fix}"
-        )
-    _refuse_nonfinite(path, nonfinite)
-
-
-def _check_nifti_size(path: Path) -> None:
-    """A cheap completeness check for header-only reads (a reference grid): ``.nii`` by its
-    size, ``.nii.gz`` by the uncompressed size gzip records at the end of the stream; only when
-    that disagrees is the stream decompressed (:func:`_check_nifti_complete`)."""
-    suffix = full_suffix(path)
-    if suffix == ".nii":
-        _check_nifti_complete(path)
-        return
-    if suffix != ".nii.gz":
-        return
-    try:
-        with gzip.open(path, "rb") as f:
-            layout = _nifti_layout(f.read(540))
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            recorded = int.from_bytes(f.read(4), "little")
-    except (EOFError, OSError, zlib.error):
-        layout, recorded = None, -1
-    if layout is not None and recorded == (layout[0] + layout[1]) % 2 ** 32:
-        return
-    _check_nifti_complete(path)
-
-
-def _refuse_nonfinite(path: Path, count: int) -> None:
-    """ITK's NIfTI reader turns NaN voxels into 0 silently; we refuse such files instead."""
-    if count:
-        raise InvalidImageError(
-            f"image {str(path)!r} has {count} NaN/Inf voxels (which SimpleITK would read as "
-            "0); replace or mask them before registering"
-        )
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -636,144 +500,3 @@ def read_mask(path: str | os.PathLike, reference: Grid | None = None) -> Image:
                        where, shown)
     grid = reference if reference is not None else image.grid
     return Image(inside, grid, is_label=True)
-
-
-# ---------------------------------------------------------------------------------- writing
-def to_sitk(image: Image) -> sitk.Image:
-    """Convert an :class:`~itreg.Image` to a SimpleITK image (scalar for C = 1, else vector).
-
-    ``bool`` data becomes ``uint8``, ``float16``/``bfloat16`` become ``float32``; other dtypes
-    are kept. Geometry (spacing, origin, direction) is copied from the grid.
-    """
-    data = image.data.detach()
-    if data.dtype == torch.bool:
-        data = data.to(torch.uint8)
-    elif data.dtype in (torch.float16, torch.bfloat16):
-        data = data.to(torch.float32)
-    arr = data.cpu().numpy()
-    if image.channels == 1:
-        out = sitk.GetImageFromArray(arr[0], isVector=False)
-    else:
-        out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(arr, 0, -1)), isVector=True)
-    g = image.grid
-    out.SetSpacing(g.spacing)
-    out.SetOrigin(g.origin)
-    out.SetDirection(g.direction)
-    return out
-
-
-#: Compression settings of :func:`write_image` and :func:`write_sitk_image` for ``.nii.gz``:
-#: ``fast`` is gzip level 1 with zlib's run-length strategy (entropy coding and zero runs: about
-#: a quarter of the CPU time of SimpleITK's default deflate for float images, whose mantissas
-#: do not compress; within a few per cent of its size on the brain phantoms), ``best`` is
-#: deflate level 9, ``none`` a valid gzip file of stored blocks (any reader opens it; no CPU).
-COMPRESSION = ("fast", "best", "none")
-
-_GZIP_SETTINGS = {"fast": (1, zlib.Z_RLE), "best": (9, zlib.Z_DEFAULT_STRATEGY),
-                  "none": (0, zlib.Z_DEFAULT_STRATEGY)}
-_GZIP_CHUNK = 1 << 23  # bytes per zlib call (zlib releases the GIL during each)
-
-
-def compression_mode(compress: bool | str) -> str:
-    """``True`` -> ``"fast"``, ``False`` -> ``"none"``, else one of :data:`COMPRESSION`.
-
-    Raises:
-        ConfigError: another value.
-    """
-    if compress is True:
-        return "fast"
-    if compress is False:
-        return "none"
-    if compress not in COMPRESSION:
-        raise ConfigError(f"compression {compress!r}: valid: {', '.join(COMPRESSION)}")
-    return str(compress)
-
-
-def _deflate_part(data: memoryview, level: int, strategy: int, last: bool) -> bytes:
-    comp = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9, strategy)
-    out = comp.compress(data)
-    # A sync flush ends a part on a byte boundary without ending the stream, so the parts
-    # concatenate into one valid deflate stream (as pigz does).
-    return out + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-
-
-def _gzip_file(src: Path, dest: Path, mode: str) -> None:
-    """gzip `src` into `dest` (one gzip member, as any reader expects) at the `mode` level;
-    parts of the data are deflated in parallel threads (zlib releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    level, strategy = _GZIP_SETTINGS[mode]
-    data = memoryview(src.read_bytes())
-    n = len(data)
-    workers = max(1, min(os.cpu_count() or 1, 4, n // _GZIP_CHUNK))
-    bounds = [n * i // workers for i in range(workers + 1)]
-    parts = [data[a:b] for a, b in itertools.pairwise(bounds)]
-    lasts = [i == workers - 1 for i in range(workers)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        crc = pool.submit(zlib.crc32, data)
-        deflated = list(pool.map(_deflate_part, parts, [level] * workers, [strategy] * workers,
-                                 lasts))
-    with open(dest, "wb") as fout:
-        # RFC 1952 header: magic, deflate, no flags, mtime 0 (reproducible), XFL, OS unknown.
-        fout.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + (b"\x02" if level == 9 else b"\x04")
-                   + b"\xff")
-        fout.writelines(deflated)
-        fout.write(struct.pack("<II", crc.result() & 0xFFFFFFFF, n & 0xFFFFFFFF))
-
-
-def write_sitk_image(image: sitk.Image, tmp: Path, target: Path, compress: bool | str) -> None:
-    """Write a SimpleITK image to the temporary path `tmp` of `target` (whose extension picks
-    the format). ``.nii.gz`` is written as ``.nii`` by SimpleITK and gzipped here at the
-    :func:`compression_mode` of `compress`; other formats take SimpleITK's own compression
-    when `compress` is not ``"none"``/False (.nrrd, .mha). Releases the GIL for most of its
-    time (SimpleITK's writer, zlib), so writes in threads overlap."""
-    mode = compression_mode(compress)
-    if full_suffix(target) != ".nii.gz":
-        sitk.WriteImage(image, str(tmp), mode != "none")
-        return
-    raw = tmp.with_name(tmp.name[:-len(".gz")] if tmp.name.lower().endswith(".gz")
-                        else tmp.name + ".nii")
-    try:
-        sitk.WriteImage(image, str(raw), False)
-        _gzip_file(raw, tmp, mode)
-    finally:
-        raw.unlink(missing_ok=True)
-
-
-def write_image(image: Image, path: str | os.PathLike, *, compress: bool | str = True) -> Path:
-    """Write an image; the format follows the extension (.nii.gz, .nii, .nrrd, .mha, ...).
-
-    Label images keep their integer type, ``float32`` stays ``float32``. Single-file formats are
-    written to a temporary file beside `path` and renamed, so a crash never leaves half a file.
-    Missing parent folders are created. An existing file is replaced (use
-    :func:`itreg.io.atomic_output_file` to refuse that).
-
-    Args:
-        image: the image.
-        path: output file.
-        compress: ``.nii.gz``: ``"fast"`` (default, also True), ``"best"`` or ``"none"`` (also
-            False; still a gzip file), see :data:`COMPRESSION`; .nrrd and .mha: SimpleITK's
-            compression unless ``"none"``/False; .nii is never compressed.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ImageFormatError: SimpleITK cannot write this image to this extension.
-        ConfigError: an unknown `compress` value.
-    """
-    target = Path(path)
-    compression_mode(compress)
-    if target.is_dir():
-        raise ImageFormatError(f"cannot write image to {str(target)!r}: it is a directory")
-    sitk_image = to_sitk(image)
-    try:
-        with atomic_write(target) as tmp, quiet_native_stderr():
-            write_sitk_image(sitk_image, tmp, target, compress)
-    except RuntimeError as exc:
-        raise ImageFormatError(
-            f"cannot write image {str(target)!r}: {sitk_message(exc)}; use an extension "
-            "SimpleITK writes (.nii.gz, .nii, .nrrd, .mha) and check the folder is writable"
-        ) from exc
-    logger.debug("wrote %s: %r", target, image)
-    return target
