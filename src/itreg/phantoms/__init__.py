@@ -8,6 +8,8 @@
   anchor benchmark's ranges; :func:`pad_image`.
 * :mod:`~itreg.phantoms.deform`: :func:`random_ffd`, paper 003's random B-spline FFD, and
   :func:`invert_ffd`, its numerical inverse.
+* :mod:`~itreg.phantoms.velocity`: :func:`velocity_diffeomorphism`, ``exp(v)`` of a random
+  smooth velocity field (one or several scales; not a B-spline), and its inverse.
 * :mod:`~itreg.phantoms.edges`: :func:`canny` and :func:`t1_edges` (paper 000's edge map).
 * :mod:`~itreg.phantoms.groups`: :func:`brain_group`, N misaligned mixed-contrast images
   (paper 002's BrainWeb protocol).
@@ -70,6 +72,11 @@ from itreg.phantoms.pairs import (
     pair_from_tissues,
 )
 from itreg.phantoms.slices import axial_grid, axial_slice, axial_slices
+from itreg.phantoms.velocity import (
+    invert_velocity_diffeomorphism,
+    random_velocity,
+    velocity_diffeomorphism,
+)
 from itreg.phantoms.write import PHANTOM_KINDS, write_phantom
 
 __all__ = [
@@ -103,6 +110,7 @@ __all__ = [
     "folding_fraction",
     "group_from_tissues",
     "invert_ffd",
+    "invert_velocity_diffeomorphism",
     "labels",
     "load_mni",
     "mni_template_paths",
@@ -112,11 +120,13 @@ __all__ = [
     "random_affine",
     "random_bias_field",
     "random_ffd",
+    "random_velocity",
     "rician_noise",
     "sample_affine_parameters",
     "sequence_from_tissues",
     "synthesize",
     "t1_edges",
+    "velocity_diffeomorphism",
     "write_phantom",
     "zscore",
 ]

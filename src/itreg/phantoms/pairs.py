@@ -17,6 +17,12 @@ moving image satisfies ``moving(T(x)) = contrast(x)`` up to the inverse's residu
 measured with the exact B-spline on brain voxels and kept in ``PhantomPair.inverse_report``
 (a few thousandths of a mm at the default 1 mm sampling). The same B-spline is what gets
 written to disk, so a file round trip loses nothing.
+
+For ``kind="svf"``, ``T = exp(v)`` of a random smooth stationary velocity field (one or several
+smoothness scales; :func:`~itreg.phantoms.velocity.velocity_diffeomorphism`): a deformation that
+is not a B-spline, held exactly as a :class:`~itreg.transforms.DisplacementField` on the fixed
+grid, with its inverse refined against it
+(:func:`~itreg.phantoms.velocity.invert_velocity_diffeomorphism`).
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ from itreg.phantoms.misalign import (
 )
 from itreg.phantoms.mni import load_mni
 from itreg.phantoms.slices import axial_slices
-from itreg.transforms import Affine, BSpline, Transform
+from itreg.phantoms.velocity import invert_velocity_diffeomorphism, velocity_diffeomorphism
+from itreg.transforms import Affine, BSpline, DisplacementField, Transform
 from itreg.warp import resample
 
-#: Misalignment kinds: paper 000's rigid and affine ranges, the anchor benchmark's affine, and
-#: paper 003's random B-spline FFD.
-PAIR_KINDS = ("rigid", "affine", "anchor", "ffd")
+#: Misalignment kinds: paper 000's rigid and affine ranges, the anchor benchmark's affine,
+#: paper 003's random B-spline FFD, and a random velocity-field diffeomorphism.
+PAIR_KINDS = ("rigid", "affine", "anchor", "ffd", "svf")
+
+#: Default sigma (mm) of the deformable kinds: FFD coefficients (paper 003), velocity RMS
+#: per component (about the FFD's mean displacement in the brain at 20 mm smoothness).
+DEFAULT_SIGMA_MM = {"ffd": 6.0, "svf": 4.0}
 
 #: The linear kinds among :data:`PAIR_KINDS`.
 LINEAR_KINDS = ("rigid", "affine", "anchor")
@@ -66,14 +77,14 @@ class PhantomPair:
         moving_labels: tissue labels on the moving grid (0 background, 1 CSF, 2 GM, 3 WM).
         fixed_labels: tissue labels on the fixed grid.
         true_transform: the true fixed -> moving map ``T``: ``moving(T(x)) = contrast(x)``
-            (an :class:`~itreg.transforms.Affine`, or a :class:`~itreg.transforms.BSpline` for
-            ``kind="ffd"``).
+            (an :class:`~itreg.transforms.Affine`, a :class:`~itreg.transforms.BSpline` for
+            ``kind="ffd"``, a :class:`~itreg.transforms.DisplacementField` for ``"svf"``).
         moving_mask: brain mask on the moving grid (uint8 labels).
         parameters: the drawn parameters of a linear ``T`` (centre: the fixed brain's
             centroid); ``None`` for an FFD.
         inverse_transform: the moving -> fixed map ``T^-1`` used to build the moving image
-            (exact for linear kinds; a displacement field on the moving grid for an FFD).
-        inverse_report: accuracy of a numerical inverse (FFD only), else ``None``.
+            (exact for linear kinds; a displacement field on the moving grid otherwise).
+        inverse_report: accuracy of a numerical inverse (FFD, SVF), else ``None``.
     """
 
     fixed: Image
@@ -81,7 +92,7 @@ class PhantomPair:
     fixed_mask: Image
     moving_labels: Image
     fixed_labels: Image
-    true_transform: Affine | BSpline
+    true_transform: Affine | BSpline | DisplacementField
     moving_mask: Image
     parameters: AffineParameters | None
     inverse_transform: Transform | None = None
@@ -140,7 +151,8 @@ def pair_from_tissues(
     noise_sigma: float = 0.02,
     bias: tuple[float, float] | float | None = (0.80, 1.17),
     control_spacing_mm: float = 20.0,
-    sigma_mm: float = 6.0,
+    sigma_mm: float | None = None,
+    smoothness_mm: float | Sequence[float] = 20.0,
 ) -> PhantomPair:
     """Build a misaligned pair from tissue maps (2D or 3D, one code path).
 
@@ -160,7 +172,10 @@ def pair_from_tissues(
             amplitude ``a`` for the random field of about ``1 +- a`` (0.25: the benchmark's
             MR bias variant; see :func:`~itreg.phantoms.contrasts.synthesize`), or ``None``.
         control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
-        sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
+        sigma_mm: FFD coefficient standard deviation (``"ffd"``) or velocity RMS per
+            component (``"svf"``) in mm; None: :data:`DEFAULT_SIGMA_MM`.
+        smoothness_mm: Gaussian smoothness of the velocity field, one scale or several (a
+            mixture; ``kind="svf"``).
 
     Returns:
         The :class:`PhantomPair`.
@@ -181,9 +196,15 @@ def pair_from_tissues(
     if kind not in PAIR_KINDS:
         raise unknown_name("misalignment kind", kind, PAIR_KINDS)
     params: AffineParameters | None = None
+    velocity = None
+    sigma = DEFAULT_SIGMA_MM.get(kind, 0.0) if sigma_mm is None else float(sigma_mm)
     if kind == "ffd":
-        transform = random_ffd(grid, control_spacing_mm, sigma_mm, seed=seed,
+        transform = random_ffd(grid, control_spacing_mm, sigma, seed=seed,
                                dtype=torch.float32, device=fixed.device)
+        margin = _auto_margin(grid, mask, transform) if pad_mm is None else pad_mm
+    elif kind == "svf":
+        transform, velocity = velocity_diffeomorphism(grid, smoothness_mm, sigma, seed=seed,
+                                                      device=fixed.device)
         margin = _auto_margin(grid, mask, transform) if pad_mm is None else pad_mm
     else:
         params = _draw(kind, grid.ndim, seed)
@@ -198,6 +219,9 @@ def pair_from_tissues(
     report = None
     if kind == "ffd":
         inverse, report = invert_ffd(transform, moving_grid, check_mask=mask, seed=seed)
+    elif kind == "svf":
+        inverse, report = invert_velocity_diffeomorphism(transform, velocity, moving_grid,
+                                                         check_mask=mask, seed=seed)
     else:
         inverse = transform.inverse()
 
@@ -240,7 +264,8 @@ def brain_pair(
     bias: tuple[float, float] | float | None = (0.80, 1.17),
     device: torch.device | str | None = None,
     control_spacing_mm: float = 20.0,
-    sigma_mm: float = 6.0,
+    sigma_mm: float | None = None,
+    smoothness_mm: float | Sequence[float] = 20.0,
 ) -> PhantomPair:
     """A 3D MNI T1 / synthetic-contrast pair with a known random misalignment.
 
@@ -256,14 +281,15 @@ def brain_pair(
             :func:`pair_from_tissues`).
         device: device of the images and transform.
         control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
-        sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
+        sigma_mm: FFD coefficient SD or velocity RMS in mm (see :func:`pair_from_tissues`).
+        smoothness_mm: velocity smoothness scale(s) in mm (``kind="svf"``).
 
     Returns:
         The :class:`PhantomPair`.
     """
     tissues = load_mni(spacing_mm, device=device)
     return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias,
-                             control_spacing_mm, sigma_mm)
+                             control_spacing_mm, sigma_mm, smoothness_mm)
 
 
 def brain_slice_pair(
@@ -277,7 +303,8 @@ def brain_slice_pair(
     bias: tuple[float, float] | float | None = (0.80, 1.17),
     device: torch.device | str | None = None,
     control_spacing_mm: float = 20.0,
-    sigma_mm: float = 6.0,
+    sigma_mm: float | None = None,
+    smoothness_mm: float | Sequence[float] = 20.0,
 ) -> PhantomPair:
     """A 2D pair from one axial slice of the template, with a random 2D misalignment.
 
@@ -296,11 +323,12 @@ def brain_slice_pair(
             :func:`pair_from_tissues`).
         device: device of the images and transform.
         control_spacing_mm: FFD control point spacing in mm (``kind="ffd"``).
-        sigma_mm: FFD coefficient standard deviation in mm (``kind="ffd"``).
+        sigma_mm: FFD coefficient SD or velocity RMS in mm (see :func:`pair_from_tissues`).
+        smoothness_mm: velocity smoothness scale(s) in mm (``kind="svf"``).
 
     Returns:
         The 2D :class:`PhantomPair`.
     """
     tissues = axial_slices(load_mni(spacing_mm, device=device), slice_index)
     return pair_from_tissues(tissues, contrast, kind, seed, pad_mm, noise_sigma, bias,
-                             control_spacing_mm, sigma_mm)
+                             control_spacing_mm, sigma_mm, smoothness_mm)

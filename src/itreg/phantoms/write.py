@@ -11,14 +11,17 @@ image's (ITK's fixed -> moving convention):
   image on the reference grid (``*_field.nii.gz``, ``d(x) = T(x) - x`` in LPS mm, read by
   ``SimpleITK.DisplacementFieldTransform``), and the numerical inverse as a displacement field
   on the image's grid (``*inverse_field.nii.gz``; exact at its voxel centres up to the
-  solver's residual, reported in the manifest).
+  solver's residual, reported in the manifest);
+* velocity-field diffeomorphisms (``misalign="svf"``): the truth ``exp(v)`` is itself a
+  displacement field on the reference grid (``transform_field.nii.gz``, exact; no ``.tfm``),
+  with the numerical inverse as for FFDs.
 
 ``phantom.json`` lists every file with its role and the generation settings.
 
 Files of a pair (``kind="pair"``): ``fixed``, ``moving``, ``fixed_labels``, ``moving_labels``,
 ``fixed_mask``, ``moving_mask``, ``fixed_edges`` (Canny of the fixed T1) as ``.nii.gz``;
 ``transform.tfm``; ``inverse.tfm`` (linear) or ``transform_field.nii.gz`` +
-``inverse_field.nii.gz`` (FFD); ``fixed_landmarks.csv`` (100 seeded points in the fixed brain,
+``inverse_field.nii.gz`` (FFD; SVF: the two fields only); ``fixed_landmarks.csv`` (100 seeded points in the fixed brain,
 paper 000's FRE protocol) and ``moving_landmarks.csv`` (their images under the transform).
 A group (``kind="group"``) writes ``image_XX``, ``labels_XX``, ``mask_XX``,
 ``transform_XX.tfm`` (common -> image), ``misalignment_XX`` (image -> common; ``.tfm`` or
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,7 +49,7 @@ from itreg.io import (
     write_landmarks,
     write_transform,
 )
-from itreg.transforms import Transform
+from itreg.transforms import DisplacementField, Transform
 
 #: Phantom kinds :func:`write_phantom` builds.
 PHANTOM_KINDS = ("pair", "group", "dynamic")
@@ -54,8 +58,9 @@ PHANTOM_KINDS = ("pair", "group", "dynamic")
 def _write_linear_or_ffd(folder: Path, stem: str, transform: Transform, inverse: Transform,
                          reference_grid, files: dict, role: str, inverse_stem: str | None,
                          inverse_role: str) -> None:
-    write_transform(transform, folder / f"{stem}.tfm")
-    files[f"{stem}.tfm"] = role
+    if not isinstance(transform, DisplacementField):  # a field is its own file, below
+        write_transform(transform, folder / f"{stem}.tfm")
+        files[f"{stem}.tfm"] = role
     if transform.is_linear:
         if inverse_stem is not None:
             write_transform(inverse, folder / f"{inverse_stem}.tfm")
@@ -91,6 +96,13 @@ def _write_pair(folder: Path, pair, files: dict, manifest: dict, seed: int) -> N
         _write_linear_or_ffd(folder, "transform", pair.true_transform, inverse, pair.fixed.grid,
                              files, "true transform fixed -> moving", "inverse",
                              "inverse transform moving -> fixed")
+    elif isinstance(pair.true_transform, DisplacementField):  # velocity-field diffeomorphism
+        write_displacement_field(pair.true_transform, pair.fixed.grid,
+                                 folder / "transform_field.nii.gz")
+        files["transform_field.nii.gz"] = ("true transform fixed -> moving: exp(v) as a "
+                                           "displacement field (fixed grid; exact)")
+        write_displacement_field(inverse, inverse.grid, folder / "inverse_field.nii.gz")
+        files["inverse_field.nii.gz"] = "numerical inverse moving -> fixed (moving grid)"
     else:
         write_transform(pair.true_transform, folder / "transform.tfm")
         files["transform.tfm"] = "true transform fixed -> moving (ITK BSplineTransform)"
@@ -162,10 +174,11 @@ def write_phantom(
     frames: int = 20,
     seed: int = 0,
     control_spacing_mm: float = 20.0,
-    sigma_mm: float = 6.0,
+    sigma_mm: float | None = None,
     noise_sigma: float = 0.02,
     force: bool = False,
     bias: float | None = None,
+    smoothness_mm: float | Sequence[float] = 20.0,
 ) -> dict:
     """Build a phantom and write it with its ground truth into `outdir` (atomically).
 
@@ -174,17 +187,21 @@ def write_phantom(
         kind: ``"pair"``, ``"group"`` or ``"dynamic"``.
         contrast: pair: the moving contrast (default ``"t2"``); group: the contrasts cycled
             over the images (default ``("t1", "t2", "pd")``); ignored for ``"dynamic"``.
-        misalign: ``"rigid"``, ``"affine"``, ``"anchor"`` or ``"ffd"`` (pair and group; a
-            sequence always has small rigid motion).
+        misalign: ``"rigid"``, ``"affine"``, ``"anchor"``, ``"ffd"`` (pair and group; a
+            sequence always has small rigid motion) or ``"svf"`` (a random velocity-field
+            diffeomorphism; pair only).
         spacing_mm: isotropic spacing in mm (1 = the template's; 2-4 for fast tests).
         ndim: 3, or 2 for the middle axial slice.
         n: number of images of a group.
         frames: number of frames of a sequence.
         seed: seed of everything random.
         control_spacing_mm: FFD control spacing in mm.
-        sigma_mm: FFD coefficient standard deviation in mm.
+        sigma_mm: FFD coefficient standard deviation, or velocity RMS per component
+            (``"svf"``), in mm; None: 6 (FFD) or 4 (SVF).
         noise_sigma: Rician noise sigma of the synthetic images.
         force: replace an existing folder.
+        smoothness_mm: Gaussian smoothness of the velocity field in mm; several values give a
+            mixture of scales (``misalign="svf"``).
         bias: amplitude ``a`` of a smooth random multiplicative bias field of about
             ``1 +- a`` on the moving image of a pair (every image of a group), in place of
             the standard quadratic 0.80-1.17 field (see
@@ -209,6 +226,9 @@ def write_phantom(
         raise ConfigError(f"spacing must be > 0 mm, got {spacing_mm}")
     if kind != "dynamic" and misalign not in PAIR_KINDS:
         raise unknown_name("misalignment", misalign, PAIR_KINDS)
+    if misalign == "svf" and kind != "pair":
+        raise ConfigError("misalign 'svf' (velocity-field diffeomorphism) makes pairs; use "
+                          "--kind pair")
     if bias is not None and kind == "dynamic":
         raise ConfigError("a bias amplitude applies to pair and group phantoms, not 'dynamic'")
     field = {} if bias is None else {"bias": float(bias)}
@@ -228,13 +248,14 @@ def write_phantom(
             raise ConfigError("a pair has one moving contrast")
         build = brain_pair if ndim == 3 else brain_slice_pair
         phantom = build(spacing_mm, c, misalign, seed, noise_sigma=noise_sigma,
-                        control_spacing_mm=control_spacing_mm, sigma_mm=sigma_mm, **field)
+                        control_spacing_mm=control_spacing_mm, sigma_mm=sigma_mm,
+                        smoothness_mm=smoothness_mm, **field)
         manifest.update(contrast=c, misalign=misalign)
     elif kind == "group":
         cs = (contrast,) if isinstance(contrast, str) else tuple(contrast or ("t1", "t2", "pd"))
         phantom = brain_group(n, cs, misalign, ndim, spacing_mm, True, seed,
                               noise_sigma=noise_sigma, control_spacing_mm=control_spacing_mm,
-                              sigma_mm=sigma_mm, **field)
+                              sigma_mm=6.0 if sigma_mm is None else sigma_mm, **field)
         manifest.update(misalign=misalign, n=n, zscored=True)
     else:
         phantom = dynamic_sequence(frames, spacing_mm, ndim, seed, noise_sigma=noise_sigma)
@@ -242,7 +263,14 @@ def write_phantom(
     if bias is not None:
         manifest["bias"] = {"field": "random", "amplitude": float(bias)}
     if misalign == "ffd" and kind != "dynamic":
-        manifest["ffd"] = {"control_spacing_mm": control_spacing_mm, "sigma_mm": sigma_mm}
+        manifest["ffd"] = {"control_spacing_mm": control_spacing_mm,
+                           "sigma_mm": 6.0 if sigma_mm is None else sigma_mm}
+    if misalign == "svf" and kind == "pair":
+        from itreg.phantoms.pairs import DEFAULT_SIGMA_MM
+        from itreg.phantoms.velocity import smoothness_scales
+
+        manifest["svf"] = {"smoothness_mm": list(smoothness_scales(smoothness_mm)),
+                           "sigma_mm": DEFAULT_SIGMA_MM["svf"] if sigma_mm is None else sigma_mm}
     files: dict[str, str] = {}
     with atomic_output_dir(outdir, force=force) as tmp:
         folder = Path(tmp)
