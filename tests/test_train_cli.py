@@ -104,7 +104,7 @@ def test_neural_kinds_train_a_critic_that_the_metric_loads(files, tmp_path, cli)
 
 
 def test_spacing_option_resamples(files, tmp_path):
-    from itreg.cli.train import _resample
+    from itreg.cli.train_metric import _resample
 
     _, f = files
     from itreg.io import read_image

@@ -14,8 +14,8 @@ from itreg.cli import (  # noqa: F401  (each module registers its commands on ap
     pairwise,
     phantom,
     presets,
-    train,
-    trainnet,
+    train_metric,
+    train_net,
     transforms,
 )
 from itreg.cli.app import app, run
