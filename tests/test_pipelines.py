@@ -295,7 +295,7 @@ def test_groupwise_folders_hold_exact_h5_and_inverses(tmp_path):
         paths.append(tmp_path / f"img{j}.nii.gz")
         io.write_image(img, paths[-1])
     result = register_group(paths, metric="vi", transform="ffd", iterations=3)
-    out = save_group(result, tmp_path / "out", inputs=paths)
+    out = save_group(result, tmp_path / "out", inputs=paths, outputs="all")
     report = json.loads((out / "report.json").read_text())
     for j in range(3):
         sub = out / str(j)

@@ -61,13 +61,34 @@ def test_groupwise_writes_the_issue_layout_and_simpleitk_applies_it(group_files,
 def test_groupwise_ffd_writes_displacement_fields(group_files, tmp_path, cli):
     out = tmp_path / "ffd"
     code, _, err = cli(["groupwise", *map(str, group_files), "-o", str(out), "--transform",
-                        "ffd", "--iterations", "2", "--metric", "vi", "--quiet"])
+                        "ffd", "--iterations", "2", "--metric", "vi", "--quiet", "--outputs",
+                        "warped,transform,field"])
     assert code == 0, err
     for j in range(3):
         field = sitk.ReadImage(str(out / str(j) / "displacement.nii.gz"), sitk.sitkVectorFloat64)
         assert field.GetNumberOfComponentsPerPixel() == 2
+        assert not (out / str(j) / "inverse_displacement.nii.gz").exists()  # not asked for
     assert not (out / "segmentation.nii.gz").exists()  # VI has no classes
     assert (out / "template.nii.gz").exists()
+
+
+def test_groupwise_ffd_default_outputs_and_selection(group_files, tmp_path, cli):
+    """Default: warped and transform files (transform.h5 holds the exact B-splines), no field,
+    no inverse; --outputs transform writes no image per j."""
+    base = [*map(str, group_files), "--transform", "ffd", "--iterations", "2", "--metric",
+            "vi", "--quiet"]
+    code, _, err = cli(["groupwise", *base, "-o", str(tmp_path / "d")])
+    assert code == 0, err
+    names = {p.name for p in (tmp_path / "d" / "1").iterdir()}
+    assert names == {"warped.nii.gz", "transform.tfm", "transform.h5"}
+    code, _, err = cli(["groupwise", *base, "-o", str(tmp_path / "t"), "--outputs", "transform"])
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "t" / "0").iterdir()} == {"transform.tfm", "transform.h5"}
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["output_settings"] == {"outputs": "transform"}
+    assert (tmp_path / "t" / "template.nii.gz").exists()
+    code, _, err = cli(["groupwise", *base, "-o", str(tmp_path / "x"), "--outputs", "warp"])
+    assert code == 2 and "outputs" in err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -40,22 +40,33 @@ _TRANSFORM_ALIASES = {"bspline": "ffd", "b-spline": "ffd"}
 @click.option("--domains", default=None,
               help="With --net: the modality of each image, comma-separated names or indices "
                    "(e.g. t1,t2,pd); default: the model's domains in order.")
+@click.option("--outputs", "outputs", default=None, metavar="LIST",
+              help="What to write per image, as register --outputs: warped, transform "
+                   "(transform.tfm, transform.h5; linear runs also inverse.tfm), displacement "
+                   "or field, inverse (deformable runs: inverse_displacement.nii.gz, slow), "
+                   "or all. Default: warped and transform (and the field of a dense-field "
+                   "transform); ffd's transform.h5 holds its exact B-splines. The template, "
+                   "segmentation and report.json are always written.")
 @standard_options(sets_help="A metric option, e.g. --set sample_rate=0.1 --set init=kmeans "
                             "(repeatable; passed to register_group).")
 def groupwise(images, metric, transform, classes, reference, levels, segmentations, roi,
-              bias_correction, iterations, net, domains, output, force, quiet, seed, sets,
-              threads, device) -> None:
+              bias_correction, iterations, net, domains, outputs, output, force, quiet, seed,
+              sets, threads, device) -> None:
     """Register IMAGES jointly into a common space (X-CoReg by default).
 
-    Writes OUTPUT/j/warped.nii.gz, OUTPUT/j/transform.tfm (linear part, common -> image j) and,
-    for ffd, OUTPUT/j/displacement.nii.gz per image j (0-based, in the order given);
-    OUTPUT/segmentation.nii.gz and OUTPUT/probabilities.nii.gz (xmetric, gmm),
-    OUTPUT/template.nii.gz and OUTPUT/report.json.
+    Writes OUTPUT/j/warped.nii.gz, OUTPUT/j/transform.tfm (linear part, common -> image j),
+    OUTPUT/j/transform.h5 (the whole map; linear runs also OUTPUT/j/inverse.tfm) per image j
+    (0-based, in the order given; --outputs field adds ffd's OUTPUT/j/displacement.nii.gz,
+    --outputs all also the inverse fields); OUTPUT/segmentation.nii.gz and
+    OUTPUT/probabilities.nii.gz (xmetric, gmm), OUTPUT/template.nii.gz and OUTPUT/report.json.
 
     With --net DCC.pt a trained combined-computing network registers and segments the group in
     one pass: the same outputs, plus OUTPUT/j/segmentation.nii.gz and
     OUTPUT/j/probabilities.nii.gz on each image's own grid.
     """
+    from itreg.outputs import select_outputs
+
+    select_outputs(outputs)  # refuse unknown names before any work
     from itreg import io
     from itreg.errors import ConfigError
     from itreg.groupwise import register_group, save_group
@@ -71,6 +82,8 @@ def groupwise(images, metric, transform, classes, reference, levels, segmentatio
         raise ConfigError(f"groupwise registration needs at least two images, got {len(images)}")
     loaded = [io.read_image(p, is_label=False).to(dev) for p in images]
     if net is not None:
+        if outputs is not None:
+            raise ConfigError("--outputs applies to iterative groupwise registration, not --net")
         if sets:
             raise ConfigError("--set applies to iterative groupwise registration, not --net")
         _apply_net(net, loaded, images, domains, output, seed, threads, force, protect)
@@ -95,7 +108,7 @@ def groupwise(images, metric, transform, classes, reference, levels, segmentatio
                             reference=reference, seed=seed, iterations=iterations, roi=roi_mask,
                             bias_correction=bias_correction, threads=threads,
                             progress=not quiet, **options)
-    save_group(result, output, force=force, inputs=images, protect=protect)
+    save_group(result, output, force=force, inputs=images, protect=protect, outputs=outputs)
     reasons = ", ".join(sorted({r.stop_reason for r in result.records}))
     click.echo(f"registered {len(images)} images in {result.wall_time_s:.2f} s (stop: {reasons}); "
                f"outputs in {output}")

@@ -352,27 +352,36 @@ def check_overlap(images: Sequence[Image], grid: Grid) -> None:
                             "all of them (check origins, spacings and directions)")
 
 
-def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | None = None
-                ) -> list[str]:
+def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | None = None,
+                outputs=None) -> list[str]:
     """Write a groupwise result into an existing `folder` (not atomic; see :func:`save_group`).
 
-    Layout: ``j/warped.nii.gz``, ``j/transform.tfm`` (the linear part, common -> image ``j``,
-    ITK convention) and, for deformable runs, ``j/displacement.nii.gz`` (the whole ``phi_j`` as
-    a world-mm displacement field on the common grid) for each image ``j`` (0-based, in input
-    order); ``segmentation.nii.gz``, ``probabilities.nii.gz`` (for objectives with classes),
-    ``template.nii.gz`` and ``report.json``. Returns the relative paths written.
+    Layout, for each image ``j`` (0-based, in input order) by output name (`outputs`, as
+    ``register --outputs``: :func:`itreg.outputs.select_outputs`; by default warped and
+    transform, plus the field of a deformable ``phi_j`` that is not a B-spline, no inverse):
+    ``j/warped.nii.gz`` (warped), ``j/transform.tfm`` (the linear part, common -> image ``j``,
+    ITK convention; transform), ``j/displacement.nii.gz`` (deformable runs: the whole ``phi_j``
+    as a world-mm displacement field on the common grid; displacement); always
+    ``segmentation.nii.gz``, ``probabilities.nii.gz`` (for objectives with classes),
+    ``template.nii.gz`` and ``report.json``. ``j/transform.h5`` and the inverses:
+    :func:`save_group`. Returns the relative paths written.
     """
     from itreg import io
+    from itreg.outputs import select_outputs
 
     folder = Path(folder)
     files: list[str] = []
-    for j, (t, warped) in enumerate(zip(result.transforms, result.warped)):
+    for j, t in enumerate(result.transforms):
+        selected = select_outputs(outputs, t)
         sub = folder / str(j)
         sub.mkdir(parents=True, exist_ok=True)
-        io.write_image(warped, sub / "warped.nii.gz")
-        io.write_transform(_linear_part(t), sub / "transform.tfm")
-        files += [f"{j}/warped.nii.gz", f"{j}/transform.tfm"]
-        if not isinstance(t, LinearTransform):
+        if "warped" in selected:
+            io.write_image(result.warped[j], sub / "warped.nii.gz")
+            files.append(f"{j}/warped.nii.gz")
+        if "transform" in selected:
+            io.write_transform(_linear_part(t), sub / "transform.tfm")
+            files.append(f"{j}/transform.tfm")
+        if "displacement" in selected and not isinstance(t, LinearTransform):
             io.write_displacement_field(t, result.grid, sub / "displacement.nii.gz")
             files.append(f"{j}/displacement.nii.gz")
     probs = result.probabilities
@@ -384,6 +393,7 @@ def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | N
     files.append("template.nii.gz")
     report = result.report()
     report["outputs"] = files + ["report.json"]
+    report["output_settings"] = {"outputs": "default" if outputs is None else outputs}
     if inputs:
         report["inputs"] = [str(p) for p in inputs]
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -392,8 +402,12 @@ def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | N
 
 def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
                inputs: Sequence[Any] | None = None, protect=None,
-               write_extra: Callable[[Path], list[str]] | None = None) -> Path:
-    """Write a groupwise result to `outdir` atomically (see :func:`write_group`).
+               write_extra: Callable[[Path], list[str]] | None = None,
+               outputs=None) -> Path:
+    """Write a groupwise result to `outdir` atomically (see :func:`write_group` for `outputs`),
+    with ``j/transform.h5`` (transform) and the inverses (``j/inverse.tfm`` of a linear
+    ``phi_j`` with transform; ``j/inverse_displacement.nii.gz`` of a deformable one with
+    inverse: :func:`_write_group_pipeline_files`).
 
     `write_extra(folder)` writes further files into the temporary folder and returns their
     relative paths, which join the report's ``outputs`` (the DCC network's segmentations).
@@ -409,8 +423,8 @@ def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
     if protect is None:
         protect = [p for p in (inputs or ()) if isinstance(p, (str, Path))]
     with io.atomic_output_dir(outdir, force=force, protect=protect) as tmp:
-        files = write_group(result, tmp, inputs)
-        _write_group_pipeline_files(result, Path(tmp))
+        files = write_group(result, tmp, inputs, outputs=outputs)
+        _write_group_pipeline_files(result, Path(tmp), outputs)
         if write_extra is not None:
             extra = write_extra(Path(tmp))
             report_path = Path(tmp) / "report.json"
@@ -421,10 +435,12 @@ def save_group(result: GroupResult, outdir: PathLike, force: bool = False,
     return Path(outdir)
 
 
-def _write_group_pipeline_files(result: GroupResult, folder: Path) -> None:
-    """Per image ``j``: ``j/transform.h5`` (the whole ``phi_j``, common -> image ``j``, one exact
-    ITK file) and its inverse (``j/inverse.tfm``, or ``j/inverse_displacement.nii.gz`` on image
-    ``j``'s grid with the inverse-consistency residual in ``report.json``)."""
+def _write_group_pipeline_files(result: GroupResult, folder: Path, outputs=None) -> None:
+    """Per image ``j``, as `outputs` select: ``j/transform.h5`` (transform: the whole
+    ``phi_j``, common -> image ``j``, one exact ITK file) and its inverse (``j/inverse.tfm``
+    of a linear ``phi_j``, free, with transform; ``j/inverse_displacement.nii.gz`` on image
+    ``j``'s grid with the inverse-consistency residual in ``report.json``, with inverse)."""
+    from itreg.outputs import select_outputs
     from itreg.pipeline import write_transform_outputs
 
     report_path = folder / "report.json"
@@ -432,7 +448,13 @@ def _write_group_pipeline_files(result: GroupResult, folder: Path) -> None:
     files = [f for f in report.get("outputs", []) if f != "report.json"]
     consistency = {}
     for j, (t, image) in enumerate(zip(result.transforms, result.images)):
-        written, record = write_transform_outputs(t, result.grid, image.grid, folder / str(j))
+        selected = select_outputs(outputs, t)
+        h5 = "transform" in selected
+        inverse = "inverse" in selected or (h5 and t.is_linear)
+        if not (h5 or inverse):
+            continue
+        written, record = write_transform_outputs(t, result.grid, image.grid, folder / str(j),
+                                                  inverse=inverse, h5=h5)
         files += [f"{j}/{name}" for name in written]
         if record is not None:
             consistency[str(j)] = record
