@@ -1,10 +1,15 @@
-"""The one Adam update (AdamMoments) of the pairwise and groupwise loops against torch.optim.Adam."""
+"""The one Adam (engine.optimizers) of the pairwise and groupwise loops against torch.optim.Adam."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from itreg.engine.optimizers import AdamMoments, ParameterAdam, step_factor
+from itreg.engine.callbacks import CallbackList
+from itreg.engine.config import ConvergenceConfig
+from itreg.engine.objective import Evaluation
+from itreg.engine.optimizers import Adam, AdamMoments, LevelContext, step_factor
+from itreg.errors import ConfigError
 
 
 def _loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,23 +35,57 @@ def test_adam_moments_follow_torch_adam_with_a_changing_step_size():
     torch.testing.assert_close(q, ref.detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_parameter_adam_gives_each_tensor_its_own_step_size():
-    gen = torch.Generator().manual_seed(1)
-    a0 = torch.randn(4, generator=gen, dtype=torch.float64)
-    b0 = torch.randn(3, generator=gen, dtype=torch.float64)
-    a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    ra, rb = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    ours = ParameterAdam([(a, 0.2), (b, 0.01)])
-    ref = torch.optim.Adam([{"params": [ra], "lr": 0.2}, {"params": [rb], "lr": 0.01}])
-    for it in range(20):
-        factor = step_factor("cosine", 0.1, it, 20)
-        ours.zero_grad()
-        _loss(a, b).backward()
-        ours.step(factor)
-        ref.param_groups[0]["lr"], ref.param_groups[1]["lr"] = 0.2 * factor, 0.01 * factor
-        ref.zero_grad()
-        _loss(ra, rb).backward()
-        ref.step()
-    torch.testing.assert_close(a.detach(), ra.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-12, atol=1e-12)
-    assert float((a0 - a.detach()).abs().max()) > 0.1  # it moved
+class _Quadratic:
+    """``|q - c|^2`` with a zero-mean constraint on q (as the groupwise projection)."""
+
+    def __init__(self, c):
+        self.c = c
+        self.calls = 0
+
+    def resample(self):
+        pass
+
+    def evaluate(self, q, grad=True):
+        self.calls += 1
+        loss = float(((q - self.c) ** 2).sum())
+        return Evaluation(loss, loss, 1.0, True, grad=2 * (q - self.c) if grad else None)
+
+    def constrain(self, q):
+        return q - q.mean()
+
+
+def test_engine_adam_runs_the_cosine_schedule_and_the_constraint_as_torch_adam_would():
+    c = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    objective = _Quadratic(c)
+    ctx = LevelContext(objective=objective, stage=0, transform="t", level=0, levels=1,
+                       max_iterations=30, learning_rate=0.2,
+                       options=Adam.check_options({"schedule": "cosine",
+                                                   "final_lr_fraction": 0.1}),
+                       convergence=ConvergenceConfig(tolerance=0.0, window=50),
+                       callbacks=CallbackList(), quantity=float, quantity_name="loss",
+                       start_time=0.0)
+    q, reason = Adam().run(ctx, torch.zeros(4, dtype=torch.float64))
+    assert reason == "max-iterations" and len(ctx.losses) == 30
+    ref = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([ref], lr=0.2)
+    for it in range(30):
+        opt.param_groups[0]["lr"] = 0.2 * step_factor("cosine", 0.1, it, 30)
+        opt.zero_grad()
+        ((ref - c) ** 2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            ref -= ref.mean()
+    torch.testing.assert_close(q, ref.detach(), rtol=1e-12, atol=1e-12)
+    assert float(q.sum()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_an_unknown_schedule_fails_before_any_evaluation():
+    objective = _Quadratic(torch.zeros(2, dtype=torch.float64))
+    ctx = LevelContext(objective=objective, stage=0, transform="t", level=0, levels=1,
+                       max_iterations=5, learning_rate=0.1,
+                       options=Adam.check_options({"schedule": "linear"}),
+                       convergence=ConvergenceConfig(), callbacks=CallbackList(),
+                       quantity=float, quantity_name="loss", start_time=0.0)
+    with pytest.raises(ConfigError, match="schedule"):
+        Adam().run(ctx, torch.zeros(2, dtype=torch.float64))
+    assert objective.calls == 0

@@ -15,9 +15,12 @@ with a stop reason:
 Optimisers (registry :data:`OPTIMIZERS`):
 
 - ``adam``: Adam with fresh random samples each iteration; options ``beta1``, ``beta2``,
-  ``eps``, ``final_lr_fraction`` (exponential decay of the learning rate to this fraction of
-  it over the level's iterations; 1 = constant) and ``average_fraction`` (return the mean of
-  the iterates of this last fraction of the iterations, Polyak averaging; 0 = the last one).
+  ``eps``, ``final_lr_fraction`` (decay of the learning rate to this fraction of it over the
+  level's iterations; 1 = constant), ``schedule`` (the shape of that decay, ``"exponential"``
+  or ``"cosine"``, :func:`step_factor`; the groupwise stages use the cosine) and
+  ``average_fraction`` (return the mean of the iterates of this last fraction of the
+  iterations, Polyak averaging; 0 = the last one). It is also the groupwise registration's
+  optimiser (:mod:`itreg.groupwise.level`).
 - ``gd``: regular-step gradient descent (ITK's ``RegularStepGradientDescent``): steps of
   ``learning_rate`` mm along the gradient normalised by its largest component, multiplied by
   ``relaxation`` whenever the gradient direction reverses; converged below ``min_step`` mm.
@@ -34,7 +37,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -265,8 +268,8 @@ def step_factor(schedule: str, final: float, iteration: float, iterations: int) 
 
 class AdamMoments:
     """Adam's (Kingma & Ba) moment estimates of one tensor and its bias-corrected step: the
-    update rule of :class:`Adam` (on the flat scaled vector ``q``) and of the groupwise loop
-    (one per parameter tensor, each with its own step size). The same update as
+    update rule of :class:`Adam`, the one Adam of the pairwise and the groupwise registrations
+    (on the flat scaled vector ``q``). The same update as
     ``torch.optim.Adam`` without weight decay, written out: it avoids the second-long first
     construction of a ``torch.optim`` optimiser and is deterministic.
 
@@ -294,33 +297,6 @@ class AdamMoments:
         return (lr / (1 - b1 ** self.t)) * self.m / denom
 
 
-class ParameterAdam:
-    """Adam on parameter tensors in place, one step size per tensor (the groupwise loop, whose
-    parameters stay in their modules): :class:`AdamMoments` per tensor.
-
-    Args:
-        params: ``(parameter, learning_rate)`` pairs; the rate is in the parameter's units.
-        betas: moment decay rates.
-        eps: denominator floor.
-    """
-
-    def __init__(self, params: Sequence[tuple[Tensor, float]],
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params = [(p, float(lr), AdamMoments(p, betas[0], betas[1], eps))
-                       for p, lr in params]
-
-    def zero_grad(self) -> None:
-        for p, _, _ in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, factor: float = 1.0) -> None:
-        """One step of every parameter that has a gradient, its step size times `factor`."""
-        for p, lr, moments in self.params:
-            if p.grad is not None:
-                p.sub_(moments.update(p.grad, factor * lr))
-
-
 class Adam(Optimizer):
     """Adam (Kingma & Ba) on fresh random samples each iteration (see the module docstring),
     with :class:`AdamMoments` on the flat vector ``q`` and the ``"exponential"``
@@ -330,7 +306,8 @@ class Adam(Optimizer):
     name = "adam"
     fixed_samples = False
     defaults: ClassVar[dict[str, Any]] = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-                                          "final_lr_fraction": 1.0, "average_fraction": 0.0}
+                                          "final_lr_fraction": 1.0, "average_fraction": 0.0,
+                                          "schedule": "exponential"}
 
     def run(self, ctx: LevelContext, q0: Tensor) -> tuple[Tensor, str]:
         o = ctx.options
@@ -342,10 +319,15 @@ class Adam(Optimizer):
         moments = AdamMoments(q, beta1, beta2, eps)
         n = max(ctx.max_iterations, 1)
         final = float(o["final_lr_fraction"])
+        schedule = str(o["schedule"])
+        step_factor(schedule, final, 0, n)  # an unknown schedule fails before any work
+        # An objective with a constraint (the groupwise zero-sum projection) maps every step
+        # back onto it.
+        constrain = getattr(ctx.objective, "constrain", None)
         average = _TailAverage(n, float(o["average_fraction"]) if ctx.stationary else 0.0)
         reason = "max-iterations"
         for it in range(ctx.max_iterations):
-            lr = ctx.learning_rate * step_factor("exponential", final, it, n)
+            lr = ctx.learning_rate * step_factor(schedule, final, it, n)
             ctx.objective.resample()
             ev = ctx.objective.evaluate(q)
             if not ev.ok:
@@ -358,6 +340,8 @@ class Adam(Optimizer):
                 reason = stop
                 break
             q = q - moments.update(ev.grad, lr)
+            if constrain is not None:
+                q = constrain(q)
         if reason in ("max-iterations", "converged") and average.count > 1:
             # The averaged parameters were never evaluated: check them like a last step.
             q, why = self._finish(ctx, average.mean(), last_good, "max-iterations")
@@ -577,7 +561,6 @@ __all__ = [
     "GradientDescent",
     "LevelContext",
     "Optimizer",
-    "ParameterAdam",
     "Powell",
     "Stop",
     "get_optimizer",

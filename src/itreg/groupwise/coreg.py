@@ -14,9 +14,11 @@ Per iteration (Algorithm 1, steps 3-5): the images are sampled at ``phi_j(x)``
 (:func:`itreg.warp.sample`) for the level's points, the overlap ``Omega^phi`` is where every
 ``phi_j(x)`` lies inside image ``j`` (and inside the region of interest), the objective updates
 its latent state and returns its loss, the bending energy of the FFDs is added
-(``lambda * sum_j BE(ffd_j)``, Eq. 15, on the control mesh as the authors' code), and one Adam step is taken on all images' parameters
-(Eq. 16; learning rates per parameter from ``Transform.parameter_scales`` so one unit is about
-1 mm). In unbiased mode the zero-sum constraint (Eq. 37) is then enforced as a projection: the
+(``lambda * sum_j BE(ffd_j)``, Eq. 15, on the control mesh as the authors' code), and one step
+of the engine's Adam is taken on all images' parameters (Eq. 16; in the engine's scaled space,
+``Transform.parameter_scales``, so one unit is about 1 mm; each level runs through
+:func:`itreg.groupwise.level.run_group_level`, with the engine's schedule, convergence test and
+stop reasons). In unbiased mode the zero-sum constraint (Eq. 37) is then enforced as a projection: the
 group mean of every optimised parameter is moved to its identity value (mean translation and
 angles zero, mean affine matrix the identity, mean FFD coefficients zero, so the mean FFD
 displacement is exactly zero). In group-to-reference mode the reference image keeps the
@@ -26,6 +28,7 @@ identity and the common grid is its grid.
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import math
 import time
@@ -38,30 +41,34 @@ from torch import Tensor
 
 from itreg.engine.callbacks import CallbackList, StepState
 from itreg.engine.config import ConvergenceConfig
-from itreg.engine.optimizers import ConvergenceMonitor, ParameterAdam, step_factor
 from itreg.engine.pyramid import ImagePyramid
 from itreg.engine.registration import finite_or_none
 from itreg.engine.stages import STAGE_TRANSFORMS, StageSetup
-from itreg.errors import ConfigError, GeometryError, unknown_name
+from itreg.errors import ConfigError, unknown_name
 from itreg.grid import Grid
-from itreg.groupwise.base import GroupObjective, sample_mask
+from itreg.groupwise.base import GroupObjective
+from itreg.groupwise.level import (  # MIN_OVERLAP, overlap_mask: re-exported
+    MIN_OVERLAP,
+    GroupLevel,
+    overlap_mask,
+    run_group_level,
+)
 from itreg.image import Image
 from itreg.transforms import BSpline, Compose, LinearTransform, Transform, Translation
-from itreg.warp import resample, sample
+from itreg.warp import resample
 
 logger = logging.getLogger(__name__)
 
-#: An iteration with fewer overlap points than this stops the level ("no-overlap").
-MIN_OVERLAP = 16
-
 __all__ = [
     "GROUP_TRANSFORMS",
+    "MIN_OVERLAP",
     "GroupLevelRecord",
     "GroupStage",
     "GroupState",
     "co_register",
     "default_stages",
     "ffd_stages",
+    "overlap_mask",
     "project_zero_mean",
 ]
 
@@ -369,27 +376,6 @@ def _smoothing(stage: GroupStage, level: int, grid: Grid) -> float:
     return 0.0 if f == 1 else 0.5 * f * min(grid.spacing)
 
 
-def overlap_mask(images: Sequence[Image], transforms: Sequence[Transform | None],
-                 points: Tensor) -> tuple[Tensor, Tensor]:
-    """Values and joint inside-mask of every image at mapped points.
-
-    Args:
-        images: the ``N`` (level) images, one channel each.
-        transforms: ``phi_j`` per image (None: identity).
-        points: ``(P, D)`` common-space world points.
-
-    Returns:
-        ``values (N, P)`` (differentiable) and ``overlap (P,)`` bool (``Omega^phi``).
-    """
-    values, inside = [], None
-    for img, t in zip(images, transforms):
-        mapped = points if t is None else t(points)
-        v, ins = sample(img, mapped)
-        values.append(v[0])
-        inside = ins if inside is None else inside & ins
-    return torch.stack(values), inside
-
-
 def co_register(images: Sequence[Image], objective: GroupObjective,
                 stages: Sequence[GroupStage], *, grid: Grid, reference: int | None = None,
                 roi: Tensor | None = None, seed: int = 0,
@@ -458,78 +444,20 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
             for t in active:
                 for p in t.parameters():
                     p.requires_grad_(True)
-            optimizer = ParameterAdam([(p, stage.learning_rate * float(sc.reshape(-1)[0]))
-                               for t in active
-                               for p, sc in zip(t.parameters(), t.parameter_scales(radius))])
-            monitor = ConvergenceMonitor(convergence)
-            losses, metrics = [], []
-            reason = "max-iterations"
-            overlap_frac = float("nan")
-            base = {"stage": s_idx, "transform": stage.transform, "level": lvl,
-                        "levels": len(stage.shrink), "max_iterations": stage.iterations[lvl],
-                        "quantity_name": objective.quantity_name,
-                        "learning_rate": stage.learning_rate}
-            stop = callbacks.on_level_start(StepState(iteration=0, loss=float("nan"),
-                                                      metric=float("nan"), overlap=float("nan"),
-                                                      elapsed_s=time.perf_counter() - t_start,
-                                                      **base))
-            for it in range(stage.iterations[lvl]):
-                if stop is not None:
-                    reason = "callback"
-                    stop_all = stop.all_levels
-                    break
-                transforms = [state.transform(j) for j in range(n)]
-                eligible = roi_l
-                full = objective.needs_all_voxels and it % objective.full_update_every == 0
-                if full:  # E-step over the whole level grid, no gradient
-                    with torch.no_grad():
-                        values_all, inside_all = overlap_mask(level_images, transforms,
-                                                              points_all)
-                        eligible = inside_all & roi_l
-                        if int(eligible.sum()) >= MIN_OVERLAP:
-                            objective.update(values_all, eligible)
-                index = torch.nonzero(sample_mask(eligible, objective.sample_rate, generator)
-                                      ).reshape(-1)
-                values, inside = overlap_mask(level_images, transforms, points_all[index])
-                overlap = inside & roi_l[index]
-                count = int(overlap.sum())
-                overlap_frac = count / max(int(index.numel()), 1)
-                if count < MIN_OVERLAP:
-                    if it == 0 and not records and lvl == 0:
-                        raise GeometryError(
-                            f"the images do not overlap in the common space ({count} common "
-                            "points); check their origins and directions")
-                    reason = "no-overlap"
-                    break
-                if objective.needs_all_voxels and not full:  # E-step at the sample only
-                    with torch.no_grad():
-                        objective.update_at(values.detach(), overlap, index)
-                optimizer.zero_grad()
-                loss, quantity = objective.evaluate(values, overlap, index)
-                reg = kind.regulariser(state, stage, lgrid, active)
-                total = loss if reg is None else loss + reg
-                if not bool(torch.isfinite(total)):
-                    reason = "non-finite"
-                    break
-                total.backward()
-                optimizer.step(step_factor("cosine", stage.final_lr_factor, it,
-                                           stage.iterations[lvl]))
-                if reference is None:
-                    project_zero_mean(active)
-                value = float(total.detach())
-                losses.append(value)
-                metrics.append(quantity)
-                stop = callbacks.on_step(StepState(iteration=it, loss=value, metric=quantity,
-                                                   overlap=overlap_frac,
-                                                   elapsed_s=time.perf_counter() - t_start,
-                                                   **base))
-                if monitor.update(value):
-                    reason = "converged"
-                    break
-            else:
-                if stop is not None:
-                    reason = "callback"
-                    stop_all = stop.all_levels
+            level = GroupLevel(
+                objective, level_images, lgrid, points_all, roi_l,
+                [state.transform(j) for j in range(n)], active,
+                functools.partial(kind.regulariser, state, stage, lgrid, active),
+                project_zero_mean if reference is None else None, generator, not records)
+            ctx, reason, _ = run_group_level(
+                level, stage_index=s_idx, transform=stage.transform, level_index=lvl,
+                levels=len(stage.shrink), iterations=stage.iterations[lvl],
+                learning_rate=stage.learning_rate, final_lr_factor=stage.final_lr_factor,
+                radius=radius, convergence=convergence, callbacks=callbacks,
+                start_time=t_start)
+            stop_all = stop_all or ctx.stop_all
+            losses, metrics = ctx.losses, ctx.metrics
+            overlap_frac = ctx.last.overlap if ctx.last is not None else float("nan")
             for t in active:
                 for p in t.parameters():
                     p.requires_grad_(False)
@@ -537,11 +465,7 @@ def co_register(images: Sequence[Image], objective: GroupObjective,
                                       len(losses), tuple(losses), tuple(metrics), overlap_frac,
                                       reason, time.perf_counter() - t_level)
             records.append(record)
-            end_state = StepState(iteration=len(losses),
-                                  loss=losses[-1] if losses else float("nan"),
-                                  metric=metrics[-1] if metrics else float("nan"),
-                                  overlap=overlap_frac, elapsed_s=time.perf_counter() - t_start,
-                                  stop_reason=reason, **base)
+            end_state = ctx.state(len(losses), ctx.last, None, reason)
             got = callbacks.on_level_end(end_state)
             if got is not None and got.all_levels:
                 stop_all = True
