@@ -6,14 +6,13 @@ See :mod:`itreg.train.regnet` for what each setting does in training; the small 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from itreg.errors import ConfigError, unknown_name
 from itreg.metrics import available_metrics, get_metric
 from itreg.nets.regnets import FIELDS, NORMS
-from itreg.train.config import TrainingConfig
+from itreg.train.config import TrainingConfig, check_integer, check_number
 
 __all__ = ["AUG_TARGETS", "CASCADE_MODES", "KINDS", "REGULARISERS", "RESUMABLE", "TrainNetConfig"]
 
@@ -26,17 +25,6 @@ AUG_TARGETS = ("both", "moving")
 
 #: Settings that may change when a run is resumed.
 RESUMABLE = ("epochs", "patience", "device", "threads")
-
-
-def _positive(name: str, value: Any, integer: bool = False, zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = int(value) == value
-    if ok:
-        ok = value >= 0 if zero else value > 0
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{name} must be {kind} {'>= 0' if zero else '> 0'}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -162,10 +150,10 @@ class TrainNetConfig(TrainingConfig):
         object.__setattr__(self, "affine_features", tuple(int(f) for f in self.affine_features))
         for name in ("loss_weight", "reg_weight", "dice_weight", "aug_rotation_deg",
                      "aug_scale", "aug_translation_mm", "weight_decay"):
-            _positive(name, getattr(self, name), zero=True)
-        _positive("lr", self.lr)
+            check_number(name, getattr(self, name), 0.0, strict=False)
+        check_number("lr", self.lr)
         for name in ("critic_warmup", "crop_margin"):
-            _positive(name, getattr(self, name), integer=True, zero=True)
+            check_integer(name, getattr(self, name), 0)
         if self.crop_size is not None:
             sizes = (tuple(self.crop_size) if isinstance(self.crop_size, (list, tuple))
                      else (self.crop_size,))
@@ -175,13 +163,13 @@ class TrainNetConfig(TrainingConfig):
                 raise ConfigError("crop_size must be None, or one or one-per-axis integers "
                                   f"larger than 2 * crop_margin, got {self.crop_size!r}")
             object.__setattr__(self, "crop_size", sizes[0] if len(sizes) == 1 else sizes)
-        _positive("critic_steps", self.critic_steps, integer=True)
+        check_integer("critic_steps", self.critic_steps, 1)
         for name in ("steps_per_epoch", "val_max_pairs"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name), integer=True)
+                check_integer(name, getattr(self, name), 1)
         for name in ("critic_lr", "grad_clip"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+                check_number(name, getattr(self, name))
         if not 0.0 <= float(self.ema_decay) < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
