@@ -4,8 +4,9 @@ Cases are built with :func:`itreg.phantoms.brain_pair` (fixed: the MNI T1; movin
 image under a known transform) and written to a work folder. Each tool then runs in its own
 subprocess, in its own virtual environment, through its own resampler:
 
-* itreg: the ``itreg register`` command (``--transform affine`` / ``bspline``, ``--metric mi``);
-  labels warped by ``itreg apply --labels``;
+* itreg: the ``itreg register`` command (``--transform affine``; deformable: the ``bspline``,
+  ``svf``, ``dense`` and ``bspline-ml`` presets; ``--metric mi``); deformable runs write their
+  whole map as ``displacement.nii.gz`` on the fixed grid, which is what gets evaluated;
 * SimpleITK ImageRegistrationMethod, the common Mattes-MI affine recipe (1% random sampling
   with a fixed seed, gradient descent, 3 levels): ``tools/sitk_runner.py``;
 * itk-elastix, default ``affine`` and ``bspline`` parameter maps (``bspline`` on ONE thread:
@@ -22,6 +23,12 @@ process, file IO excluded) and the process's peak memory (ru_maxrss from wait4, 
 
     make bench                                    # default: affine 3 cases + ffd 1 case
     .venv/bin/python benchmarks/run.py --kinds affine --cases 10 --spacing 1
+
+Kinds of case: ``affine`` (the anchor benchmark's affine ranges), ``ffd`` (paper 003's 20 mm
+cubic B-spline FFD: the ``bspline`` preset's own model), ``svf`` (a diffeomorphism ``exp(v)`` of
+a random velocity field with a mixture of smoothness scales 10, 20 and 40 mm: *not* a
+B-spline), and ``ffd-bias`` / ``affine-bias`` (the same seeds as ``ffd`` / ``affine`` with a
+smooth random multiplicative bias field of about +-25 % on the moving image).
 
 Outputs in ``bench-out/``: ``results.json``, ``results.md``, ``results.png``.
 """
@@ -45,18 +52,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = Path(__file__).resolve().parent / "tools"
 
-#: tool name -> (kind it applies to, runner)
+#: The benchmark's kinds of case, linear and deformable.
+LINEAR = ("affine", "affine-bias")
+DEFORMABLE = ("ffd", "svf", "ffd-bias")
+#: tool name -> the kinds of case it runs on
 TOOL_KINDS = {
-    "itreg-affine": "affine",
-    "sitk-mattes": "affine",
-    "elastix-affine": "affine",
-    "ants-Affine": "affine",
-    "itreg-bspline": "ffd",
-    "elastix-bspline": "ffd",
-    "ants-SyNOnly": "ffd",
+    "itreg-affine": LINEAR,
+    "sitk-mattes": LINEAR,
+    "elastix-affine": LINEAR,
+    "ants-Affine": LINEAR,
+    "itreg-bspline": DEFORMABLE,
+    "itreg-bspline-ml": DEFORMABLE,
+    "itreg-svf": DEFORMABLE,
+    "itreg-dense": DEFORMABLE,
+    "elastix-bspline": DEFORMABLE,
+    "ants-SyNOnly": DEFORMABLE,
 }
-#: brain_pair kind used for each benchmark kind ("affine": the anchor benchmark's ranges).
-PHANTOM_KIND = {"affine": "anchor", "ffd": "ffd"}
+#: Tools run unless --tools says otherwise.
+DEFAULT_TOOLS = ("itreg-affine", "sitk-mattes", "elastix-affine", "ants-Affine", "itreg-bspline",
+                 "elastix-bspline", "ants-SyNOnly")
+#: brain_pair settings of each benchmark kind ("affine": the anchor benchmark's ranges).
+PHANTOM_KIND = {"affine": ("anchor", {}), "affine-bias": ("anchor", {"bias": 0.25}),
+                "ffd": ("ffd", {}), "ffd-bias": ("ffd", {"bias": 0.25}),
+                "svf": ("svf", {"smoothness_mm": (10.0, 20.0, 40.0)})}
 LABELS = (1, 2, 3)  # CSF, GM, WM
 
 
@@ -80,13 +98,18 @@ def build_case(folder: Path, kind: str, seed: int, spacing: float) -> Path:
     if (folder / "done").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    pair = brain_pair(spacing_mm=spacing, contrast="t2", kind=PHANTOM_KIND[kind], seed=seed)
+    phantom, extra = PHANTOM_KIND[kind]
+    pair = brain_pair(spacing_mm=spacing, contrast="t2", kind=phantom, seed=seed, **extra)
     io.write_image(pair.fixed, folder / "fixed.nii.gz")
     io.write_image(pair.moving, folder / "moving.nii.gz")
     io.write_image(pair.fixed_mask, folder / "fixed_mask.nii.gz")
     io.write_image(pair.fixed_labels, folder / "fixed_labels.nii.gz")
     io.write_image(pair.moving_labels, folder / "moving_labels.nii.gz")
-    io.write_transform(pair.true_transform, folder / "true.tfm")
+    if pair.true_transform.is_linear or phantom == "ffd":
+        io.write_transform(pair.true_transform, folder / "true.tfm")
+    else:  # exp(v): the truth is a displacement field on the fixed grid, exactly
+        io.write_displacement_field(pair.true_transform, pair.fixed.grid,
+                                    folder / "true_field.nii.gz")
     (folder / "done").write_text(json.dumps({"kind": kind, "seed": seed, "spacing_mm": spacing}))
     return folder
 
@@ -121,9 +144,10 @@ def tool_command(tool: str, case: Path, out: Path, threads: int, seed: int,
     if tool.startswith("itreg-"):
         exe = Path(python["main"]).with_name("itreg")
         transform = tool.split("-", 1)[1]
+        extra = [] if transform == "affine" else ["--outputs", "transform,displacement"]
         return ([str(exe), "register", str(case / "fixed.nii.gz"), str(case / "moving.nii.gz"),
                  "-o", str(out), "--transform", transform, "--metric", "mi", "--seed",
-                 str(seed), "--threads", str(threads), "--quiet", "--force"],
+                 str(seed), "--threads", str(threads), "--quiet", "--force", *extra],
                 f"preset {transform}, {threads} threads")
     if tool == "sitk-mattes":
         return [python["main"], str(TOOLS / "sitk_runner.py"), *common, "--method", "affine"], (
@@ -161,11 +185,14 @@ def itreg_labels(case: Path, out: Path) -> dict:
     grid = io.read_header(case / "fixed.nii.gz").grid
     warped = resample(labels, read_any(out / transform), grid, mode="nearest")
     io.write_image(warped, out / "warped_labels.nii.gz")
+    diverged = [f"stage {e['stage'] + 1} level {e['level'] + 1}: {'+'.join(e['reasons'])}"
+                for e in report.get("divergence", [])]
     result = {"wall_s": report["wall_time_s"], "transforms": [transform],
               "warped_labels": "warped_labels.nii.gz",
               "note": "level times s: " + ", ".join(
                   f"{lv['transform']}/{lv['shrink']} {lv.get('time_s', float('nan')):.1f}"
-                  for lv in report.get("levels", []))}
+                  for lv in report.get("levels", []))
+              + ("; divergence detected: " + "; ".join(diverged) if diverged else "")}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -179,6 +206,16 @@ def read_any(path: Path):
     return io.read_transform(path, dtype=torch.float64)
 
 
+def read_truth(case: Path):
+    """The case's true transform: ``true.tfm`` or (velocity fields) ``true_field.nii.gz``."""
+    from itreg import io
+
+    field = case / "true_field.nii.gz"
+    if field.exists():
+        return io.read_displacement_field(field, dtype=torch.float64)
+    return io.read_transform(case / "true.tfm", dtype=torch.float64)
+
+
 def evaluate(case: Path, out: Path, result: dict, deformable: bool) -> dict:
     from itreg import io
     from itreg.evaluate import dice, jacobian_statistics, warping_error
@@ -188,7 +225,7 @@ def evaluate(case: Path, out: Path, result: dict, deformable: bool) -> dict:
     fixed_labels = io.read_image(case / "fixed_labels.nii.gz", is_label=True)
     grid = fixed_mask.grid
     mask = fixed_mask.data[0] != 0
-    true = io.read_transform(case / "true.tfm", dtype=torch.float64)
+    true = read_truth(case)
     parts = [read_any(out / p) for p in result["transforms"]]
     # Listed in the order a fixed point goes through them; Compose applies its last first.
     found = parts[0] if len(parts) == 1 else Compose(*reversed(parts))
@@ -212,7 +249,7 @@ def baseline(case: Path, deformable: bool) -> dict:
     fixed_mask = io.read_image(case / "fixed_mask.nii.gz", is_label=True)
     fixed_labels = io.read_image(case / "fixed_labels.nii.gz", is_label=True)
     moving_labels = io.read_image(case / "moving_labels.nii.gz", is_label=True)
-    true = io.read_transform(case / "true.tfm", dtype=torch.float64)
+    true = read_truth(case)
     grid = fixed_mask.grid
     err = warping_error(Identity(3), true, grid, fixed_mask.data[0])
     rows = {"identity_mean_mm": err.mean_mm}
@@ -335,6 +372,29 @@ def targets(summary: dict) -> list[str]:
         if me.get("folding_max") is not None:
             line("deformable, no folding (det J <= 0 on < 0.1% of brain voxels)",
                  me["folding_max"] < 1e-3, f"worst case {me['folding_max']:.2g}")
+    svf = summary.get("svf", {}).get("tools", {})
+    others = {t: svf[t] for t in ("ants-SyNOnly", "elastix-bspline") if t in svf}
+    for tool, me in svf.items():
+        if not tool.startswith("itreg") or not others:
+            continue
+        best = min(others, key=lambda t: others[t]["mean_mm"])
+        line(f"velocity-field phantoms, {tool} mean error below SyNOnly's and elastix's",
+             me["mean_mm"] < others[best]["mean_mm"],
+             f"{me['mean_mm']:.3f} mm vs {others[best]['mean_mm']:.3f} mm ({best}), det J <= 0 "
+             f"on {fmt(me.get('folding_max'))} (needs < 0.001)")
+    for biased, plain, allowed in (("ffd-bias", "ffd", "ratio"), ("affine-bias", "affine", "mm")):
+        b_tools = summary.get(biased, {}).get("tools", {})
+        p_tools = summary.get(plain, {}).get("tools", {})
+        for tool in b_tools:
+            if not tool.startswith("itreg") or tool not in p_tools:
+                continue
+            b, q = b_tools[tool]["mean_mm"], p_tools[tool]["mean_mm"]
+            if allowed == "ratio":
+                line(f"bias +-25 %, {tool} within 15 % of the same cases without", b <= 1.15 * q,
+                     f"{b:.3f} vs {q:.3f} mm (ratio {b / q:.2f})")
+            else:
+                line(f"bias +-25 %, {tool} within 0.05 mm of the same cases without",
+                     b - q <= 0.05, f"{b:.3f} vs {q:.3f} mm")
     return out
 
 
@@ -372,10 +432,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=3, help="cases per kind (seeds FIRST..N-1)")
     p.add_argument("--first-seed", type=int, default=0, help="first case seed (with --append)")
-    p.add_argument("--ffd-cases", type=int, default=None, help="cases for ffd (default --cases)")
+    p.add_argument("--ffd-cases", type=int, default=None,
+                   help="cases for the deformable kinds (default --cases)")
     p.add_argument("--spacing", type=float, default=1.0, help="voxel spacing in mm")
-    p.add_argument("--kinds", default="affine,ffd", help="affine,ffd")
-    p.add_argument("--tools", default=",".join(TOOL_KINDS),
+    p.add_argument("--kinds", default="affine,ffd",
+                   help="comma list of: " + ", ".join((*LINEAR, *DEFORMABLE)))
+    p.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
                    help="comma list of: " + ", ".join(TOOL_KINDS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / "bench-out" / "work")
@@ -407,15 +469,17 @@ def main() -> None:
     old = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
     old_load = {(r["case"], r["tool"]): r.get("load", "n/a") for r in old["rows"]}
     for kind in [] if args.report_only else kinds:
-        n = args.cases if kind != "ffd" or args.ffd_cases is None else args.ffd_cases
+        if kind not in PHANTOM_KIND:
+            p.error(f"unknown kind {kind!r}; choose from {', '.join(PHANTOM_KIND)}")
+        n = args.cases if kind not in DEFORMABLE or args.ffd_cases is None else args.ffd_cases
         for seed in range(args.first_seed, n):
             name = f"{kind}-s{seed}-{args.spacing:g}mm"
             log(f"case {name}: building")
             case = build_case(args.work / name, kind, seed, args.spacing)
-            baselines[name] = baseline(case, kind == "ffd")
+            baselines[name] = baseline(case, kind in DEFORMABLE)
             log(f"case {name}: before registration {baselines[name]}")
             for tool in tools:
-                if TOOL_KINDS[tool] != kind:
+                if kind not in TOOL_KINDS[tool]:
                     continue
                 out = case / "out" / tool
                 out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +511,7 @@ def main() -> None:
                         result = itreg_labels(case, out)
                     else:
                         result = json.loads((out / "result.json").read_text())
-                    row.update(evaluate(case, out, result, kind == "ffd"))
+                    row.update(evaluate(case, out, result, kind in DEFORMABLE))
                     row.update(wall_s=result["wall_s"], peak_mb=peak, tool_note=result.get("note"))
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other tools
                     row["error"] = f"evaluation failed: {type(exc).__name__}: {exc}"
