@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                          "deepsim:PATH, deepsim-ae (trained here on other phantom volumes, "
                          "paper 004's auto-encoder), deepsim-ae-mm (contrast-invariant)")
     ap.add_argument("--midice", action="store_true", help="add MI-64 + soft Dice (labels)")
+    ap.add_argument("--paper001", action="store_true",
+                    help="add paper 001's MIRegNet and MIDiceRegNet (AffineNet + DeformNet, "
+                         "MINE (+ Dice), L_TV at mu = 0.01)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--steps-per-epoch", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -459,24 +462,41 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.losses.split(",") if n] if "nets" in methods else []
     extractors = {n: train_extractor(n, args.out, kw, args.seed, args.threads)
                   for n in names if n in DEEPSIM}
-    runs = [(name, *loss_setting(name, extractors), 0.0) for name in names]
+    # (label, loss, loss options, Dice weight, other TrainNetConfig settings, row label)
+    runs = [(name, *loss_setting(name, extractors), 0.0, {}, f"DeformNet {name}")
+            for name in names]
     if args.midice:
-        runs.append(("mi64 + Dice (MIDice)", "mi", {"bins": 64}, 1.0))
+        runs.append(("mi64 + Dice (MIDice)", "mi", {"bins": 64}, 1.0, {},
+                     "DeformNet mi64 + Dice (MIDice)"))
+    if args.paper001:
+        # Paper 001: AffineNet + DeformNet trained in two stages with MINE (lambda = 1) and
+        # L_TV = ||grad phi_D||^2 at mu = 0.01 (+ Dice, lambda2 = 1, for MIDiceRegNet). L_TV is
+        # read as the mean over voxels and displacement components of the squared forward
+        # differences summed over directions: itreg's `diffusion` / D, so mu = 0.01 is a
+        # diffusion weight of 0.01 / D (world mm; paper 001's 1 mm voxels).
+        p001 = {"kind": "cascade", "cascade_mode": "two-stage", "regulariser": "diffusion",
+                "reg_weight": 0.01 / args.ndim}
+        runs.append(("MIRegNet", "mine", {}, 0.0, p001, "MIRegNet (AffineNet + DeformNet, "
+                     "MINE, L_TV mu 0.01)"))
+        runs.append(("MIDiceRegNet", "mine", {}, 1.0, p001, "MIDiceRegNet (AffineNet + "
+                     "DeformNet, MINE + Dice, L_TV mu 0.01)"))
     features = tuple(int(f) for f in args.features.split(","))
-    for label, loss, loss_kwargs, dice_weight in runs if "nets" in methods else []:
+    for label, loss, loss_kwargs, dice_weight, extra, row_label in (
+            runs if "nets" in methods else []):
         key = net_key(label, dice_weight)
         path = args.out / f"net-{key}.pt"
-        cfg = TrainNetConfig.small(kind="deform", loss=loss, loss_kwargs=loss_kwargs,
+        settings = {"kind": "deform", "reg_weight": args.reg_weight, **extra}
+        cfg = TrainNetConfig.small(loss=loss, loss_kwargs=loss_kwargs,
                                    dice_weight=dice_weight, features=features,
                                    levels=len(features) - 1, epochs=args.epochs,
                                    steps_per_epoch=args.steps_per_epoch,
                                    batch_size=args.batch_size, lr=args.lr,
-                                   reg_weight=args.reg_weight, seed=args.seed,
+                                   seed=args.seed,
                                    threads=args.threads, patience=args.patience,
                                    crop_size=args.crop, crop_margin=args.crop_margin,
-                                   norm=args.norm)
+                                   norm=args.norm, **settings)
         config = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
-        r = row(f"net-{key}", f"DeformNet {label}", net_order(key), config=config,
+        r = row(f"net-{key}", row_label, net_order(key), config=config,
                 n_train=args.train, n_val=args.val)
         if label in extractors:
             side = extractors[label].with_name(extractors[label].name + ".train_s.json")
