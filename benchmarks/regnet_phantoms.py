@@ -476,10 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         # diffusion weight of 0.01 / D (world mm; paper 001's 1 mm voxels).
         p001 = {"kind": "cascade", "cascade_mode": "two-stage", "regulariser": "diffusion",
                 "reg_weight": 0.01 / args.ndim}
-        runs.append(("MIRegNet", "mine", {}, 0.0, p001, "MIRegNet (AffineNet + DeformNet, "
-                     "MINE, L_TV mu 0.01)"))
-        runs.append(("MIDiceRegNet", "mine", {}, 1.0, p001, "MIDiceRegNet (AffineNet + "
-                     "DeformNet, MINE + Dice, L_TV mu 0.01)"))
+        runs.append(("MIRegNet", "mine", {}, 0.0, p001,
+                     "MIRegNet (AffineNet + DeformNet, MINE, L_TV mu 0.01)"))
+        runs.append(("MIDiceRegNet", "mine", {}, 1.0, p001,
+                     "MIDiceRegNet (AffineNet + DeformNet, MINE + Dice, L_TV mu 0.01)"))
     features = tuple(int(f) for f in args.features.split(","))
     for label, loss, loss_kwargs, dice_weight, extra, row_label in (
             runs if "nets" in methods else []):
