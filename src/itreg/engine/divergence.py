@@ -3,7 +3,9 @@
 The engine installs a :class:`DivergenceGuard` in every registration. At the end of each level
 it compares the level's start (the parameters the previous level left) with its end, on one
 fixed set of check points so that sampling noise does not decide (the whole level grid for
-spatial metrics and full sampling; otherwise a regular subset of the random sampler's pool):
+spatial metrics and full sampling; otherwise a regular subset of the random sampler's pool, as
+many points as one iteration uses but at least :data:`CHECK_POINTS`, so that the check costs
+about two iterations):
 
 - ``"objective-worse"``: the objective (metric loss plus weighted regularisers; lower is
   better in every metric's own direction) at the end exceeds its start by more than
@@ -23,8 +25,10 @@ registration, one warning line goes to the log (the command line shows it on std
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,10 +46,27 @@ WORSE_TOLERANCE = 1e-3
 FOLD_GROWTH = 0.005
 #: An end overlap below this fraction of the start's counts as leaving the overlap.
 OVERLAP_KEEP = 0.5
-#: At most this many check points (random sampling) ...
-CHECK_POINTS = 1 << 16
-#: ... and this many voxels for the Jacobian determinant (a shrunk copy of the level grid).
-JACOBIAN_VOXELS = 1 << 21
+#: At least this many check points (random sampling; the pool allowing) ...
+CHECK_POINTS = 1 << 12
+#: ... and at most this many voxels for the Jacobian determinant (a shrunk copy of the level
+#: grid: folding of 0.5 % of it is far coarser than that sampling).
+JACOBIAN_VOXELS = 1 << 17
+#: Checks of fewer points run on one thread (as the engine's small levels do: on a busy
+#: machine, waiting for a descheduled thread costs far more than the work).
+SINGLE_THREAD_POINTS = 1 << 16
+
+
+@contextlib.contextmanager
+def _threads_for(points: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if points >= SINGLE_THREAD_POINTS or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _values(params) -> list[Tensor]:
@@ -76,7 +97,7 @@ def _check_samples(objective) -> Samples | None:
         return sampler.draw()
     if isinstance(sampler, RandomSampler):
         n = sampler.points.shape[0]
-        step = max(1, math.ceil(n / CHECK_POINTS))
+        step = max(1, n // max(sampler.n, CHECK_POINTS))
         return Samples(sampler.points[::step], sampler.values[:, ::step])
     return None
 
@@ -163,35 +184,47 @@ class DivergenceGuard(Callback):
         params = inner.params
         if params.numel == 0:
             return None
-        end_values = _values(params)
-        q_end = _as_q(params, end_values)
         saved = inner.samples
         check = _check_samples(inner)
         if check is not None:
             inner.samples = check
         try:
-            start = self._measure(objective, current, params.zeros(), ctx.quantity, level.grid)
-            end = self._measure(objective, current, q_end, ctx.quantity, level.grid)
-            reasons = self._reasons(record, start, end)
-            if not reasons:
-                _restore(params, end_values)
-                return None
-            kept, kept_name, kept_values = start, "start", list(params.p0)
-            if best is not None:
-                cand = self._measure(objective, current, _as_q(params, best), ctx.quantity, level.grid)
-                if (not self._reasons(record, start, cand, stop_reason=False)
-                        and cand["loss"] < start["loss"]):
-                    kept, kept_name, kept_values = cand, "best-step", best
-            _restore(params, kept_values)
+            with _threads_for(check.count if check is not None else level.grid.numel):
+                event = self._compare(record, ctx, level, current, best, params, objective)
         finally:
             inner.samples = saved
-        event = {"stage": record.stage, "transform": record.transform, "level": record.level,
-                 "reasons": reasons, "kept": kept_name,
-                 "start": _public(start), "end": _public(end), "kept_values": _public(kept)}
-        self.events.append(event)
-        logger.info("stage %d (%s) level %d diverged (%s): kept the %s parameters",
-                    record.stage, record.transform, record.level, ", ".join(reasons), kept_name)
+        if event is not None:
+            self.events.append(event)
+            logger.info("stage %d (%s) level %d diverged (%s): kept the %s parameters",
+                        record.stage, record.transform, record.level,
+                        ", ".join(event["reasons"]), event["kept"])
         return event
+
+    def _compare(self, record, ctx, level, current, best, params, objective
+                 ) -> dict[str, Any] | None:
+        """Measure start and end on the check points; restore the best if diverged."""
+        end_values = _values(params)
+
+        def measure(values):
+            return self._measure(objective, current, _as_q(params, values), ctx.quantity,
+                                 level.grid)
+
+        start = measure(list(params.p0))
+        end = measure(end_values)
+        reasons = self._reasons(record, start, end)
+        if not reasons:
+            _restore(params, end_values)
+            return None
+        kept, kept_name, kept_values = start, "start", list(params.p0)
+        if best is not None:
+            cand = measure(best)
+            if (not self._reasons(record, start, cand, stop_reason=False)
+                    and cand["loss"] < start["loss"]):
+                kept, kept_name, kept_values = cand, "best-step", best
+        _restore(params, kept_values)
+        return {"stage": record.stage, "transform": record.transform, "level": record.level,
+                "reasons": reasons, "kept": kept_name,
+                "start": _public(start), "end": _public(end), "kept_values": _public(kept)}
 
     @staticmethod
     def _reasons(record, start: dict, end: dict, stop_reason: bool = True) -> list[str]:
