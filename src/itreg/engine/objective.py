@@ -211,7 +211,7 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class Regulariser:
+class WeightedRegulariser:
     """A weighted regulariser term and the field of the transform it acts on."""
 
     name: str
@@ -250,7 +250,7 @@ class LevelObjective:
         params: ScaledParameters,
         fixed_range,
         moving_range,
-        regularisers: Sequence[Regulariser] = (),
+        regularisers: Sequence[WeightedRegulariser] = (),
         field_fn: Callable | None = None,
         min_overlap: float = 0.0,
         precondition: Callable[[Tensor], Tensor] | None = None,

@@ -26,8 +26,8 @@ from itreg.engine.initialise import initial_transforms
 from itreg.engine.objective import (
     SAMPLERS,
     LevelObjective,
-    Regulariser,
     ScaledParameters,
+    WeightedRegulariser,
     overlap_fraction,
 )
 from itreg.engine.optimizers import LevelContext, get_optimizer
@@ -37,7 +37,7 @@ from itreg.engine.stages import LinearStage, StageSetup, get_stage_transform
 from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
-from itreg.runtime import provenance
+from itreg.runtime import limited_threads, provenance
 from itreg.transforms import Affine, LinearTransform, Transform
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ class LevelRecord:
             "shrink": self.shrink, "smoothing_mm": self.smoothing_mm,
             "grid_size": list(self.grid_size), "optimizer": self.optimizer,
             "iterations": self.iterations, "samples": self.samples,
-            "final_loss": finite_or_none(self.final_loss), "final_metric": finite_or_none(self.final_metric),
+            "final_loss": finite_or_none(self.final_loss),
+            "final_metric": finite_or_none(self.final_metric),
             "quantity": self.quantity_name, "overlap": finite_or_none(self.overlap),
             "stop_reason": self.stop_reason, "time_s": round(self.time_s, 6),
         }
@@ -209,7 +210,7 @@ def build_metric(stage: StageConfig):
     return get_metric(stage.metric.name, **dict(stage.metric.options))
 
 
-def build_regularisers(stage: StageConfig) -> list[Regulariser]:
+def build_regularisers(stage: StageConfig) -> list[WeightedRegulariser]:
     """The stage's weighted regularisers (zero weights are skipped).
 
     Raises:
@@ -219,14 +220,14 @@ def build_regularisers(stage: StageConfig) -> list[Regulariser]:
         return []
     from itreg.regularisers import get_regulariser
 
-    return [Regulariser(name, w, get_regulariser(name)) for name, w in stage.regularisers.items()
-            if w > 0]
+    return [WeightedRegulariser(name, w, get_regulariser(name))
+            for name, w in stage.regularisers.items() if w > 0]
 
 
 @dataclass
 class _Components:
     metric: Any
-    regularisers: list[Regulariser]
+    regularisers: list[WeightedRegulariser]
     optimizer: Any
     options: dict
     builder: Any
@@ -264,15 +265,8 @@ SINGLE_THREAD_POINTS = 1 << 16
 @contextlib.contextmanager
 def _level_threads(points: int) -> Iterator[None]:
     """One thread for levels with few points (see :data:`SINGLE_THREAD_POINTS`)."""
-    before = torch.get_num_threads()
-    if points >= SINGLE_THREAD_POINTS or before == 1:
+    with limited_threads(1 if points < SINGLE_THREAD_POINTS else None):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _points_per_evaluation(stage: StageConfig, li: int, level: Level, metric) -> int:
@@ -365,7 +359,8 @@ def run(
             comp = components[si]
             builder, optimizer, options = comp.builder, comp.optimizer, comp.options
             metric = comp.metric.to(device)
-            regs = [Regulariser(r.name, r.weight, r.module.to(device)) for r in comp.regularisers]
+            regs = [WeightedRegulariser(r.name, r.weight, r.module.to(device))
+                    for r in comp.regularisers]
             setup = StageSetup(fixed.grid, stage, dtype, device)
             levels = pyramid.levels(stage.shrink, stage.smoothing_mm)
             if isinstance(builder, LinearStage):
@@ -469,7 +464,7 @@ class LevelSpec:
     transform: Transform
     outer: list[Transform]
     metric: Any
-    regularisers: list[Regulariser]
+    regularisers: list[WeightedRegulariser]
     builder: Any
     setup: StageSetup
     optimizer: Any
@@ -557,5 +552,5 @@ def _run_level(spec: LevelSpec, run: RunState) -> tuple[LevelRecord, LevelContex
     return record, ctx
 
 
-__all__ = ["LevelRecord", "LevelSpec", "RegistrationResult", "RunState", "build_components", "build_metric",
-           "build_regularisers", "run"]
+__all__ = ["LevelRecord", "LevelSpec", "RegistrationResult", "RunState", "build_components",
+           "build_metric", "build_regularisers", "run"]

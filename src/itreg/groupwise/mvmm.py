@@ -6,7 +6,7 @@ generalised EM plus ICM". The model shares X-CoReg's latent common anatomy ``Z``
 classes, but describes each image's appearance in class ``k`` parametrically, by a mixture of
 ``C`` Gaussians, and puts a Potts Markov random field on the labels:
 
-    p(u_x | Z_x = k) = prod_j sum_c tau_jkc N(u_{x,j}; m_jkc, s_jkc^2)      (conditional independence)
+    p(u_x | Z_x = k) = prod_j sum_c tau_jkc N(u_{x,j}; m_jkc, s_jkc^2)   (independent given k)
     p(Z_x = k | Z_N(x)) ∝ pi_k exp(beta * #{y in N(x): Z_y = k})              (Potts prior)
 
 One step of the generalised EM (run by the loop's :meth:`MvMM.update` under ``no_grad``):
