@@ -183,8 +183,9 @@ def worker_environ(job_threads: int | None) -> dict[str, str | None]:
     every buffer over 128 KiB is then mapped and unmapped on each allocation, and a
     registration, which frees and reallocates the same large tensors every iteration,
     page-faults them in again each time (a 2 mm bspline job: 1.3 M minor faults and about 30 %
-    more CPU than in an ``itreg register`` process). Here the variable is left unset (a value in
-    the user's own environment still wins, as Dask does) and the BLAS/OpenMP thread variables
+    more CPU than in an ``itreg register`` process). Here the variable is unset in the workers
+    (also when this process has it, e.g. from an earlier Dask cluster) and the BLAS/OpenMP
+    thread variables
     are the job's torch threads (Dask's default is 1), for the work a job does outside torch's
     own setting.
     """
@@ -198,8 +199,13 @@ def _restored_environ(environ: Mapping[str, str | None]) -> Iterator[None]:
     """Restore this process's values of `environ`'s keys (and ``PYTHONHASHSEED``, which the
     nanny adds) on exit: Dask's nanny writes the pre-spawn environment into the process that
     starts the workers, and a caller of :func:`itreg.batch.run` must not find its own
-    environment changed afterwards."""
+    environment changed afterwards. Keys whose value is None are removed meanwhile: a worker
+    inherits this process's environment, which an earlier Dask cluster in this process may
+    have given ``MALLOC_TRIM_THRESHOLD_``."""
     before = {key: os.environ.get(key) for key in [*environ, "PYTHONHASHSEED"]}
+    for key, value in environ.items():
+        if value is None:
+            os.environ.pop(key, None)
     try:
         yield
     finally:
