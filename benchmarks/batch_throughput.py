@@ -168,6 +168,73 @@ def case_root(workdir: Path, kind: str, spacing: float) -> Path:
     return workdir / (kind if spacing == 2.0 else f"{kind}-{spacing:g}mm")
 
 
+def probe_job(case: str, threads: int) -> dict:
+    """Run one bspline pair as a batch job here (the process and thread that call it) and
+    return its CPU seconds, system seconds and minor page faults (getrusage of this process)."""
+    import resource
+    import shutil
+    import tempfile
+
+    from itreg.batch.jobs import JobOptions, run_job
+    from itreg.batch.manifest import jobs_from_rows
+
+    job = jobs_from_rows([{"id": Path(case).name, "fixed": f"{case}/fixed.nii.gz",
+                           "moving": f"{case}/moving.nii.gz", "transform": "bspline",
+                           "metric": "mi"}])[0]
+    out = tempfile.mkdtemp(prefix="itreg-probe-")
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    record = run_job(job, out, JobOptions(force=True, threads=threads, device="cpu"))
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    shutil.rmtree(out)
+    if record["status"] != "done":
+        raise RuntimeError(record["error"])
+    return {"case": job.id, "wall_s": t1 - t0, "registration_s": record["registration_s"],
+            "cpu_s": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
+            "sys_s": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt,
+            "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            "torch_threads": record["torch_threads"]}
+
+
+def probe(cases: list[Path], threads: int) -> dict:
+    """One bspline job at a time, the same cases in each setting: in this process; in the one
+    worker of a LocalCluster with Dask's default worker environment; in the one worker of
+    itreg batch's embedded LocalCluster (itreg.batch.cluster.worker_environ)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from itreg.batch.cluster import ClusterSpec, open_client
+
+    cases = [str(c) for c in cases]
+    rows: dict[str, list] = {"plain process": [probe_job(c, threads) for c in cases]}
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        rows["Dask default worker"] = [client.submit(probe_job, c, threads, pure=False).result()
+                                       for c in cases]
+    with open_client(ClusterSpec(workers=1), job_threads=threads) as client:
+        rows["itreg batch worker"] = [client.submit(probe_job, c, threads, pure=False).result()
+                                      for c in cases]
+    return rows
+
+
+def render_probe(result: dict) -> str:
+    title = (f"## One bspline job: plain process vs Dask worker ({result['threads']} torch "
+             "threads)")
+    load = f"Load before: `{result['uptime_start']}`; after: `{result['uptime_end']}`"
+    header = ("| setting | MALLOC_TRIM_THRESHOLD_ | case | wall s | CPU s | of it system s | "
+              "minor page faults |")
+    lines = ["", title, "", load, "", header, "|---|---|---|---|---|---|---|"]
+    for name, rows in result["rows"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['malloc_trim_threshold'] or 'unset'} | {r['case']} | "
+                         f"{r['wall_s']:.1f} | {r['cpu_s']:.2f} | {r['sys_s']:.2f} | "
+                         f"{r['minor_faults']} |")
+    for name, rows in result["rows"].items():
+        mean = sum(r["cpu_s"] for r in rows) / len(rows)
+        lines.append(f"\nMean CPU s per job, {name}: {mean:.2f}")
+    return "\n".join(lines) + "\n"
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
@@ -191,9 +258,27 @@ def main() -> None:
     p.add_argument("--ants-python", default=str(ROOT / ".venv-ants" / "bin" / "python"))
     p.add_argument("--out", type=Path, default=None,
                    help="Result path stem: writes STEM.json and STEM.md.")
+    p.add_argument("--probe", type=int, default=0, metavar="N",
+                   help="Only run N bspline pairs one job at a time in a plain process, in a "
+                        "Dask worker with Dask's default environment and in an itreg batch "
+                        "worker; write STEM-probe.json/.md (--out).")
     p.add_argument("--render", type=Path, default=None,
                    help="Only write STEM.md (--out) from a results JSON of an earlier run.")
     args = p.parse_args()
+    if args.probe:
+        args.workdir = args.workdir.resolve()
+        cases = make_pairs(args.workdir, args.probe, args.spacing, "bspline")
+        start = uptime()
+        result = {"threads": 2, "spacing_mm": args.spacing, "uptime_start": start,
+                  "rows": probe(cases, 2)}
+        result["uptime_end"] = uptime()
+        text = render_probe(result)
+        print(text)
+        if args.out:
+            stem = args.out.with_name(args.out.name + "-probe")
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            stem.with_suffix(".md").write_text(text)
+        return
     if args.render:
         results = json.loads(args.render.read_text())
         text = render(results)
