@@ -4,8 +4,9 @@ The engine installs a :class:`DivergenceGuard` in every registration. At the end
 it compares the level's start (the parameters the previous level left) with its end, on one
 fixed set of check points so that sampling noise does not decide (the whole level grid for
 spatial metrics and full sampling; otherwise a regular subset of the random sampler's pool, as
-many points as one iteration uses but at least :data:`CHECK_POINTS`, so that the check costs
-about two iterations):
+many points as one iteration uses, between :data:`CHECK_POINTS` and :data:`MAX_CHECK_POINTS`
+(start and end are compared on the same points, so their difference is far less noisy than
+either), so that the check costs at most about two iterations):
 
 - ``"objective-worse"``: the objective (metric loss plus weighted regularisers; lower is
   better in every metric's own direction) at the end exceeds its start by more than
@@ -48,6 +49,8 @@ FOLD_GROWTH = 0.005
 OVERLAP_KEEP = 0.5
 #: At least this many check points (random sampling; the pool allowing) ...
 CHECK_POINTS = 1 << 12
+#: ... at most this many ...
+MAX_CHECK_POINTS = 1 << 13
 #: ... and at most this many voxels for the Jacobian determinant (a shrunk copy of the level
 #: grid: folding of 0.5 % of it is far coarser than that sampling).
 JACOBIAN_VOXELS = 1 << 17
@@ -97,7 +100,7 @@ def _check_samples(objective) -> Samples | None:
         return sampler.draw()
     if isinstance(sampler, RandomSampler):
         n = sampler.points.shape[0]
-        step = max(1, n // max(sampler.n, CHECK_POINTS))
+        step = max(1, n // min(max(sampler.n, CHECK_POINTS), MAX_CHECK_POINTS))
         return Samples(sampler.points[::step], sampler.values[:, ::step])
     return None
 
@@ -245,5 +248,5 @@ def _public(m: dict[str, Any]) -> dict[str, Any]:
             "folded_fraction": round(m["folded"], 6), "overlap": round(m["overlap"], 6)}
 
 
-__all__ = ["CHECK_POINTS", "FOLD_GROWTH", "OVERLAP_KEEP", "WORSE_TOLERANCE", "DivergenceGuard",
-           "folded_fraction"]
+__all__ = ["CHECK_POINTS", "FOLD_GROWTH", "MAX_CHECK_POINTS", "OVERLAP_KEEP", "WORSE_TOLERANCE",
+           "DivergenceGuard", "folded_fraction"]
