@@ -27,7 +27,7 @@ import torch
 
 from itreg import io
 from itreg.api import register
-from itreg.outputs import save_registration
+from itreg.results import save_registration
 from itreg.phantoms.pairs import brain_pair
 
 

@@ -69,7 +69,7 @@ def test_unknown_compression_is_refused(tmp_path):
 
 
 def test_select_outputs():
-    from itreg.outputs import DEFAULT_OUTPUTS, OUTPUTS, select_outputs
+    from itreg.results import DEFAULT_OUTPUTS, OUTPUTS, select_outputs
 
     assert select_outputs(None) == DEFAULT_OUTPUTS == ("warped", "transform", "displacement")
     assert select_outputs("all") == OUTPUTS
@@ -100,7 +100,7 @@ def affine_result():
 
 
 def test_transform_only_skips_the_resampling(affine_result, tmp_path):
-    from itreg.outputs import save_registration
+    from itreg.results import save_registration
 
     result = affine_result
     result.__dict__.pop("warped", None)
@@ -150,7 +150,7 @@ def test_default_outputs_follow_the_transform():
     """A B-spline run's default leaves out the field (its ITK file is exact); a dense field
     transform keeps it (the field is the transform, as ANTs writes it)."""
     from itreg.grid import Grid
-    from itreg.outputs import select_outputs
+    from itreg.results import select_outputs
     from itreg.transforms import Affine, Compose
     from itreg.transforms.bspline import BSpline
     from itreg.transforms.dense import DisplacementField
@@ -179,7 +179,7 @@ def test_shared_grid_evaluation_writes_what_each_output_computes_alone(tmp_path)
     float32 rounding: the fast path sums an affine_grid and a separable B-spline term)."""
     from itreg.api import register
     from itreg.io.images import from_sitk
-    from itreg.outputs import save_registration
+    from itreg.results import save_registration
     from itreg.warp import resample
 
     fixed = from_sitk(blob_image())
@@ -220,7 +220,7 @@ def test_parts_deflated_in_parallel_make_one_valid_gzip_stream(tmp_path, monkeyp
 def test_linear_fast_warp_matches_the_resampler_and_simpleitk(tmp_path):
     """The one-matrix warp of linear runs equals itreg.warp.resample (and SimpleITK's resample
     of transform.tfm) on an oblique moving grid, edges and outside points included."""
-    from itreg.outputs import _warp_fast
+    from itreg.results import _warp_fast
     from itreg.transforms import Affine
     from itreg.warp import resample
 

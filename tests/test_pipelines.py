@@ -93,7 +93,7 @@ def test_deformable_run_h5_reproduces_warped_and_inverse_field_undoes_it(cli, pa
 def _brain_inverse_consistency(kind, ndim, tmp_path, iterations):
     from itreg import io
     from itreg.api import register
-    from itreg.outputs import save_registration
+    from itreg.results import save_registration
     from itreg.phantoms.pairs import brain_pair, brain_slice_pair
 
     make = brain_pair if ndim == 3 else brain_slice_pair

@@ -19,7 +19,7 @@ from itreg.image import Image
 from itreg.io import write_image
 from itreg.nets.inference import refine_config, register_with_net
 from itreg.nets.regnets import AffineNet, DeformNet, save_regnet
-from itreg.outputs import save_registration
+from itreg.results import save_registration
 from itreg.transforms import Affine, BSpline, Translation
 
 SHIFT = (3.0, -2.0)

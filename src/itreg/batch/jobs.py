@@ -1,7 +1,7 @@
 """One batch job: the task a Dask worker runs, and the check that a job is already finished.
 
 A pair job calls exactly what ``itreg register`` calls (:func:`itreg.api.register` then
-:func:`itreg.outputs.save_registration`), a group job what ``itreg groupwise`` calls
+:func:`itreg.results.save_registration`), a group job what ``itreg groupwise`` calls
 (:func:`itreg.groupwise.register_group` then :func:`~itreg.groupwise.save_group`), so
 ``OUTROOT/<id>/`` holds the same files, written atomically, with the same ``report.json``.
 """
@@ -210,7 +210,7 @@ def report_fields(path: Path) -> dict[str, Any]:
 def _run_pair(job: Job, outdir: Path, options: JobOptions) -> dict[str, Any]:
     from itreg import io
     from itreg.api import register
-    from itreg.outputs import is_image_path, save_registration
+    from itreg.results import is_image_path, save_registration
 
     device = _device(options.device)
     # As `itreg register`: inputs are intensities even when stored as integers.
@@ -241,7 +241,7 @@ def _run_pair(job: Job, outdir: Path, options: JobOptions) -> dict[str, Any]:
 def _warp_labels(job: Job, outdir: Path) -> None:
     """Warp the moving label map onto the fixed grid through the written transform (as
     ``itreg apply --labels`` does); the file is the job's own, so it is replaced."""
-    from itreg.outputs import apply_transform_file
+    from itreg.results import apply_transform_file
 
     # transform.h5 is the whole map (exact B-spline; displacement.nii.gz is not written for
     # B-spline runs by default); older output folders may hold only the field or the .tfm.

@@ -14,11 +14,11 @@ _TRANSFORM_ALIASES = {"bspline": "ffd", "b-spline": "ffd"}
 @app.command()
 @click.argument("images", type=_PATH, nargs=-1, required=True)
 @click.option("-m", "--metric", default="xmetric", show_default=True,
-              help="Groupwise metric: xmetric, cte, ape, vi, congealing, gmm.")
+              help="Groupwise metric: xmetric, cte, ape, vi, congealing, gmm, mvmm.")
 @click.option("-t", "--transform", default="rigid", show_default=True,
               help="Transform schedule: translation, rigid, affine, ffd (alias bspline).")
 @click.option("-k", "--classes", type=int, default=None,
-              help="Classes of the common anatomy (xmetric, gmm; default 4).")
+              help="Classes of the common anatomy (xmetric, gmm, mvmm; default 4).")
 @click.option("--reference", type=int, default=None,
               help="Index (0-based) of an image kept fixed; default: unbiased (zero-sum).")
 @click.option("--levels", type=click.IntRange(min=4), default=None,
@@ -64,7 +64,7 @@ def groupwise(images, metric, transform, classes, reference, levels, segmentatio
     one pass: the same outputs, plus OUTPUT/j/segmentation.nii.gz and
     OUTPUT/j/probabilities.nii.gz on each image's own grid.
     """
-    from itreg.outputs import select_outputs
+    from itreg.results import select_outputs
 
     select_outputs(outputs)  # refuse unknown names before any work
     from itreg import io

@@ -79,7 +79,7 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
     import time
 
     from itreg.io.outputs import check_output_dir
-    from itreg.outputs import select_outputs
+    from itreg.results import select_outputs
 
     t_start = time.perf_counter()
     select_outputs(outputs)  # refuse unknown names before torch loads
@@ -120,7 +120,7 @@ def register(fixed, moving, transform, metric, config, fixed_mask, moving_mask, 
         return
     init_arg: object = init
     if init_path is not None:
-        from itreg.outputs import is_image_path
+        from itreg.results import is_image_path
 
         init_arg = (io.read_displacement_field(init_path) if is_image_path(init_path)
                     else io.read_transform(init_path))
@@ -148,8 +148,8 @@ def run_registration(*args, **kwargs):
 
 
 def save_registration(result, output, *, force, protect, inputs, **kwargs):
-    """:func:`itreg.outputs.save_registration`, refusing to write over any input."""
-    from itreg.outputs import save_registration as save
+    """:func:`itreg.results.save_registration`, refusing to write over any input."""
+    from itreg.results import save_registration as save
 
     return save(result, output, force=force, inputs=inputs, protect=protect, **kwargs)
 

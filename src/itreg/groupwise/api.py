@@ -230,7 +230,7 @@ def register_group(
     Args:
         images: images or image files, one channel each, all 2D or all 3D.
         metric: groupwise objective: ``xmetric``, ``cte``, ``ape``, ``vi``, ``congealing``,
-            ``gmm`` (see :func:`itreg.groupwise.base.available_group_metrics`).
+            ``gmm``, ``mvmm`` (see :func:`itreg.groupwise.base.available_group_metrics`).
         transform: ``translation``, ``rigid``, ``affine`` or ``ffd``; selects the stage
             schedule of :func:`~itreg.groupwise.coreg.default_stages` unless `stages` is given.
         k: number of classes of the common anatomy (``xmetric``, ``gmm``; default 4).
@@ -357,7 +357,7 @@ def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | N
     """Write a groupwise result into an existing `folder` (not atomic; see :func:`save_group`).
 
     Layout, for each image ``j`` (0-based, in input order) by output name (`outputs`, as
-    ``register --outputs``: :func:`itreg.outputs.select_outputs`; by default warped and
+    ``register --outputs``: :func:`itreg.results.select_outputs`; by default warped and
     transform, plus the field of a deformable ``phi_j`` that is not a B-spline, no inverse):
     ``j/warped.nii.gz`` (warped), ``j/transform.tfm`` (the linear part, common -> image ``j``,
     ITK convention; transform), ``j/displacement.nii.gz`` (deformable runs: the whole ``phi_j``
@@ -367,7 +367,7 @@ def write_group(result: GroupResult, folder: PathLike, inputs: Sequence[Any] | N
     :func:`save_group`. Returns the relative paths written.
     """
     from itreg import io
-    from itreg.outputs import select_outputs
+    from itreg.results import select_outputs
 
     folder = Path(folder)
     files: list[str] = []
@@ -440,7 +440,7 @@ def _write_group_pipeline_files(result: GroupResult, folder: Path, outputs=None)
     ``phi_j``, common -> image ``j``, one exact ITK file) and its inverse (``j/inverse.tfm``
     of a linear ``phi_j``, free, with transform; ``j/inverse_displacement.nii.gz`` on image
     ``j``'s grid with the inverse-consistency residual in ``report.json``, with inverse)."""
-    from itreg.outputs import select_outputs
+    from itreg.results import select_outputs
     from itreg.pipeline import write_transform_outputs
 
     report_path = folder / "report.json"

@@ -3,7 +3,7 @@
 :func:`register_with_net` loads a registration network (``regnet-affine``, ``regnet-deform`` or
 ``regnet-cascade`` model file, see :mod:`itreg.nets.regnets`), predicts the fixed -> moving
 transform in one forward pass and returns a :class:`NetRegistrationResult`, which
-:func:`itreg.outputs.save_registration` writes exactly like an iterative result
+:func:`itreg.results.save_registration` writes exactly like an iterative result
 (``warped.nii.gz``, ``transform.tfm``, ``displacement.nii.gz`` for deformable networks,
 ``report.json`` with ``"wall_time_s"``).
 
@@ -131,7 +131,7 @@ def refine_config(kind: str, metric: str | None = None, preset=None, transform=N
 class NetRegistrationResult:
     """The outcome of a network registration (and its optional refinement).
 
-    It has the attributes :func:`itreg.outputs.write_registration` needs, like the engine's
+    It has the attributes :func:`itreg.results.write_registration` needs, like the engine's
     :class:`~itreg.engine.registration.RegistrationResult`.
 
     Attributes:

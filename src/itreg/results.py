@@ -1,4 +1,4 @@
-"""Writing registration results and applying transform files (the API behind the CLI).
+"""Writing registration results (``register --outputs``) and applying transform files.
 
 Imports nothing heavy at module level (``register`` checks ``--outputs`` before torch loads).
 """
