@@ -15,8 +15,9 @@ from itreg.errors import ConfigError
 @click.argument("fixed", type=_PATH)
 @click.argument("moving", type=_PATH)
 @click.option("-t", "--transform", default=None,
-              help="Preset or transform: rigid, affine, bspline (alias ffd), dense, svf, "
-                   "translation, similarity.")
+              help="Preset or transform: rigid, affine, bspline (alias ffd), bspline-ml "
+                   "(40 -> 20 -> 10 mm control grids), dense, svf, translation, similarity "
+                   "('itreg presets list').")
 @click.option("-m", "--metric", default=None,
               help="Similarity metric: mi, nmi, mi-gaussian, joint-entropy, ncc, lncc, mse, "
                    "ngf, mind-ssc (modality-independent, robust to MR bias fields), or a "

@@ -26,17 +26,15 @@ registration, one warning line goes to the log (the command line shows it on std
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from itreg.engine.callbacks import Callback, StepState
-from itreg.engine.objective import FullSampler, RandomSampler, Samples
+from itreg.engine.objective import FullSampler, RandomSampler, Samples, level_threads
 from itreg.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -54,22 +52,6 @@ MAX_CHECK_POINTS = 1 << 13
 #: ... and at most this many voxels for the Jacobian determinant (a shrunk copy of the level
 #: grid: folding of 0.5 % of it is far coarser than that sampling).
 JACOBIAN_VOXELS = 1 << 17
-#: Checks of fewer points run on one thread (as the engine's small levels do: on a busy
-#: machine, waiting for a descheduled thread costs far more than the work).
-SINGLE_THREAD_POINTS = 1 << 16
-
-
-@contextlib.contextmanager
-def _threads_for(points: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if points >= SINGLE_THREAD_POINTS or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _values(params) -> list[Tensor]:
@@ -192,7 +174,7 @@ class DivergenceGuard(Callback):
         if check is not None:
             inner.samples = check
         try:
-            with _threads_for(check.count if check is not None else level.grid.numel):
+            with level_threads(check.count if check is not None else level.grid.numel):
                 event = self._compare(record, ctx, level, current, best, params, objective)
         finally:
             inner.samples = saved

@@ -15,9 +15,10 @@ parameters always hold the current ``p``, so any transform works without functio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor
 from itreg.engine.config import SamplingConfig
 from itreg.engine.pyramid import Level
 from itreg.image import Image
+from itreg.runtime import limited_threads
 from itreg.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -208,6 +210,19 @@ class Evaluation:
     ok: bool
     reason: str | None = None
     grad: Tensor | None = None
+
+
+#: Levels (and checks) that evaluate fewer points than this run on one thread: their tensors
+#: are too small for threads to pay, and on a busy machine waiting for a descheduled thread
+#: costs far more than the work.
+SINGLE_THREAD_POINTS = 1 << 16
+
+
+@contextlib.contextmanager
+def level_threads(points: int) -> Iterator[None]:
+    """One thread for work on fewer than :data:`SINGLE_THREAD_POINTS` points."""
+    with limited_threads(1 if points < SINGLE_THREAD_POINTS else None):
+        yield
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,11 @@ that reads files, checks inputs and resolves presets before calling it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from itreg.engine.objective import (
     LevelObjective,
     ScaledParameters,
     WeightedRegulariser,
+    level_threads,
     overlap_fraction,
 )
 from itreg.engine.optimizers import LevelContext, get_optimizer
@@ -37,7 +37,7 @@ from itreg.engine.stages import LinearStage, StageSetup, get_stage_transform
 from itreg.engine.trainable import CriticTraining, check_optimizer, is_trainable
 from itreg.errors import ConfigError, GeometryError
 from itreg.image import Image
-from itreg.runtime import limited_threads, provenance
+from itreg.runtime import provenance
 from itreg.transforms import Affine, LinearTransform, Transform
 
 logger = logging.getLogger(__name__)
@@ -256,19 +256,6 @@ def _generator(seed: int, stage: int, level: int) -> torch.Generator:
     return g
 
 
-#: Levels that evaluate fewer points than this run on one thread (set-up and iterations):
-#: their tensors are too small for threads to pay, and on a busy machine waiting for a
-#: descheduled thread costs far more than the work.
-SINGLE_THREAD_POINTS = 1 << 16
-
-
-@contextlib.contextmanager
-def _level_threads(points: int) -> Iterator[None]:
-    """One thread for levels with few points (see :data:`SINGLE_THREAD_POINTS`)."""
-    with limited_threads(1 if points < SINGLE_THREAD_POINTS else None):
-        yield
-
-
 def _points_per_evaluation(stage: StageConfig, li: int, level: Level, metric) -> int:
     """How many points one evaluation of the level touches (for the thread heuristic)."""
     if stage.sampling.strategy == "full" or getattr(metric, "requires_spatial", False):
@@ -378,7 +365,7 @@ def run(
                 current = builder.for_level(current, level, setup)
                 current.requires_grad_(True)
                 guard.watch(current)
-                with _level_threads(_points_per_evaluation(stage, li, level, metric)):
+                with level_threads(_points_per_evaluation(stage, li, level, metric)):
                     record, ctx = _run_level(
                         LevelSpec(si, stage, li, level, current, outer, metric, regs, builder,
                                   setup, optimizer, options), run_state)

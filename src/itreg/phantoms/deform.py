@@ -30,7 +30,7 @@ same deformation on any device.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -188,6 +188,53 @@ def _valid_region_grid(transform: BSpline, sample_spacing_mm: float) -> Grid:
     return Grid(size, spacing, tuple(origin.tolist()), cg.direction)
 
 
+def refine_preimages(forward: Callable[[Tensor], Tensor], y: Tensor, x: Tensor,
+                     iterations: int, tol_mm: float) -> tuple[Tensor, int]:
+    """Points ``x`` with ``forward(x) = y``, by damped fixed-point steps from a start.
+
+    Each step moves every unconverged point by ``x <- x - a (forward(x) - y)``; ``a`` starts
+    at 1 per point, is halved when the residual would grow (the step is then not taken) and
+    doubled (at most 1) after a step that helped. A point stops once its residual is below
+    `tol_mm` or its ``a`` below 0.05; only the unconverged points are evaluated (compacted
+    copies, written back when done).
+
+    Args:
+        forward: the map to invert, ``(P, D) -> (P, D)`` world points.
+        y: ``(P, D)`` targets.
+        x: ``(P, D)`` the start (modified and returned).
+        iterations: most steps.
+        tol_mm: per-point residual at which a point stops.
+
+    Returns:
+        ``(x, steps)``: the preimages and the number of steps taken.
+    """
+    idx = torch.arange(y.shape[0], device=y.device)
+    ya, xa = y, x.clone()
+    ra = forward(xa) - ya
+    ea = ra.norm(dim=-1)
+    sa = torch.ones_like(ea)
+    done = 0
+    for done in range(1, int(iterations) + 1):
+        live = (ea >= tol_mm) & (sa > 0.05)
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if n_live < 0.7 * live.numel():  # compact now and then (masking is not free)
+            finished = ~live
+            x[idx[finished]] = xa[finished]
+            idx, ya, xa, ra, ea, sa = (v[live] for v in (idx, ya, xa, ra, ea, sa))
+        cand = xa - sa[:, None] * ra
+        rc = forward(cand) - ya
+        ec = rc.norm(dim=-1)
+        better = ec <= ea
+        xa = torch.where(better[:, None], cand, xa)
+        ra = torch.where(better[:, None], rc, ra)
+        ea = torch.where(better, ec, ea)
+        sa = torch.where(better, torch.clamp(sa * 2.0, max=1.0), sa * 0.5)
+    x[idx] = xa
+    return x, done
+
+
 @torch.no_grad()
 def invert_ffd(
     transform: BSpline,
@@ -257,32 +304,7 @@ def invert_ffd(
         return out.reshape(grid.ndim, -1).T
 
     y = grid.points(dtype=torch.float32, device=device).reshape(-1, grid.ndim)
-    x = y.clone()
-    # Work on compacted copies of the unconverged points; write each point back once done.
-    idx = torch.arange(y.shape[0], device=device)
-    ya, xa = y, y.clone()
-    ra = disp_at(xa)  # x + d(x) - y at x = y
-    ea = ra.norm(dim=-1)
-    sa = torch.ones_like(ea)
-    done = 0
-    for done in range(1, iterations + 1):
-        live = (ea >= tol_mm) & (sa > 0.05)
-        n_live = int(live.sum())
-        if n_live == 0:
-            break
-        if n_live < 0.7 * live.numel():  # compact now and then (masking is not free)
-            finished = ~live
-            x[idx[finished]] = xa[finished]
-            idx, ya, xa, ra, ea, sa = (v[live] for v in (idx, ya, xa, ra, ea, sa))
-        cand = xa - sa[:, None] * ra
-        rc = cand + disp_at(cand) - ya
-        ec = rc.norm(dim=-1)
-        better = ec <= ea
-        xa = torch.where(better[:, None], cand, xa)
-        ra = torch.where(better[:, None], rc, ra)
-        ea = torch.where(better, ec, ea)
-        sa = torch.where(better, torch.clamp(sa * 2.0, max=1.0), sa * 0.5)
-    x[idx] = xa
+    x, done = refine_preimages(lambda p: p + disp_at(p), y, y.clone(), iterations, tol_mm)
     disp = (x - y).to(dtype).T.reshape(grid.ndim, *grid.shape)
     inverse = DisplacementField(disp, grid, learnable=False)
 
@@ -334,4 +356,5 @@ __all__ = [
     "folding_fraction",
     "invert_ffd",
     "random_ffd",
+    "refine_preimages",
 ]

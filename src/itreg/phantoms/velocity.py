@@ -32,7 +32,7 @@ from torch import Tensor
 from itreg.errors import ConfigError, GeometryError
 from itreg.grid import Grid
 from itreg.image import Image
-from itreg.phantoms.deform import InverseReport
+from itreg.phantoms.deform import InverseReport, refine_preimages
 from itreg.transforms import DisplacementField
 from itreg.transforms.dense import integrate_velocity
 from itreg.warp import sample
@@ -188,28 +188,7 @@ def invert_velocity_diffeomorphism(
     start = DisplacementField(back.to(torch.float32).to(device), vgrid, learnable=False)
     exact = DisplacementField(transform.field.to(torch.float32), vgrid, learnable=False)
     y = grid.points(dtype=torch.float32, device=device).reshape(-1, grid.ndim)
-    x = start(y)
-    # Refine only the points not yet within tolerance (most are after a step or two).
-    idx = torch.arange(y.shape[0], device=device)
-    xa, ya = x[idx], y
-    ra = exact(xa) - ya
-    ea = ra.norm(dim=-1)
-    aa = torch.ones_like(ea)
-    for _ in range(int(iterations)):
-        live = (ea >= tol_mm) & (aa > 0.05)
-        if not bool(live.any()):
-            break
-        x[idx] = xa
-        idx, xa, ya, ra, ea, aa = (t[live] for t in (idx, xa, ya, ra, ea, aa))
-        cand = xa - aa[:, None] * ra
-        rc = exact(cand) - ya
-        ec = rc.norm(dim=-1)
-        better = ec <= ea
-        xa = torch.where(better[:, None], cand, xa)
-        ra = torch.where(better[:, None], rc, ra)
-        ea = torch.where(better, ec, ea)
-        aa = torch.where(better, torch.clamp(aa * 2.0, max=1.0), aa * 0.5)
-    x[idx] = xa
+    x, _ = refine_preimages(exact, y, start(y), iterations, tol_mm)
     disp = (x - y).to(dtype).T.reshape(grid.ndim, *grid.shape)
     inverse = DisplacementField(disp, grid, learnable=False)
     if check_mask is not None:
