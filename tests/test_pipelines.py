@@ -93,8 +93,8 @@ def test_deformable_run_h5_reproduces_warped_and_inverse_field_undoes_it(cli, pa
 def _brain_inverse_consistency(kind, ndim, tmp_path, iterations):
     from itreg import io
     from itreg.api import register
-    from itreg.results import save_registration
     from itreg.phantoms.pairs import brain_pair, brain_slice_pair
+    from itreg.results import save_registration
 
     make = brain_pair if ndim == 3 else brain_slice_pair
     pair = make(spacing_mm=2.0, kind="ffd", seed=0, sigma_mm=3.0)

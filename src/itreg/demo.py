@@ -8,8 +8,8 @@ from pathlib import Path
 from itreg import io
 from itreg.api import register
 from itreg.evaluate import save_comparison_figure, warping_error
-from itreg.results import write_registration
 from itreg.phantoms import brain_pair
+from itreg.results import write_registration
 from itreg.warp import resample
 
 

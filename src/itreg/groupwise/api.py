@@ -440,8 +440,8 @@ def _write_group_pipeline_files(result: GroupResult, folder: Path, outputs=None)
     ``phi_j``, common -> image ``j``, one exact ITK file) and its inverse (``j/inverse.tfm``
     of a linear ``phi_j``, free, with transform; ``j/inverse_displacement.nii.gz`` on image
     ``j``'s grid with the inverse-consistency residual in ``report.json``, with inverse)."""
-    from itreg.results import select_outputs
     from itreg.pipeline import write_transform_outputs
+    from itreg.results import select_outputs
 
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text())
