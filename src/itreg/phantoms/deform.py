@@ -189,14 +189,16 @@ def _valid_region_grid(transform: BSpline, sample_spacing_mm: float) -> Grid:
 
 
 def refine_preimages(forward: Callable[[Tensor], Tensor], y: Tensor, x: Tensor,
-                     iterations: int, tol_mm: float) -> tuple[Tensor, int]:
+                     iterations: int, tol_mm: float, residual: Tensor | None = None,
+                     compact_below: float = 0.7) -> tuple[Tensor, int]:
     """Points ``x`` with ``forward(x) = y``, by damped fixed-point steps from a start.
 
     Each step moves every unconverged point by ``x <- x - a (forward(x) - y)``; ``a`` starts
     at 1 per point, is halved when the residual would grow (the step is then not taken) and
     doubled (at most 1) after a step that helped. A point stops once its residual is below
-    `tol_mm` or its ``a`` below 0.05; only the unconverged points are evaluated (compacted
-    copies, written back when done).
+    `tol_mm` or its ``a`` below 0.05. The unconverged points are moved to compacted copies
+    (and the others written back) whenever they fall below `compact_below` of the points
+    worked on; until then the converged ones keep stepping with them.
 
     Args:
         forward: the map to invert, ``(P, D) -> (P, D)`` world points.
@@ -204,13 +206,16 @@ def refine_preimages(forward: Callable[[Tensor], Tensor], y: Tensor, x: Tensor,
         x: ``(P, D)`` the start (modified and returned).
         iterations: most steps.
         tol_mm: per-point residual at which a point stops.
+        residual: ``forward(x) - y`` at the start if the caller has it (else computed).
+        compact_below: live fraction below which the working set is compacted (1: at every
+            step).
 
     Returns:
         ``(x, steps)``: the preimages and the number of steps taken.
     """
     idx = torch.arange(y.shape[0], device=y.device)
     ya, xa = y, x.clone()
-    ra = forward(xa) - ya
+    ra = forward(xa) - ya if residual is None else residual
     ea = ra.norm(dim=-1)
     sa = torch.ones_like(ea)
     done = 0
@@ -219,7 +224,7 @@ def refine_preimages(forward: Callable[[Tensor], Tensor], y: Tensor, x: Tensor,
         n_live = int(live.sum())
         if n_live == 0:
             break
-        if n_live < 0.7 * live.numel():  # compact now and then (masking is not free)
+        if n_live < compact_below * live.numel():  # compacting is not free
             finished = ~live
             x[idx[finished]] = xa[finished]
             idx, ya, xa, ra, ea, sa = (v[live] for v in (idx, ya, xa, ra, ea, sa))
@@ -304,7 +309,9 @@ def invert_ffd(
         return out.reshape(grid.ndim, -1).T
 
     y = grid.points(dtype=torch.float32, device=device).reshape(-1, grid.ndim)
-    x, done = refine_preimages(lambda p: p + disp_at(p), y, y.clone(), iterations, tol_mm)
+    # At x = y the residual x + d(x) - y is d(y) itself.
+    x, done = refine_preimages(lambda p: p + disp_at(p), y, y.clone(), iterations, tol_mm,
+                               residual=disp_at(y))
     disp = (x - y).to(dtype).T.reshape(grid.ndim, *grid.shape)
     inverse = DisplacementField(disp, grid, learnable=False)
 

@@ -188,7 +188,8 @@ def invert_velocity_diffeomorphism(
     start = DisplacementField(back.to(torch.float32).to(device), vgrid, learnable=False)
     exact = DisplacementField(transform.field.to(torch.float32), vgrid, learnable=False)
     y = grid.points(dtype=torch.float32, device=device).reshape(-1, grid.ndim)
-    x, _ = refine_preimages(exact, y, start(y), iterations, tol_mm)
+    # Converged points stop at once (compacted every step).
+    x, _ = refine_preimages(exact, y, start(y), iterations, tol_mm, compact_below=1.0)
     disp = (x - y).to(dtype).T.reshape(grid.ndim, *grid.shape)
     inverse = DisplacementField(disp, grid, learnable=False)
     if check_mask is not None:
