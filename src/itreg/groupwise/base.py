@@ -109,6 +109,14 @@ class GroupObjective(abc.ABC):
         self.dtype = dtype
         self.device = device
 
+    def image_weights(self, n: int, dtype, device) -> Tensor:
+        """``(n,)`` weights of the images' log-likelihoods in an E-step: 1 each, and ``N`` for
+        the reference in group-to-reference mode (as the authors' code weights it)."""
+        w = torch.ones(n, dtype=dtype, device=device)
+        if self.reference is not None:
+            w[self.reference] = float(n)
+        return w
+
     def prepare(self, images: Sequence[Image]) -> None:
         """Called once with the normalised input images before :meth:`reset` (for models
         estimated from the inputs themselves, such as X-Reg-GT's appearance model)."""

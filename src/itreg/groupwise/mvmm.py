@@ -63,9 +63,15 @@ def gaussian_mixture_log_density(u: Tensor, tau: Tensor, mean: Tensor, var: Tens
     Returns:
         ``(P, K)`` log densities.
     """
-    d = u[:, None, None] - mean[None]  # (P, K, C)
+    return torch.logsumexp(_component_log_terms(u, tau, mean, var), dim=-1)
+
+
+def _component_log_terms(u: Tensor, tau: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """``(P, K, C)``: ``log tau_kc + log N(u; m_kc, v_kc)``, the summands of
+    :func:`gaussian_mixture_log_density` (their softmax over ``C`` is the responsibilities)."""
+    d = u[:, None, None] - mean[None]
     log_n = -0.5 * (d * d / var + torch.log(2 * math.pi * var))
-    return torch.logsumexp(log_n + torch.log(tau.clamp_min(1e-30)), dim=-1)
+    return log_n + torch.log(tau.clamp_min(1e-30))
 
 
 def potts_neighbour_counts(labels: Tensor, k: int, valid: Tensor | None = None) -> Tensor:
@@ -145,22 +151,18 @@ class MvMM(GroupObjective):
             self.prior = None
         self.grid = grid
 
-    def _weights(self, n: int, dtype, device) -> Tensor:
-        w = torch.ones(n, dtype=dtype, device=device)
-        if self.reference is not None:
-            w[self.reference] = float(n)
-        return w
+    def _terms(self, values: Tensor) -> list[Tensor]:
+        """Per image, the ``(P, K, C)`` component log terms under the current Gaussians."""
+        return [_component_log_terms(values[j], *(p[j].to(values.dtype) for p in self.params))
+                for j in range(values.shape[0])]
+
+    def _class_log_likelihood(self, values: Tensor, terms: list[Tensor]) -> Tensor:
+        w = self.image_weights(values.shape[0], values.dtype, values.device)
+        return sum(w[j] * torch.logsumexp(t, dim=-1) for j, t in enumerate(terms))
 
     def class_log_likelihood(self, values: Tensor) -> Tensor:
         """``(P, K)``: ``sum_j w_j log p_j(u_{x,j} | k)`` under the current Gaussians."""
-        tau, mean, var = self.params
-        w = self._weights(values.shape[0], values.dtype, values.device)
-        out = 0
-        for j in range(values.shape[0]):
-            out = out + w[j] * gaussian_mixture_log_density(
-                values[j], tau[j].to(values.dtype), mean[j].to(values.dtype),
-                var[j].to(values.dtype))
-        return out
+        return self._class_log_likelihood(values, self._terms(values))
 
     # ----------------------------------------------------------------------- EM (no grad)
     def _floor(self, values: Tensor) -> Tensor:
@@ -171,17 +173,19 @@ class MvMM(GroupObjective):
         """Gaussians from seeded k-means++ classes of the intensity vectors ``x`` ``(N, P)``."""
         labels = kmeans(x.T.contiguous(), self.k, self.generator)
         gamma = torch.nn.functional.one_hot(labels, self.k).to(x.dtype)
-        self._m_step(x, gamma, initial=True)
+        self._m_step(x, gamma)
 
-    def _m_step(self, x: Tensor, gamma: Tensor, initial: bool = False) -> None:
-        """Closed-form update of every image's class mixtures from the posterior ``gamma``."""
+    def _m_step(self, x: Tensor, gamma: Tensor, terms: list[Tensor] | None = None) -> None:
+        """Closed-form update of every image's class mixtures from the posterior ``gamma``;
+        `terms` (:meth:`_terms` under the current Gaussians) give the component
+        responsibilities, None starts the mixtures from `gamma` alone."""
         n, c = x.shape[0], self.components
         floor = self._floor(x)
+        nk = gamma.sum(dim=0).clamp_min(1e-12)  # (K,)
         taus, means, variances = [], [], []
         for j in range(n):
             u = x[j]
-            if initial or self.params is None:
-                nk = gamma.sum(dim=0).clamp_min(1e-12)  # (K,)
+            if terms is None:
                 m = (gamma * u[:, None]).sum(dim=0) / nk
                 v = (gamma * (u[:, None] - m) ** 2).sum(dim=0) / nk
                 sd = v.clamp_min(floor[j]).sqrt()
@@ -191,15 +195,10 @@ class MvMM(GroupObjective):
                 var = (v.clamp_min(floor[j]) / c)[:, None].expand(-1, c).clone()
                 tau = torch.full((self.k, c), 1.0 / c, dtype=x.dtype, device=x.device)
             else:
-                tau0, mean0, var0 = (p[j].to(x.dtype) for p in self.params)
-                d = u[:, None, None] - mean0[None]
-                log_r = -0.5 * (d * d / var0 + torch.log(2 * math.pi * var0)) \
-                    + torch.log(tau0.clamp_min(1e-30))
-                r = torch.softmax(log_r, dim=-1) * gamma[:, :, None]  # (P, K, C)
+                r = torch.softmax(terms[j], dim=-1) * gamma[:, :, None]  # (P, K, C)
                 nkc = r.sum(dim=0).clamp_min(1e-12)  # (K, C)
                 mean = (r * u[:, None, None]).sum(dim=0) / nkc
                 var = (r * (u[:, None, None] - mean[None]) ** 2).sum(dim=0) / nkc
-                var = var.clamp_min(floor[j])
                 tau = nkc / nkc.sum(dim=1, keepdim=True)
             taus.append(tau)
             means.append(mean)
@@ -226,7 +225,8 @@ class MvMM(GroupObjective):
         if self.pi is None:
             self.pi = torch.full((self.k,), 1.0 / self.k, dtype=values.dtype,
                                  device=values.device)
-        ll = self.class_log_likelihood(x)
+        terms = self._terms(x)  # one Gaussian evaluation serves the E- and the M-step
+        ll = self._class_log_likelihood(x, terms)
         prior = self._log_prior(overlap)
         log_post = ll + prior[overlap].to(ll.dtype)
         post = torch.softmax(log_post, dim=1)
@@ -240,7 +240,7 @@ class MvMM(GroupObjective):
         self.gamma = gamma
         self.prior = prior
         self.last_log_likelihood = float(torch.logsumexp(log_post, dim=1).mean())
-        self._m_step(x, post)
+        self._m_step(x, post, terms)
         self.pi = post.mean(dim=0)
 
     def evaluate(self, values: Tensor, overlap: Tensor,

@@ -335,12 +335,6 @@ class XMetric(GroupObjective):
         self.fixed_appearance = torch.stack(tables)
         self.fixed_ranges = ranges
 
-    def _weights(self, n: int, dtype, device) -> Tensor:
-        w = torch.ones(n, dtype=dtype, device=device)
-        if self.reference is not None:
-            w[self.reference] = float(n)
-        return w
-
     @torch.no_grad()
     def update(self, values: Tensor, overlap: Tensor) -> None:
         """Steps 3-4 of Algorithm 1 on every overlap voxel: ``f^t`` (Eq. 20) from the previous
@@ -356,7 +350,7 @@ class XMetric(GroupObjective):
             sample = sample_mask(overlap, self.sample_rate, self.generator)
             f = appearance_model(coords[:, sample], self.gamma[sample], self.bins)
         ll = class_log_likelihood(coords[:, overlap], f,
-                                  self._weights(n, coords.dtype, coords.device),
+                                  self.image_weights(n, coords.dtype, coords.device),
                                   lookup=self.lookup)
         gamma = self.gamma.clone()
         gamma[overlap] = e_step(ll, self.pi, self.eps).to(gamma.dtype)
@@ -381,7 +375,7 @@ class XMetric(GroupObjective):
             f = self.fixed_appearance.to(coords.dtype)
         else:
             f = appearance_model(coords, self.gamma[idx], self.bins)
-        ll = class_log_likelihood(coords, f, self._weights(v.shape[0], coords.dtype,
+        ll = class_log_likelihood(coords, f, self.image_weights(v.shape[0], coords.dtype,
                                                            coords.device), lookup=self.lookup)
         gamma = self.gamma.clone()
         gamma[idx] = e_step(ll, self.pi, self.eps).to(gamma.dtype)
