@@ -201,8 +201,6 @@ class DCCTrainConfig(TrainingConfig):
     epochs: int = 100
     patience: int = 10
     grad_clip: float | None = None
-    seed: int = 0
-    threads: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

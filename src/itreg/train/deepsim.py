@@ -127,8 +127,6 @@ class DeepSimTrainConfig(TrainingConfig):
     remap_knots: int = 6
     invariance_weight: float = 0.0
     val_fraction: float = 0.2
-    seed: int = 0
-    threads: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -148,8 +148,6 @@ class DITRTrainConfig(TrainingConfig):
     bias_augment: float = 0.0
     normalize_patches: bool = False
     val_fraction: float = 0.2
-    seed: int = 0
-    threads: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -120,9 +120,7 @@ class TrainNetConfig(TrainingConfig):
     val_max_pairs: int | None = None
     crop_size: int | tuple[int, ...] | None = None
     crop_margin: int = 8
-    seed: int = 0
     device: str = "cpu"
-    threads: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
